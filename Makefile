@@ -1,0 +1,40 @@
+# adntn: `make demo` and `make test` create .venv, install, and run. Python 3.10+ is all they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := demo-out
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test bench bench-speed bench-quality clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test,demo]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m adntn.demo $(DEMO)
+	$(BIN)/adntn inspect $(DEMO)/digits-vgg11.safetensors
+	$(BIN)/adntn compress $(DEMO)/digits-vgg11.safetensors --layers fc6,fc7 --arch mera --ratio 500 \
+		--data $(DEMO)/digits --out $(DEMO)/digits.adntn --force
+	$(BIN)/adntn report $(DEMO)/digits.adntn
+	$(BIN)/adntn expand $(DEMO)/digits.adntn -o $(DEMO)/digits-dense.safetensors --force
+	$(BIN)/adntn eval $(DEMO)/digits-dense.safetensors --data $(DEMO)/digits
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: bench-speed bench-quality
+
+bench-speed: $(STAMP)
+	$(BIN)/python bench/speed.py --out bench/results/speed.json
+
+bench-quality: $(STAMP)
+	$(BIN)/python bench/quality.py --out bench/results/quality.json
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

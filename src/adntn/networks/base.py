@@ -1,0 +1,114 @@
+"""What every generator shares: the interface, the gain-normalised activation, disentanglers.
+
+A generator is an ``nn.Module`` with no inputs: ``forward()`` returns the dense weight of
+``spec.shape``; ``legs()`` returns the same values as a tensor of shape ``spec.leg_dims``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import ClassVar
+
+import opt_einsum
+import torch
+from torch import nn
+
+from ..spec import GeneratorSpec
+from ..tensorize import legs_to_weight
+
+_SLOPE_AT_ZERO = {"tanh": 1.0, "gelu": 0.5, "relu": 1.0}
+_SIGMA = {"tanh": torch.tanh, "gelu": nn.functional.gelu, "relu": torch.relu}
+INIT_PREACTIVATION = 0.05  # gain * rms(z) at initialisation: sigma is then close to linear
+
+
+class GainedActivation(nn.Module):
+    """y = sigma(a z) / (a sigma'(0)) with a learnable gain a = exp(log_gain).
+
+    For small a this is the identity (for tanh and gelu), so a network initialised from a linear
+    fit starts at that fit; training grows a where the nonlinearity helps. One stored value.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.log_gain = nn.Parameter(torch.zeros(()))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        gain = self.log_gain.exp()
+        return _SIGMA[self.name](gain * z) / (gain * _SLOPE_AT_ZERO[self.name])
+
+    @torch.no_grad()
+    def calibrate(self, z: torch.Tensor) -> None:
+        """Set the gain so that the typical pre-activation gain*z is INIT_PREACTIVATION."""
+        rms = z.pow(2).mean().sqrt().clamp_min(1e-12)
+        self.log_gain.fill_(math.log(INIT_PREACTIVATION / float(rms)))
+
+
+def activation_sites(spec: GeneratorSpec, count: int) -> nn.ModuleList:
+    """``count`` gained activations, or none for a linear network."""
+    if spec.activation == "none":
+        return nn.ModuleList()
+    return nn.ModuleList(GainedActivation(spec.activation) for _ in range(count))
+
+
+class Disentangler(nn.Module):
+    """Mixes two neighbouring legs (joint dim D): x -> x + P Q^T x, P, Q of shape (D, rank).
+
+    An identity plus a low-rank update: 2*D*rank stored values, cost 2*rank per entry, and the
+    identity at initialisation (P = 0), so a network with disentanglers starts as its tree.
+    """
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(dim, rank))
+        self.q = nn.Parameter(torch.randn(dim, rank) / math.sqrt(dim))
+
+    @staticmethod
+    def param_count(dim: int, rank: int) -> int:
+        return 2 * dim * rank
+
+    def forward(self, state: torch.Tensor, axis: int) -> torch.Tensor:
+        """Apply to the joint leg ``axis`` of ``state`` (legs axis and axis+1 merged by caller)."""
+        pre = math.prod(state.shape[:axis])
+        view = state.reshape(pre, state.shape[axis], -1)
+        coeff = torch.einsum("pdq,dr->prq", view, self.q)
+        return (view + torch.einsum("prq,dr->pdq", coeff, self.p)).reshape(state.shape)
+
+
+@functools.lru_cache(maxsize=512)
+def contraction(equation: str, *shapes: tuple[int, ...]):
+    """An opt_einsum contraction whose path is found once per equation and shapes."""
+    return opt_einsum.contract_expression(equation, *shapes, optimize="auto")
+
+
+class Generator(nn.Module):
+    """Base class: a tensor network that generates one weight tensor."""
+
+    arch: ClassVar[str]
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    @classmethod
+    def param_count(cls, spec: GeneratorSpec) -> int:
+        """Stored values of the generator for ``spec`` (equals ``sum(p.numel())`` once built)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> Generator:
+        """A generator initialised to fit ``weight`` (better than random: an SVD-based fit)."""
+        raise NotImplementedError
+
+    def legs(self) -> torch.Tensor:
+        """The generated tensor, shape ``spec.leg_dims``."""
+        raise NotImplementedError
+
+    def forward(self) -> torch.Tensor:
+        """The generated weight, shape ``spec.shape``."""
+        return legs_to_weight(self.legs(), self.spec.out_dims, self.spec.in_dims, self.spec.shape)
+
+    def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
+        """||T - G||_F^2 for a target in leg form; subclasses may avoid materialising G."""
+        return (self.legs() - target_legs).pow(2).sum()

@@ -1,0 +1,197 @@
+"""Nonlinear Tree Tensor Network (TTN) generator.
+
+A balanced binary tree over K = 2^L physical legs, contracted bottom-up. Node (h, j) at height h
+covers legs [j 2^h, (j+1) 2^h); its message is a matrix over those legs' indices times one bond:
+
+    M_(0,k)[p, c]            = A_k[p, c]                  (identity when the bond equals d_k)
+    M_(h,j)[(p, q), c]       = sigma_h( sum_ab M_l[p, a] M_r[q, b] B_(h,j)[a, b, c] )
+    legs[(p, q)]             = sum_ab M_l[p, a] R[a, b] M_r[q, b]     (a GEMM of N*chi flops)
+
+sigma_h is a gain-normalised activation shared by the nodes of height h (see ``base``); with
+``activation='none'`` this is the linear hierarchical Tucker format, initialised exactly by the
+leaf-to-root hierarchical SVD.
+
+``forward`` never builds the leg tensor: it regroups the two small root messages instead, so that
+the final batched GEMM writes the (rows, cols) weight matrix directly (see ``halves_to_matrix``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..spec import GeneratorSpec
+from ..tensorize import weight_to_legs
+from .base import Generator, activation_sites, contraction
+
+
+def tree_bonds(spec: GeneratorSpec) -> list[list[int]]:
+    """Actual bond dims: ``bonds[h][j]`` is the bond above node (h, j), h = 0 .. L-1.
+
+    Each is spec.bond_dims[h] capped by the rank the node's subtree can carry: the product of its
+    legs, the product of the other legs, and the product of its children's bonds.
+    """
+    dims = spec.leg_dims
+    total = math.prod(dims)
+    levels = int(math.log2(len(dims)))
+    bonds: list[list[int]] = []
+    for h in range(levels):
+        width = 1 << h
+        row = []
+        for j in range(len(dims) >> h):
+            inside = math.prod(dims[j * width:(j + 1) * width])
+            below = inside if h == 0 else bonds[h - 1][2 * j] * bonds[h - 1][2 * j + 1]
+            row.append(min(spec.bond_dims[h], inside, total // inside, below))
+        bonds.append(row)
+    return bonds
+
+
+def digits_first(tensor: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple[int, ...]) -> torch.Tensor:
+    """(P, ...) with rows (o_1, i_1, ..., o_m, i_m) row-major -> (prod o, prod i, ...)."""
+    m = len(out_dims)
+    digits = [d for pair in zip(out_dims, in_dims) for d in pair]
+    rest = tensor.shape[1:]
+    split = tensor.reshape(*digits, *rest).permute(
+        *range(0, 2 * m, 2), *range(1, 2 * m, 2), *range(2 * m, 2 * m + len(rest)))
+    return split.reshape(math.prod(out_dims), math.prod(in_dims), *rest)
+
+
+def halves_to_matrix(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec, m: int) -> torch.Tensor:
+    """The padded (rows, cols) weight matrix whose leg form is sum_b left[P, b] right[Q, b].
+
+    left (P, chi) has rows over legs 1..m, (o_1, i_1, ..., o_m, i_m) row-major; right (Q, chi) over
+    legs m+1..K. Regrouped (small copies) as left (x, i, chi), x = (o_1..o_m), i = (i_1..i_m), and
+    right (y, j, chi), the batched GEMM W[x, y, i, j] = sum_b left[x, i, b] right[y, j, b] is already
+    the row-major matrix: no N-sized permutation (broadcasting copies N*chi/j + N*chi/i values).
+    """
+    left = digits_first(left, spec.out_dims[:m], spec.in_dims[:m])
+    right = digits_first(right, spec.out_dims[m:], spec.in_dims[m:])
+    return torch.matmul(left.unsqueeze(1), right.transpose(1, 2).unsqueeze(0)).reshape(spec.rows, spec.cols)
+
+
+def crop_matrix(matrix: torch.Tensor, spec: GeneratorSpec) -> torch.Tensor:
+    """The weight of ``spec.shape`` from the padded (rows, cols) matrix."""
+    out, cols = spec.matrix_shape
+    return matrix[:out, :cols].reshape(spec.shape).contiguous()
+
+
+def _top_singular_vectors(state: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
+    """Leading left singular vectors (dim x rank) of the unfolding of ``state`` along ``axis``."""
+    unfolding = state.movedim(axis, 0).reshape(state.shape[axis], -1)
+    gram = (unfolding @ unfolding.T).double()
+    _, vectors = torch.linalg.eigh(gram)
+    return vectors[:, -rank:].flip(1).to(state.dtype)
+
+
+def _project(state: torch.Tensor, axis: int, basis: torch.Tensor) -> torch.Tensor:
+    """Contract leg ``axis`` of ``state`` with ``basis`` (dim x rank), keeping the leg order."""
+    return torch.tensordot(state, basis, dims=([axis], [0])).movedim(-1, axis)
+
+
+class TTN(Generator):
+    arch = "ttn"
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        self.bonds = tree_bonds(spec)
+        self.levels = len(self.bonds)
+        dims = spec.leg_dims
+        self.leaves = nn.ParameterList(
+            nn.Parameter(torch.randn(d, b) / math.sqrt(d)) for d, b in zip(dims, self.bonds[0]) if b < d
+        )
+        self.leaf_is_identity = [b == d for d, b in zip(dims, self.bonds[0])]
+        self.nodes = nn.ParameterList()
+        for h in range(1, self.levels):
+            for j, c in enumerate(self.bonds[h]):
+                a, b = self.bonds[h - 1][2 * j], self.bonds[h - 1][2 * j + 1]
+                self.nodes.append(nn.Parameter(torch.randn(a, b, c) / math.sqrt(a * b)))
+        a, b = self.bonds[-1]
+        self.root = nn.Parameter(torch.randn(a, b) / math.sqrt(a * b))
+        self.activations = activation_sites(spec, self.levels - 1)
+
+    @classmethod
+    def param_count(cls, spec: GeneratorSpec) -> int:
+        bonds = tree_bonds(spec)
+        leaves = sum(d * b for d, b in zip(spec.leg_dims, bonds[0]) if b < d)
+        nodes = sum(
+            bonds[h - 1][2 * j] * bonds[h - 1][2 * j + 1] * c
+            for h in range(1, len(bonds)) for j, c in enumerate(bonds[h])
+        )
+        gains = 0 if spec.activation == "none" else len(bonds) - 1
+        return leaves + nodes + bonds[-1][0] * bonds[-1][1] + gains
+
+    def _leaf_messages(self) -> list[torch.Tensor]:
+        stored = iter(self.leaves)
+        return [
+            torch.eye(d, dtype=self.root.dtype, device=self.root.device) if identity else next(stored)
+            for d, identity in zip(self.spec.leg_dims, self.leaf_is_identity)
+        ]
+
+    def _node(self, left: torch.Tensor, right: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+        """Pre-activation message: (P_l, a), (P_r, b), (a, b, c) -> (P_l * P_r, c)."""
+        expr = contraction("pa,qb,abc->pqc", tuple(left.shape), tuple(right.shape), tuple(core.shape))
+        return expr(left, right, core).reshape(left.shape[0] * right.shape[0], core.shape[2])
+
+    def top_messages(self, capture: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two messages into the root, (P_left, a) and (P_right, b).
+
+        ``capture`` collects each level's pre-activations (used to calibrate the gains).
+        """
+        messages = self._leaf_messages()
+        cores = iter(self.nodes)
+        for h in range(1, self.levels):
+            pre = [self._node(messages[2 * j], messages[2 * j + 1], next(cores))
+                   for j in range(len(messages) // 2)]
+            if capture is not None:
+                capture.append(torch.cat([z.reshape(-1) for z in pre]))
+            messages = [self.activations[h - 1](z) for z in pre] if len(self.activations) else pre
+        return messages[0], messages[1]
+
+    def legs(self) -> torch.Tensor:
+        left, right = self.top_messages()
+        return ((left @ self.root) @ right.T).reshape(self.spec.leg_dims)
+
+    def forward(self) -> torch.Tensor:
+        left, right = self.top_messages()
+        return crop_matrix(halves_to_matrix(left @ self.root, right, self.spec, self.spec.n_legs // 2), self.spec)
+
+    def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
+        """||Y - L R R'^T||^2 = ||Y||^2 - 2<L^T Y R', R> + <L^T L R R'^T R', R>, no N-sized tensor."""
+        left, right = self.top_messages()
+        target = target_legs.reshape(left.shape[0], right.shape[0])
+        cross = ((left.T @ target) @ right * self.root).sum()
+        gram = ((left.T @ left) @ self.root @ (right.T @ right) * self.root).sum()
+        return target_norm_sq - 2 * cross + gram
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> TTN:
+        """Leaf-to-root hierarchical SVD of the weight (exact for the linear TTN up to truncation)."""
+        net = cls(spec)
+        state = weight_to_legs(weight.detach().float(), spec.out_dims, spec.in_dims)
+        stored = iter(net.leaves)
+        for k, identity in enumerate(net.leaf_is_identity):
+            if not identity:
+                basis = _top_singular_vectors(state, k, net.bonds[0][k])
+                next(stored).copy_(basis)
+                state = _project(state, k, basis)
+        cores = iter(net.nodes)
+        for h in range(1, net.levels):
+            merged = [net.bonds[h - 1][2 * j] * net.bonds[h - 1][2 * j + 1] for j in range(len(net.bonds[h]))]
+            state = state.reshape(merged)
+            for j, c in enumerate(net.bonds[h]):
+                basis = _top_singular_vectors(state, j, c)
+                next(cores).copy_(basis.reshape(net.bonds[h - 1][2 * j], net.bonds[h - 1][2 * j + 1], c))
+                state = _project(state, j, basis)
+        net.root.copy_(state.reshape(net.root.shape))
+        if len(net.activations):
+            captured: list[torch.Tensor] = []
+            linear = net.activations
+            net.activations = nn.ModuleList()
+            net.top_messages(capture=captured)
+            net.activations = linear
+            for site, z in zip(net.activations, captured):
+                site.calibrate(z)
+        return net

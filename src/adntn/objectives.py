@@ -1,0 +1,68 @@
+"""Fitting objectives: pluggable functions ``objective(generator) -> scalar tensor``.
+
+Each returns a relative squared error, so losses of different layers are comparable and 0 means
+a perfect fit. ``fit.fit`` minimises any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+from .networks import Generator
+from .tensorize import weight_to_legs
+
+Objective = Callable[[Generator], torch.Tensor]
+
+
+class WeightObjective:
+    """||W - G||_F^2 / ||W||_F^2 in weight space.
+
+    The target is held in leg form once, so generators that can (the TTN, SVD) evaluate the
+    distance without materialising G.
+    """
+
+    def __init__(self, weight: torch.Tensor, generator: Generator) -> None:
+        spec = generator.spec
+        matrix = weight.detach().float()
+        self.target = (
+            matrix.reshape(spec.rows, spec.cols) if spec.arch == "svd"
+            else weight_to_legs(matrix, spec.out_dims, spec.in_dims)
+        )
+        self.norm_sq = self.target.pow(2).sum()
+
+    def __call__(self, generator: Generator) -> torch.Tensor:
+        return generator.squared_distance(self.target, self.norm_sq) / self.norm_sq
+
+
+class ActivationObjective:
+    """||f(X; W) - f(X; G)||^2 / ||f(X; W)||^2 on recorded layer inputs X (data-aware).
+
+    f is the layer without its bias: X W^T for a linear layer (X of shape (n, in)), conv2d for a
+    convolution (X of shape (n, C, H, W)). Only the directions the data visits are fitted.
+    """
+
+    def __init__(self, weight: torch.Tensor, inputs: torch.Tensor,
+                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0)) -> None:
+        self.inputs = inputs.detach().float()
+        self.stride, self.padding = stride, padding
+        with torch.no_grad():
+            self.target = self._apply(weight.detach().float())
+        self.norm_sq = self.target.pow(2).sum().clamp_min(1e-30)
+
+    def _apply(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.dim() == 2:
+            return self.inputs @ weight.T
+        return F.conv2d(self.inputs, weight, stride=self.stride, padding=self.padding)
+
+    def __call__(self, generator: Generator) -> torch.Tensor:
+        return (self._apply(generator()) - self.target).pow(2).sum() / self.norm_sq
+
+
+@torch.no_grad()
+def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """||A - B||_F / ||A||_F accumulated in float64."""
+    reference, approximation = reference.double(), approximation.double()
+    return float((reference - approximation).norm() / reference.norm().clamp_min(1e-300))

@@ -1,0 +1,57 @@
+"""Progress reporting without printing from the library.
+
+Library functions take a :class:`Progress` and call ``progress.task(description, total)`` to get an
+``advance(done, loss)`` callback. :class:`Silent` ignores everything; the CLI passes
+:class:`RichProgress`, which draws rich progress bars on stderr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as _RichProgress, TextColumn, TimeElapsedColumn
+
+Advance = Callable[[int, float | None], None]
+
+
+class Progress:
+    """Receives progress; the base class is silent."""
+
+    def task(self, description: str, total: int) -> Advance:
+        return lambda done, loss=None: None
+
+    def note(self, message: str) -> None:
+        """A sentence worth telling the user (e.g. a warning about the fit)."""
+
+
+Silent = Progress
+
+
+class RichProgress(Progress):
+    """Rich progress bars and notes on stderr; use as a context manager."""
+
+    def __init__(self) -> None:
+        self.console = Console(stderr=True)
+        self.bars = _RichProgress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=self.console, transient=False,
+        )
+
+    def __enter__(self) -> RichProgress:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.stop()
+
+    def task(self, description: str, total: int) -> Advance:
+        task_id = self.bars.add_task(description, total=total, loss="")
+
+        def advance(done: int, loss: float | None = None) -> None:
+            self.bars.update(task_id, completed=done, loss="" if loss is None else f"loss {loss:.4g}")
+
+        return advance
+
+    def note(self, message: str) -> None:
+        self.console.print(f"[yellow]note:[/] {message}")

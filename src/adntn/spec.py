@@ -1,0 +1,110 @@
+"""The generator spec: the single source of truth for one compressed layer.
+
+A :class:`GeneratorSpec` says which tensor network generates a weight and how that weight is cut
+into legs. Construction (``adntn.networks.build``), parameter counting (``spec.core_params``), the
+safetensors metadata and the report are all derived from it.
+
+Tensorisation: a weight of ``shape`` (out, in) or (out, in, kh, kw) is viewed as a matrix
+(out, in*kh*kw), zero-padded to (prod(out_dims), prod(in_dims)) and reshaped so that row digit
+o_k and column digit i_k form physical leg k of dimension ``leg_dims[k] = out_dims[k]*in_dims[k]``
+(the MPO / TT-matrix pairing, coarse to fine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from .errors import AdntnError
+
+ARCHS = ("ttn", "attn", "mera", "tt", "svd")
+ACTIVATIONS = ("tanh", "gelu", "relu", "none")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Structure of one generator.
+
+    Attributes:
+        arch: ``ttn`` | ``attn`` | ``mera`` (ADNTN generators) or ``tt`` | ``svd`` (baselines).
+        shape: the dense weight's shape, e.g. ``(4096, 25088)`` or ``(64, 3, 3, 3)``.
+        out_dims: K factors of the padded row count (``svd``: ``(rows,)``).
+        in_dims: K factors of the padded column count (``svd``: ``(cols,)``).
+        bond_dims: maximum bond dimension per tree level for ttn/attn/mera (level 0 is the bond
+            above a leaf, level L-1 the bonds into the root); per TT bond for ``tt`` (K-1 values);
+            ``(rank,)`` for ``svd``. Each actual bond is further capped by what the legs below
+            and above it can carry.
+        activation: the nonlinearity sigma between levels (``none`` gives a linear network).
+        mix_rank: rank of each disentangler (attn, mera); 0 for the other archs.
+    """
+
+    arch: str
+    shape: tuple[int, ...]
+    out_dims: tuple[int, ...]
+    in_dims: tuple[int, ...]
+    bond_dims: tuple[int, ...]
+    activation: str = "tanh"
+    mix_rank: int = 0
+    version: int = field(default=FORMAT_VERSION)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise AdntnError(f"Unknown arch '{self.arch}'; choose one of {', '.join(ARCHS)}.")
+        if self.activation not in ACTIVATIONS:
+            raise AdntnError(
+                f"Unknown activation '{self.activation}'; choose one of {', '.join(ACTIVATIONS)}."
+            )
+        if len(self.out_dims) != len(self.in_dims):
+            raise ValueError("out_dims and in_dims must have one factor per leg")
+        if any(b < 1 for b in self.bond_dims):
+            raise AdntnError("Bond dimensions must be at least 1.")
+        if self.rows < self.matrix_shape[0] or self.cols < self.matrix_shape[1]:
+            raise ValueError("leg factors must cover the weight matrix")
+
+    @property
+    def n_legs(self) -> int:
+        return len(self.out_dims)
+
+    @property
+    def leg_dims(self) -> tuple[int, ...]:
+        return tuple(o * i for o, i in zip(self.out_dims, self.in_dims))
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """The weight as a matrix: (out, in*kh*kw)."""
+        return self.shape[0], math.prod(self.shape[1:])
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.out_dims)
+
+    @property
+    def cols(self) -> int:
+        return math.prod(self.in_dims)
+
+    @property
+    def dense_params(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def core_params(self) -> int:
+        """Number of stored values that generate the weight (bias not included)."""
+        from .networks import core_params
+
+        return core_params(self)
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_params / self.core_params
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GeneratorSpec:
+        raw = json.loads(text)
+        for key in ("shape", "out_dims", "in_dims", "bond_dims"):
+            raw[key] = tuple(raw[key])
+        return cls(**raw)
