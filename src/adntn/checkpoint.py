@@ -1,0 +1,241 @@
+"""Checkpoint I/O: read and write state_dicts as ``.safetensors`` or PyTorch pickles.
+
+Every failure a user can cause (missing, unreadable, corrupt or unsafe file, unwritable target,
+non-finite weights) is raised as an :class:`~adntn.errors.AdntnError` with a one-sentence
+message; no other exception escapes for bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import secrets
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import AdntnError
+
+SAFETENSORS_SUFFIX = ".safetensors"
+WRAPPER_KEYS = ("state_dict", "model")  # checkpoint dicts that wrap a state_dict under these keys
+DATA_PARALLEL_PREFIX = "module."
+_SHA256_CHUNK = 1 << 20
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_state_dict(
+    path: Path, *, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read the tensors of a checkpoint file.
+
+    Args:
+        path: a ``.safetensors`` file, or any file written by ``torch.save`` (``.pt``, ``.pth``,
+            ``.bin``, ...): a plain state_dict, a dict wrapping one under ``state_dict`` or
+            ``model``, or (only with ``allow_pickle``) a pickled ``nn.Module``.
+        allow_pickle: unpickle arbitrary Python objects (``torch.load(weights_only=False)``).
+            Only for trusted files: unpickling can execute code.
+
+    Returns:
+        ``(tensors, metadata)``: tensor name -> tensor (dtype and shape as stored; a leading
+        ``module.`` shared by all names is stripped; non-tensor entries are dropped), and the
+        safetensors ``__metadata__`` (``{}`` for PyTorch files).
+
+    Raises:
+        AdntnError: the file is missing, a directory, unreadable, corrupt, holds pickled objects
+            that safe loading refuses, or holds no tensors.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AdntnError(f"Checkpoint {path} does not exist.")
+    if path.is_dir():
+        raise AdntnError(f"{path} is a directory, not a checkpoint file.")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        tensors, metadata = _read_safetensors(path)
+    else:
+        tensors, metadata = _extract_tensors(_torch_load(path, allow_pickle), path), {}
+    if not tensors:
+        raise AdntnError(f"{path} is not a checkpoint: it holds no tensors.")
+    return _strip_data_parallel_prefix(tensors), metadata
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except OSError as error:
+        raise AdntnError(f"Cannot read {path}: {error.strerror or error}.") from None
+    except (SafetensorError, ValueError, RuntimeError):
+        raise AdntnError(
+            f"Cannot read {path}: the file is empty, truncated or not a safetensors file."
+        ) from None
+    return tensors, metadata
+
+
+def _torch_load(path: Path, allow_pickle: bool) -> object:
+    """``torch.load`` on CPU, translating every failure into an :class:`AdntnError`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except OSError as error:
+        raise AdntnError(f"Cannot read {path}: {error.strerror or error}.") from None
+    except pickle.UnpicklingError as error:
+        refused = _UNSUPPORTED_GLOBAL.search(str(error))
+        if refused is None:
+            raise _corrupt(path) from None
+        name = refused.group(1)
+        if _is_module_class(name):
+            raise AdntnError(
+                f"{path} holds a pickled model object ({name}), not a state_dict; save it with "
+                f"torch.save(model.state_dict(), PATH) "
+                f"or pass --allow-pickle if you trust the file."
+            ) from None
+        raise AdntnError(
+            f"{path} holds pickled Python objects ({name}) that safe loading refuses; "
+            f"pass --allow-pickle if you trust the file."
+        ) from None
+    except (ImportError, AttributeError) as error:
+        if allow_pickle:  # the pickle names a class this environment cannot provide
+            raise AdntnError(f"Cannot unpickle {path}: {error}.") from None
+        raise _corrupt(path) from None
+    except Exception:  # torch.load raises RuntimeError, EOFError, KeyError, ... on corrupt data
+        raise _corrupt(path) from None
+
+
+def _corrupt(path: Path) -> AdntnError:
+    return AdntnError(
+        f"Cannot read {path}: the file is empty, truncated or not a PyTorch checkpoint."
+    )
+
+
+def _is_module_class(qualified_name: str) -> bool:
+    """Whether ``qualified_name`` (``pkg.mod.Class``) is an ``nn.Module`` subclass.
+
+    Only modules that are already imported are consulted: a name from an untrusted file never
+    triggers an import.
+    """
+    module_name, _, class_name = qualified_name.rpartition(".")
+    candidate = getattr(sys.modules.get(module_name), class_name, None)
+    return isinstance(candidate, type) and issubclass(candidate, torch.nn.Module)
+
+
+def _extract_tensors(loaded: object, path: Path) -> dict[str, torch.Tensor]:
+    """The name -> tensor mapping inside what ``torch.load`` returned."""
+    if isinstance(loaded, torch.nn.Module):
+        return loaded.state_dict()
+    if not isinstance(loaded, Mapping):
+        raise AdntnError(
+            f"{path} is not a checkpoint: it holds a {type(loaded).__name__}, "
+            f"not a mapping of tensor names to tensors."
+        )
+    for key in WRAPPER_KEYS:
+        inner = loaded.get(key)
+        if isinstance(inner, torch.nn.Module):
+            return inner.state_dict()
+        if isinstance(inner, Mapping):
+            loaded = inner
+            break
+    return {
+        name: value
+        for name, value in loaded.items()
+        if isinstance(name, str) and isinstance(value, torch.Tensor)
+    }
+
+
+def _strip_data_parallel_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if all(name.startswith(DATA_PARALLEL_PREFIX) for name in tensors):
+        return {name[len(DATA_PARALLEL_PREFIX):]: value for name, value in tensors.items()}
+    return tensors
+
+
+def save_state_dict(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``tensors`` atomically to ``path``, replacing any existing file.
+
+    ``.safetensors`` targets get ``metadata`` as their ``__metadata__`` (string -> string);
+    other suffixes are written with ``torch.save`` as a plain state_dict (``metadata`` is not
+    stored). The data goes to a hidden temporary file in the same directory, which is moved
+    over ``path`` only once complete, so a failure never leaves a partial or clobbered file.
+    Whether ``path`` may be overwritten is the caller's decision.
+
+    Raises:
+        AdntnError: the directory is missing or unwritable, or writing fails.
+    """
+    path = Path(path)
+    directory = path.parent
+    if not directory.is_dir():
+        raise AdntnError(f"Cannot write {path}: {directory} is not an existing directory.")
+    temporary = directory / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        # O_EXCL: never reuse an existing name; mode 0o666 lets the umask decide permissions.
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as error:
+        raise AdntnError(f"Cannot write {path}: {error.strerror or error}.") from None
+    try:
+        if path.suffix == SAFETENSORS_SUFFIX:
+            save_file(_unshared_contiguous(tensors), str(temporary), metadata=metadata)
+        else:
+            torch.save(tensors, temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise AdntnError(f"Cannot write {path}: {error.strerror or error}.") from None
+        if isinstance(error, Exception):
+            raise AdntnError(f"Cannot write {path}: {error}.") from None
+        raise
+
+
+def _unshared_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors with no two sharing storage, as ``safetensors`` requires."""
+    seen_storages: set[int] = set()
+    result = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen_storages:
+            tensor = tensor.clone()
+        else:
+            seen_storages.add(storage)
+        result[name] = tensor.contiguous()
+    return result
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:
+    """Raise :class:`AdntnError` naming the first of ``keys`` whose tensor has NaN or Inf values.
+
+    Raises:
+        AdntnError: a key is missing from ``tensors`` or its tensor is not finite.
+    """
+    for key in keys:
+        if key not in tensors:
+            raise AdntnError(f"The checkpoint has no tensor named {key}.")
+        tensor = tensors[key]
+        if tensor.is_floating_point() or tensor.is_complex():
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdntnError(
+                    f"{key} contains NaN or Inf values; adntn cannot compress non-finite weights."
+                )
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks.
+
+    Raises:
+        AdntnError: the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(_SHA256_CHUNK):
+                digest.update(chunk)
+    except OSError as error:
+        raise AdntnError(f"Cannot read {path}: {error.strerror or error}.") from None
+    return digest.hexdigest()
