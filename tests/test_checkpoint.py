@@ -253,7 +253,7 @@ def test_failed_save_keeps_the_old_file_and_removes_the_temporary(
         Path(target).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", write_half_then_fail)
+    monkeypatch.setattr(checkpoint, "write_safetensors", write_half_then_fail)
     monkeypatch.setattr(checkpoint.torch, "save", write_half_then_fail)
     path = tmp_path / name
     path.write_bytes(b"precious")

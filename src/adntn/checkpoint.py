@@ -8,17 +8,18 @@ message; no other exception escapes for bad input.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
 import secrets
+import struct
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import AdntnError
 
@@ -179,7 +180,7 @@ def save_state_dict(
         raise AdntnError(f"Cannot write {path}: {error.strerror or error}.") from None
     try:
         if path.suffix == SAFETENSORS_SUFFIX:
-            save_file(_unshared_contiguous(tensors), str(temporary), metadata=metadata)
+            write_safetensors(tensors, temporary, metadata)
         else:
             torch.save(tensors, temporary)
         with open(temporary, "rb") as written:
@@ -194,18 +195,41 @@ def save_state_dict(
         raise
 
 
-def _unshared_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors with no two sharing storage, as ``safetensors`` requires."""
-    seen_storages: set[int] = set()
-    result = {}
-    for name, tensor in tensors.items():
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in seen_storages:
-            tensor = tensor.clone()
-        else:
-            seen_storages.add(storage)
-        result[name] = tensor.contiguous()
-    return result
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write the safetensors format deterministically: same tensors and metadata, same bytes.
+
+    (The reference writer emits ``__metadata__`` in hash order, which differs between runs.)
+    Layout: u64 little-endian header size, a JSON header with sorted keys padded to 8 bytes,
+    then each tensor's little-endian bytes in key order; tensors are streamed, not copied.
+    """
+    header: dict[str, object] = {}
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise AdntnError(f"Cannot store {name}: dtype {tensor.dtype} has no safetensors equivalent.")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for name in sorted(tensors):
+            tensor = tensors[name].detach().cpu().contiguous()
+            if tensor.numel():
+                handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:

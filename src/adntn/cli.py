@@ -1,0 +1,228 @@
+"""The ``adntn`` command line: parse, call the library, print.
+
+Human output and progress go to stderr (rich); ``--json`` output goes to stdout. Every user error
+is one sentence on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import AdntnError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Compress AlexNet/VGG layers into nonlinear tensor-network generators (TTN, aTTN, MERA).",
+)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"adntn: error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def user_errors(command):
+    """Turn AdntnError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except AdntnError as error:
+            _fail(str(error))
+        except KeyboardInterrupt:
+            typer.echo("adntn: interrupted; nothing was written.", err=True)
+            raise typer.Exit(130) from None
+        except MemoryError:
+            _fail("ran out of memory; try fewer layers at a time or a machine with more memory.")
+
+    return wrapper
+
+
+def _console(stderr: bool = False) -> Console:
+    """A rich console; 120 columns when not a terminal so logs keep whole numbers."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=120)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _print_json(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"adntn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """adntn: automatically differentiable nonlinear tensor networks for CNN compression."""
+
+
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", help="Force the architecture (alexnet, vgg11 ... vgg19_bn) instead of detecting it.")]
+PickleOption = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Load a trusted pickle with weights_only=False (it can run code).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
+
+
+@app.command()
+@user_errors
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="A state_dict (.pt/.pth) or .safetensors file.")],
+    model: ModelOption = None,
+    allow_pickle: PickleOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the detected model and its compressible layers."""
+    from .architectures import describe
+    from .compress import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint, model=model, allow_pickle=allow_pickle)
+    rows = describe(loaded.model)
+    if as_json:
+        _print_json({"model": loaded.model.name, "num_classes": loaded.model.num_classes, "layers": rows})
+        return
+    table = Table(title=f"{checkpoint.name}: {loaded.model.name}, {loaded.model.num_classes} classes")
+    for column in ("alias", "module", "kind", "weight shape", "params"):
+        table.add_column(column, justify="right" if column == "params" else "left")
+    for row in rows:
+        table.add_row(row["alias"] or "-", row["module"], row["kind"],
+                      "x".join(map(str, row["shape"])), f"{row['params']:,}")
+    _console().print(table)
+
+
+@app.command()
+@user_errors
+def compress(
+    checkpoint: Annotated[Path, typer.Argument(help="A state_dict (.pt/.pth) or .safetensors file.")],
+    layers: Annotated[str, typer.Option("--layers", "-l",
+                                        help="Comma-separated layers: aliases (fc6, conv3_1) or modules (classifier.3).")],
+    arch: Annotated[str, typer.Option(help="Generator: ttn, attn, mera; baselines: tt, svd.")] = "ttn",
+    ratio: Annotated[Optional[float], typer.Option(
+        help="Per-layer compression ratio dense/core params (default 2000 unless --bond-dim).")] = None,
+    bond_dim: Annotated[Optional[int], typer.Option("--bond-dim", help="Uniform bond dimension instead of --ratio.")] = None,
+    activation: Annotated[str, typer.Option(help="Nonlinearity between levels: tanh, gelu, relu, none.")] = "tanh",
+    steps: Annotated[int, typer.Option(help="Adam steps of the weight-space fit per layer.")] = 200,
+    lr: Annotated[float, typer.Option(help="Learning rate of the weight-space fit.")] = 1e-2,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same cores).")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default CHECKPOINT-STEM.adntn).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    model: ModelOption = None,
+    allow_pickle: PickleOption = False,
+    data: Annotated[Optional[Path], typer.Option(
+        help="ImageFolder root with train/ and val/ (or test/): fit on data and fine-tune by distillation.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Preprocessing TOML (see sample_configs/).")] = None,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs over train/ (with --data).")] = 3,
+    finetune_lr: Annotated[float, typer.Option("--finetune-lr", help="Fine-tuning learning rate (with --data).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Fine-tuning batch size (with --data).")] = 256,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature (with --data).")] = 4.0,
+    kd_weight: Annotated[float, typer.Option("--kd-weight", help="Weight of distillation vs cross-entropy.")] = 0.9,
+    train: Annotated[str, typer.Option(
+        help="Comma-separated dense layers to fine-tune too (e.g. fc8); by default only the generators and the compressed layers' biases train.")] = "",
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        "--cache-dir", help="Keep convolutional features here between runs (classifier layers only).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Replace each chosen layer's weight by a small tensor-network generator."""
+    from .compress import FitSettings, compress_checkpoint
+    from .progress import RichProgress
+    from .report import render
+    from .task import TaskSettings
+
+    names = _names(layers)
+    settings = FitSettings(arch=arch, ratio=ratio, bond_dim=bond_dim, activation=activation,
+                           steps=steps, lr=lr, seed=seed)
+    task = None
+    if data is not None:
+        task = TaskSettings(data=data, config=config, epochs=epochs, lr=finetune_lr, batch_size=batch_size,
+                            temperature=temperature, kd_weight=kd_weight, train=tuple(_names(train)),
+                            cache_dir=cache_dir)
+    elif config is not None or train:
+        _fail("--config and --train only apply with --data.")
+    out_dir = out or Path(f"{checkpoint.stem}.adntn")
+    with RichProgress() as progress:
+        report = compress_checkpoint(checkpoint, names, settings, out_dir, model=model,
+                                     allow_pickle=allow_pickle, force=force, task=task, progress=progress)
+    if as_json:
+        _print_json(report)
+    else:
+        render(report, _console(stderr=True))
+        typer.echo(f"wrote {out_dir}", err=True)
+
+
+@app.command()
+@user_errors
+def report(
+    directory: Annotated[Path, typer.Argument(help="A directory written by 'adntn compress'.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show what compression gained and lost."""
+    from .archive import read_report
+    from .report import render
+
+    content = read_report(directory)
+    if as_json:
+        _print_json(content)
+    else:
+        render(content, _console())
+
+
+@app.command()
+@user_errors
+def expand(
+    directory: Annotated[Path, typer.Argument(help="A directory written by 'adntn compress'.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Dense state_dict to write (.pt, .pth or .safetensors).")],
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+) -> None:
+    """Rebuild a dense state_dict that loads into torchvision unchanged."""
+    from .expand import expand as expand_directory
+
+    written = expand_directory(directory, output, force=force)
+    typer.echo(f"wrote {written}", err=True)
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    source: Annotated[Path, typer.Argument(help="A dense checkpoint or a directory written by 'adntn compress'.")],
+    data: Annotated[Path, typer.Option(help="ImageFolder root; the val/ (or test/) split is measured.")],
+    config: Annotated[Optional[Path], typer.Option(help="Preprocessing TOML (see sample_configs/).")] = None,
+    model: ModelOption = None,
+    allow_pickle: PickleOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure top-1 and top-5 accuracy on the held-out split."""
+    from .archive import read_report
+    from .checkpoint import load_state_dict
+    from .expand import expanded_state_dict
+    from .task import evaluate_state
+
+    if source.is_dir():
+        state, metadata = expanded_state_dict(source), read_report(source)["source"].get("metadata", {})
+    else:
+        state, metadata = load_state_dict(source, allow_pickle=allow_pickle)
+    result = evaluate_state(state, metadata, data, config, model=model)
+    if as_json:
+        _print_json(result)
+    else:
+        typer.echo(f"{source.name} ({result['model']}) on {result['images']:,} {result['split']} images: "
+                   f"top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")

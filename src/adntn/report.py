@@ -1,0 +1,91 @@
+"""Rendering a compressed directory's report.json for people (rich tables)."""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+
+def _params(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _fraction(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def layer_table(report: dict) -> Table:
+    table = Table(title=f"adntn: {report['source']['path']} ({report['source']['model']})")
+    for column, justify in [("layer", "left"), ("shape", "left"), ("arch", "left"), ("bonds", "left"),
+                            ("dense", "right"), ("core", "right"), ("ratio", "right"),
+                            ("w.err", "right"), ("a.err", "right"), ("fit s", "right")]:
+        table.add_column(column, justify=justify, no_wrap=True)
+    for row in report["layers"]:
+        table.add_row(
+            row.get("alias") or row["name"], "x".join(map(str, row["shape"])),
+            f"{row['arch']}/{row['activation']}", ",".join(map(str, row["bond_dims"])),
+            _params(row["dense_params"]), _params(row["core_params"]), f"{row['ratio']:,.0f}x",
+            _fraction(row.get("weight_rel_error")), _fraction(row.get("activation_rel_error")),
+            f"{row['fit_seconds']:.1f}",
+        )
+    return table
+
+
+def totals_table(report: dict) -> Table:
+    total = report["total"]
+    table = Table(title="whole model")
+    for column in ("", "before", "after", "ratio"):
+        table.add_column(column, justify="right" if column else "left")
+    table.add_row("parameters", _params(total["dense_params"]), _params(total["stored_params"]),
+                  f"{total['dense_params'] / total['stored_params']:,.1f}x")
+    if total.get("stored_bytes"):
+        table.add_row("bytes on disk", _bytes(total["dense_bytes"]), _bytes(total["stored_bytes"]),
+                      f"{total['dense_bytes'] / total['stored_bytes']:,.1f}x")
+    table.add_row("compressed layers", _params(total["compressed_dense_params"]),
+                  _params(total["compressed_core_params"]),
+                  f"{total['compressed_dense_params'] / total['compressed_core_params']:,.0f}x")
+    return table
+
+
+def accuracy_table(report: dict) -> Table | None:
+    accuracy = report.get("accuracy")
+    if not accuracy:
+        return None
+    table = Table(title=f"accuracy on {accuracy['split']} ({accuracy['images']:,} images)")
+    for column in ("model", "top-1", "top-5"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name in ("dense", "compressed"):
+        table.add_row(name, _fraction(accuracy[name]["top1"]), _fraction(accuracy[name]["top5"]))
+    return table
+
+
+def training_text(report: dict) -> Text:
+    settings = report["settings"]
+    lines = [f"weight-space fit: {settings['steps']} Adam steps per layer, lr {settings['lr']}, seed {settings['seed']}"]
+    training = report.get("training")
+    if training:
+        lines.append(training["summary"])
+    lines.append(f"bias: {report['bias']}")
+    return Text("\n".join(lines))
+
+
+def render(report: dict, console: Console) -> None:
+    """Print the tables; ``report`` is the content of report.json. The columns are described in
+    the README (w.err: relative weight error, a.err: relative activation error)."""
+    parts = [layer_table(report), totals_table(report)]
+    accuracy = accuracy_table(report)
+    if accuracy is not None:
+        parts.append(accuracy)
+    parts.append(training_text(report))
+    console.print(Group(*parts))

@@ -1,0 +1,39 @@
+import pytest
+
+from adntn.budget import default_legs, spec_for_bond_dim, spec_for_ratio
+from adntn.errors import AdntnError
+
+
+@pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
+@pytest.mark.parametrize("shape,ratio", [((4096, 512), 2000), ((4096, 4096), 10000), ((256, 64, 3, 3), 50)])
+def test_ratio_is_met_and_close(arch, shape, ratio):
+    spec = spec_for_ratio(arch, shape, ratio, "tanh")
+    assert spec.dense_params / spec.core_params >= ratio
+    # as close as the structure allows: the next larger bond would break the budget
+    assert spec.core_params > 0.3 * spec.dense_params / ratio
+
+
+def test_unreachable_ratio_names_the_smallest_generator():
+    with pytest.raises(AdntnError, match="cannot reach 1,000,000x with --arch ttn: its smallest generator has"):
+        spec_for_ratio("ttn", (4096, 512), 1e6, "tanh", label="fc6")
+
+
+def test_ratio_must_exceed_one():
+    with pytest.raises(AdntnError, match="greater than 1"):
+        spec_for_ratio("ttn", (64, 64), 0.5, "tanh")
+
+
+def test_bond_dim_must_be_positive():
+    with pytest.raises(AdntnError, match="at least 1"):
+        spec_for_bond_dim("mera", (64, 64), 0, "tanh")
+
+
+def test_bond_dim_spec_uses_default_legs():
+    spec = spec_for_bond_dim("ttn", (4096, 4096), 4, "gelu")
+    assert spec.n_legs == default_legs(4096, 4096) == 8
+    assert spec.bond_dims == (4, 4, 4) and spec.activation == "gelu"
+
+
+def test_baselines_are_linear():
+    assert spec_for_bond_dim("tt", (64, 64), 2, "tanh").activation == "none"
+    assert spec_for_bond_dim("svd", (64, 64), 2, "tanh").bond_dims == (2,)

@@ -1,0 +1,204 @@
+"""End to end: inspect -> compress -> report -> expand on a small torchvision VGG-11 layout."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adntn.archive import read_layer
+from adntn.architectures import build_model, detect_model
+from adntn.checkpoint import load_state_dict
+from adntn.cli import app
+from adntn.demo import small_vgg11
+from adntn.objectives import relative_error
+
+runner = CliRunner()
+
+
+def adntn(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "small.pt"
+    torch.save(small_vgg11().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compressed(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "small.adntn"
+    result = adntn("compress", checkpoint, "--layers", "fc6,conv5_2", "--arch", "ttn", "--ratio", "20",
+                   "--steps", "5", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_inspect_json_lists_layers_with_aliases(checkpoint):
+    result = adntn("inspect", checkpoint, "--json")
+    assert result.exit_code == 0
+    payload = json.loads(result.stdout)
+    assert payload["model"] == "vgg11" and payload["num_classes"] == 10
+    fc7 = next(row for row in payload["layers"] if row["alias"] == "fc7")
+    assert fc7["module"] == "classifier.3" and fc7["params"] == 256 * 256 + 256
+
+
+def test_report_json_has_the_promised_fields(compressed):
+    result = adntn("report", compressed, "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    names = [layer["name"] for layer in report["layers"]]
+    assert names == ["classifier.0", "features.18"]
+    for layer in report["layers"]:
+        assert layer["ratio"] == layer["dense_params"] / layer["core_params"] >= 20
+        assert {"alias", "arch", "weight_rel_error", "core_params"} <= set(layer)
+    assert report["total"]["stored_params"] < report["total"]["dense_params"]
+    assert report["total"]["stored_bytes"] > 0
+
+
+def test_report_table_renders(compressed):
+    result = adntn("report", compressed)
+    assert result.exit_code == 0
+    assert "fc6" in result.stdout and "conv5_2" in result.stdout and "whole model" in result.stdout
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_expand_loads_strict_untouched_bit_identical_and_error_matches(compressed, checkpoint, tmp_path, suffix):
+    out = tmp_path / f"dense{suffix}"
+    assert adntn("expand", compressed, "-o", out).exit_code == 0
+    original, _ = load_state_dict(checkpoint)
+    expanded, _ = load_state_dict(out)
+    assert set(expanded) == set(original)
+    if suffix == ".pt":  # safetensors files keep keys sorted; a pickle keeps the original order
+        assert list(expanded) == list(original)
+    model = build_model(detect_model(original))
+    model.load_state_dict(expanded, strict=True)
+    report = json.loads((compressed / "report.json").read_text())
+    replaced = {f"{layer['name']}.weight" for layer in report["layers"]}
+    for key, tensor in original.items():
+        if key not in replaced:
+            assert torch.equal(expanded[key], tensor), key
+            assert expanded[key].dtype == tensor.dtype
+    for layer in report["layers"]:
+        key = f"{layer['name']}.weight"
+        generator = read_layer(compressed / "layers" / f"{layer['name']}.safetensors").generator
+        with torch.no_grad():
+            assert torch.equal(expanded[key], generator())
+        assert math.isclose(layer["weight_rel_error"], relative_error(original[key], expanded[key]), rel_tol=1e-9)
+
+
+def test_same_seed_same_bytes(checkpoint, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert adntn("compress", checkpoint, "--layers", "fc7", "--arch", "attn", "--ratio", "50",
+                     "--steps", "3", "--seed", "3", "--out", out).exit_code == 0
+        outs.append((out / "layers" / "classifier.3.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
+def test_every_arch_compresses(checkpoint, tmp_path, arch):
+    out = tmp_path / "o"
+    result = adntn("compress", checkpoint, "--layers", "fc7", "--arch", arch, "--ratio", "30",
+                   "--steps", "2", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    layer = json.loads(result.stdout)["layers"][0]
+    assert layer["arch"] == arch and layer["ratio"] >= 30
+
+
+def test_existing_output_needs_force(checkpoint, compressed):
+    before = (compressed / "report.json").read_bytes()
+    result = adntn("compress", checkpoint, "--layers", "fc6", "--out", compressed, "--steps", "1")
+    assert result.exit_code == 1
+    assert "already exists; pass --force" in result.stderr
+    assert (compressed / "report.json").read_bytes() == before
+
+
+def _fails(args, fragment, tmp_path):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = adntn(*args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adntn: error: "), result.stderr
+    assert fragment in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    return lines[0]
+
+
+def test_missing_checkpoint(tmp_path):
+    _fails(["compress", tmp_path / "nope.pt", "--layers", "fc6", "--out", tmp_path / "o"], "nope.pt", tmp_path)
+
+
+def test_truncated_checkpoint(checkpoint, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(checkpoint.read_bytes()[:5000])
+    _fails(["compress", broken, "--layers", "fc6", "--out", tmp_path / "o"], "broken.pt", tmp_path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    _fails(["inspect", text], "notes.pt", tmp_path)
+
+
+def test_unknown_model_override(checkpoint, tmp_path):
+    _fails(["inspect", checkpoint, "--model", "resnet50"], "resnet50", tmp_path)
+
+
+def test_unknown_layer(checkpoint, tmp_path):
+    _fails(["compress", checkpoint, "--layers", "fc9", "--out", tmp_path / "o"], "fc9", tmp_path)
+
+
+def test_duplicate_layer(checkpoint, tmp_path):
+    _fails(["compress", checkpoint, "--layers", "fc6,classifier.0", "--out", tmp_path / "o"], "more than once",
+           tmp_path)
+
+
+def test_unreachable_ratio(checkpoint, tmp_path):
+    _fails(["compress", checkpoint, "--layers", "fc6", "--ratio", "1e7", "--out", tmp_path / "o"],
+           "cannot reach", tmp_path)
+
+
+def test_bond_dim_below_one(checkpoint, tmp_path):
+    _fails(["compress", checkpoint, "--layers", "fc6", "--bond-dim", "0", "--out", tmp_path / "o"],
+           "at least 1", tmp_path)
+
+
+def test_nan_weights(tmp_path):
+    state = small_vgg11().state_dict()
+    state["classifier.3.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(state, path)
+    _fails(["compress", path, "--layers", "fc6", "--out", tmp_path / "o"], "NaN", tmp_path)
+
+
+def test_unwritable_output(checkpoint, tmp_path):
+    _fails(["compress", checkpoint, "--layers", "fc6", "--ratio", "20", "--steps", "1",
+            "--out", tmp_path / "missing" / "o"],
+           "does not exist", tmp_path)
+
+
+def test_wrong_data_folder(checkpoint, tmp_path):
+    _fails(["compress", checkpoint, "--layers", "fc6", "--ratio", "20", "--data", tmp_path / "nodata",
+            "--out", tmp_path / "o"],
+           "nodata", tmp_path)
+
+
+def test_expand_refuses_to_overwrite_and_bad_suffix(compressed, tmp_path):
+    target = tmp_path / "x.pt"
+    target.write_bytes(b"keep")
+    _fails(["expand", compressed, "-o", target], "already exists", tmp_path)
+    assert target.read_bytes() == b"keep"
+    _fails(["expand", compressed, "-o", tmp_path / "x.npz"], ".npz", tmp_path)
+
+
+def test_report_of_a_plain_folder(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    _fails(["report", folder], "report.json", tmp_path)

@@ -1,0 +1,65 @@
+import torch
+
+from adntn.budget import spec_for_bond_dim
+from adntn.fit import fit
+from adntn.networks.ttn import TTN
+from adntn.objectives import ActivationObjective, WeightObjective, relative_error
+
+
+def _low_rank_weight(rows=64, cols=48, bond=2, seed=0):
+    """A weight that a linear TTN of the given bond represents exactly."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return TTN(spec_for_bond_dim("ttn", (rows, cols), bond, "none"))()
+
+
+def test_weight_objective_matches_direct_relative_error():
+    torch.manual_seed(0)
+    weight = _low_rank_weight()
+    spec = spec_for_bond_dim("ttn", tuple(weight.shape), 2, "tanh")
+    net = TTN(spec)
+    with torch.no_grad():
+        loss = WeightObjective(weight, net)(net)
+    assert abs(float(loss) - relative_error(weight, net()) ** 2) < 1e-4
+
+
+def test_fit_improves_and_never_ends_worse_than_it_started():
+    torch.manual_seed(0)
+    weight = _low_rank_weight()
+    spec = spec_for_bond_dim("ttn", tuple(weight.shape), 2, "tanh")
+    net = TTN(spec)  # random start
+    result = fit(net, WeightObjective(weight, net), steps=150, lr=3e-2)
+    assert result.best_loss < 0.5 * result.initial_loss
+    assert abs(relative_error(weight, net()) ** 2 - result.best_loss) < 1e-3
+
+
+def test_svd_initialisation_beats_random():
+    torch.manual_seed(0)
+    weight = _low_rank_weight()
+    spec = spec_for_bond_dim("ttn", tuple(weight.shape), 3, "tanh")
+    assert relative_error(weight, TTN.from_weight(spec, weight)()) < 0.5 * relative_error(weight, TTN(spec)())
+
+
+def test_activation_objective_only_sees_the_data_subspace():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 32)
+    inputs = torch.zeros(100, 32)
+    inputs[:, :4] = torch.randn(100, 4)  # data lives in 4 of 32 input directions
+    masked = weight.clone()
+    masked[:, 4:] = 0
+    spec = spec_for_bond_dim("ttn", (16, 32), 64, "none")
+    net = TTN.from_weight(spec, masked)
+    assert float(ActivationObjective(weight, inputs)(net)) < 1e-8
+    assert float(WeightObjective(weight, net)(net)) > 0.5
+
+
+def test_fit_is_reproducible_with_the_same_seed():
+    weight = _low_rank_weight()
+    spec = spec_for_bond_dim("ttn", tuple(weight.shape), 2, "tanh")
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        net = TTN(spec)
+        fit(net, WeightObjective(weight, net), steps=20, lr=1e-2)
+        outputs.append(net())
+    assert torch.equal(outputs[0], outputs[1])

@@ -1,0 +1,52 @@
+import math
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from adntn.tensorize import (choose_leg_factors, legs_to_weight, max_legs, prime_factors,
+                             smooth_ceiling, weight_to_legs)
+
+
+def test_prime_factors_and_smooth_ceiling():
+    assert prime_factors(25088) == [2] * 9 + [7, 7]
+    assert smooth_ceiling(25088) == 25088
+    assert smooth_ceiling(4099) == 4116  # 2^2 * 3 * 7^3
+    assert smooth_ceiling(1) == 1
+
+
+def test_vgg16_fc6_legs_cover_exactly_without_padding():
+    out_dims, in_dims = choose_leg_factors(4096, 25088, 8)
+    assert math.prod(out_dims) == 4096 and math.prod(in_dims) == 25088
+    legs = [o * i for o, i in zip(out_dims, in_dims)]
+    assert legs == sorted(legs, reverse=True)
+    assert max(legs) / min(legs) <= 2  # balanced
+
+
+def test_max_legs_is_power_of_two_with_nontrivial_legs():
+    assert max_legs(4096, 512) == 16  # 21 prime factors
+    assert max_legs(10, 4096) == 8
+    out_dims, in_dims = choose_leg_factors(10, 4096, max_legs(10, 4096))
+    assert all(o * i >= 2 for o, i in zip(out_dims, in_dims))
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 40), cin=st.integers(1, 12), kernel=st.sampled_from([1, 3]),
+       n_legs=st.sampled_from([1, 2, 4]))
+def test_weight_to_legs_round_trip(out, cin, kernel, n_legs):
+    torch.manual_seed(0)
+    weight = torch.randn(out, cin, kernel, kernel) if kernel > 1 else torch.randn(out, cin)
+    out_dims, in_dims = choose_leg_factors(out, cin * kernel * kernel, n_legs)
+    legs = weight_to_legs(weight, out_dims, in_dims)
+    assert legs.shape == tuple(o * i for o, i in zip(out_dims, in_dims))
+    assert torch.equal(legs_to_weight(legs, out_dims, in_dims, tuple(weight.shape)), weight)
+    # padding is zero: the legs hold exactly the weight's entries
+    assert torch.isclose(legs.pow(2).sum(), weight.pow(2).sum())
+
+
+def test_leg_k_pairs_row_digit_and_column_digit():
+    out_dims, in_dims = (2, 3), (5, 2)
+    weight = torch.arange(6 * 10, dtype=torch.float32).reshape(6, 10)
+    legs = weight_to_legs(weight, out_dims, in_dims)
+    # row r = 3*o1 + o2, col c = 2*i1 + i2; leg 1 = (o1, i1), leg 2 = (o2, i2)
+    o1, o2, i1, i2 = 1, 2, 4, 1
+    assert legs[o1 * 5 + i1, o2 * 2 + i2] == weight[3 * o1 + o2, 2 * i1 + i2]
