@@ -202,3 +202,17 @@ def test_report_of_a_plain_folder(tmp_path):
     folder = tmp_path / "plain"
     folder.mkdir()
     _fails(["report", folder], "report.json", tmp_path)
+
+
+def test_per_layer_ratios(checkpoint, tmp_path):
+    out = tmp_path / "o"
+    result = adntn("compress", checkpoint, "--layers", "fc6,fc7", "--ratio", "fc6=20,classifier.3=200",
+                   "--steps", "1", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    fc6, fc7 = json.loads(result.stdout)["layers"]
+    assert 20 <= fc6["ratio"] < 200 <= fc7["ratio"]
+
+
+def test_per_layer_ratio_must_name_every_layer(checkpoint, tmp_path):
+    _fails(["compress", checkpoint, "--layers", "fc6,fc7", "--ratio", "fc6=20", "--out", tmp_path / "o"],
+           "no ratio for fc7", tmp_path)

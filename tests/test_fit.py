@@ -63,3 +63,16 @@ def test_fit_is_reproducible_with_the_same_seed():
         fit(net, WeightObjective(weight, net), steps=20, lr=1e-2)
         outputs.append(net())
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_covariance_form_equals_the_direct_activation_loss_when_rank_covers_the_data():
+    torch.manual_seed(0)
+    weight = torch.randn(24, 32)
+    inputs = torch.randn(200, 6) @ torch.randn(6, 32)  # data of rank 6
+    spec = spec_for_bond_dim("ttn", (24, 32), 2, "tanh")
+    net = TTN(spec)
+    exact = ActivationObjective(weight, inputs)
+    reduced = ActivationObjective(weight, inputs, max_rank=8)
+    assert reduced.inputs.shape == (8, 32) and reduced.energy > 0.999999
+    with torch.no_grad():
+        assert abs(float(exact(net)) - float(reduced(net))) < 1e-4 * float(exact(net))

@@ -117,8 +117,9 @@ def compress(
     layers: Annotated[str, typer.Option("--layers", "-l",
                                         help="Comma-separated layers: aliases (fc6, conv3_1) or modules (classifier.3).")],
     arch: Annotated[str, typer.Option(help="Generator: ttn, attn, mera; baselines: tt, svd.")] = "ttn",
-    ratio: Annotated[Optional[float], typer.Option(
-        help="Per-layer compression ratio dense/core params (default 2000 unless --bond-dim).")] = None,
+    ratio: Annotated[Optional[str], typer.Option(
+        help="Per-layer compression ratio dense/core params, e.g. 2000, or per layer: fc6=20000,fc7=80000 "
+             "(default 2000 unless --bond-dim).")] = None,
     bond_dim: Annotated[Optional[int], typer.Option("--bond-dim", help="Uniform bond dimension instead of --ratio.")] = None,
     activation: Annotated[str, typer.Option(help="Nonlinearity between levels: tanh, gelu, relu, none.")] = "tanh",
     steps: Annotated[int, typer.Option(help="Adam steps of the weight-space fit per layer.")] = 200,
@@ -143,14 +144,15 @@ def compress(
     as_json: JsonOption = False,
 ) -> None:
     """Replace each chosen layer's weight by a small tensor-network generator."""
-    from .compress import FitSettings, compress_checkpoint
+    from .compress import FitSettings, compress_checkpoint, parse_ratio
     from .progress import RichProgress
     from .report import render
     from .task import TaskSettings
 
     names = _names(layers)
-    settings = FitSettings(arch=arch, ratio=ratio, bond_dim=bond_dim, activation=activation,
-                           steps=steps, lr=lr, seed=seed)
+    common_ratio, layer_ratios = parse_ratio(ratio) if ratio is not None else (None, {})
+    settings = FitSettings(arch=arch, ratio=common_ratio, layer_ratios=layer_ratios, bond_dim=bond_dim,
+                           activation=activation, steps=steps, lr=lr, seed=seed)
     task = None
     if data is not None:
         task = TaskSettings(data=data, config=config, epochs=epochs, lr=finetune_lr, batch_size=batch_size,

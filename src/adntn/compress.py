@@ -42,6 +42,7 @@ class FitSettings:
     arch: str = "ttn"
     ratio: float | None = None
     bond_dim: int | None = None
+    layer_ratios: dict[str, float] = field(default_factory=dict)
     activation: str = "tanh"
     steps: int = 200
     lr: float = 1e-2
@@ -50,9 +51,9 @@ class FitSettings:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise AdntnError(f"Unknown arch '{self.arch}'; choose one of {', '.join(ARCHS)}.")
-        if self.ratio is not None and self.bond_dim is not None:
+        if (self.ratio is not None or self.layer_ratios) and self.bond_dim is not None:
             raise AdntnError("Give either --ratio or --bond-dim, not both.")
-        if self.ratio is None and self.bond_dim is None:
+        if self.ratio is None and self.bond_dim is None and not self.layer_ratios:
             self.ratio = DEFAULT_RATIO
         if self.steps < 0:
             raise AdntnError(f"--steps must be 0 or more, not {self.steps}.")
@@ -76,11 +77,26 @@ def load_checkpoint(path: Path, *, model: str | None = None, allow_pickle: bool 
     return LoadedCheckpoint(Path(path), state, metadata, info, file_sha256(Path(path)))
 
 
+def parse_ratio(text: str) -> tuple[float | None, dict[str, float]]:
+    """``--ratio``: one number for every layer, or ``fc6=20000,fc7=80000`` per layer."""
+    try:
+        if "=" not in text:
+            return float(text), {}
+        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+        return None, {name.strip(): float(value) for name, value in pairs}
+    except ValueError:
+        raise AdntnError(f"--ratio takes a number or LAYER=NUMBER pairs separated by commas, not '{text}'.") from None
+
+
 def choose_spec(settings: FitSettings, layer: LayerInfo):
     label = layer.alias or layer.module
     if settings.bond_dim is not None:
         return spec_for_bond_dim(settings.arch, layer.weight_shape, settings.bond_dim, settings.activation)
-    return spec_for_ratio(settings.arch, layer.weight_shape, settings.ratio, settings.activation, label=label)
+    ratio = next((settings.layer_ratios[name] for name in (layer.alias, layer.module)
+                  if name in settings.layer_ratios), settings.ratio)
+    if ratio is None:
+        raise AdntnError(f"--ratio gives no ratio for {label}; name every compressed layer.")
+    return spec_for_ratio(settings.arch, layer.weight_shape, ratio, settings.activation, label=label)
 
 
 def fit_weight_space(weight: torch.Tensor, layer: LayerInfo, settings: FitSettings,

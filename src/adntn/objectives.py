@@ -42,14 +42,30 @@ class ActivationObjective:
 
     f is the layer without its bias: X W^T for a linear layer (X of shape (n, in)), conv2d for a
     convolution (X of shape (n, C, H, W)). Only the directions the data visits are fitted.
+
+    For a linear layer with ``max_rank``, the loss uses the input covariance instead of X:
+    ||X D^T||^2 = tr(D C D^T) with C = X^T X ~ V_k S_k V_k^T (top ``max_rank`` eigenpairs), so a
+    step costs out*in*k flops instead of n*out*in; ``energy`` is the share of tr(C) kept.
     """
 
-    def __init__(self, weight: torch.Tensor, inputs: torch.Tensor,
-                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0)) -> None:
-        self.inputs = inputs.detach().float()
+    def __init__(self, weight: torch.Tensor, inputs: torch.Tensor, stride: tuple[int, int] = (1, 1),
+                 padding: tuple[int, int] = (0, 0), max_rank: int | None = None) -> None:
         self.stride, self.padding = stride, padding
+        self.energy = 1.0
+        inputs = inputs.detach().float()
+        weight = weight.detach().float()
+        if weight.dim() == 2 and max_rank is not None and max_rank < min(inputs.shape):
+            covariance = (inputs.T @ inputs).double()
+            values, vectors = torch.linalg.eigh(covariance)
+            values = values.clamp_min(0)
+            top_values, top_vectors = values[-max_rank:], vectors[:, -max_rank:]
+            self.energy = float(top_values.sum() / values.sum().clamp_min(1e-300))
+            # rows of X replaced by the k rows S_k^{1/2} V_k^T: same loss on the kept subspace
+            self.inputs = (top_vectors * top_values.sqrt()).T.float().contiguous()
+        else:
+            self.inputs = inputs
         with torch.no_grad():
-            self.target = self._apply(weight.detach().float())
+            self.target = self._apply(weight)
         self.norm_sq = self.target.pow(2).sum().clamp_min(1e-30)
 
     def _apply(self, weight: torch.Tensor) -> torch.Tensor:

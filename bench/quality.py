@@ -1,0 +1,189 @@
+"""make bench-quality: fc6+fc7 of the CIFAR-10 VGG-16-BN compressed by every arch at several ratios.
+
+Needs the project's shared data beside the checkout (or --shared DIR):
+    shared/models/vgg16_bn_cifar10.safetensors   the reference model (test top-1 0.878)
+    shared/data/cifar10-jpg.tar.gz               CIFAR-10 as JPEG ImageFolder (train/, test/)
+Each row runs the whole pipeline (weight-space fit, activation-space fit, CE+KD fine-tuning on
+train/, top-1 on the 10,000 test images) through the library, exactly as `adntn compress --data`
+does. The convolutional features are computed once and cached in --work. Rows are appended to
+the JSON and Markdown results as they finish, so a partial run keeps what it measured.
+
+    python bench/quality.py --out bench/results/quality.json [--rows ttn-2000,...] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+from adntn.budget import spec_for_ratio
+from adntn.compress import FitSettings, compress_checkpoint
+from adntn.errors import AdntnError
+from adntn.progress import RichProgress
+from adntn.task import TaskSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = {"fc6": (4096, 512), "fc7": (4096, 4096)}
+ARCHS = ("ttn", "attn", "mera", "tt", "svd")
+RATIOS = (2000, 10000, 50000)
+PRIORITY = ("ttn-10000", "tt-10000", "ttn-total424", "ttn-2000", "mera-10000", "attn-10000", "ttn-50000",
+            "tt-50000", "ttn-total200", "tt-2000", "mera-2000", "attn-2000")  # run order: a partial run keeps these
+CAPPED_SHARE = 0.5  # a layer that cannot reach the ratio is run at its smallest if within this share
+
+
+def smallest_ratio(arch: str, shape: tuple[int, int]) -> float:
+    """The largest ratio any spec of ``arch`` reaches on ``shape``."""
+    try:
+        spec_for_ratio(arch, shape, 1e12, "tanh")
+    except AdntnError as error:
+        return float(str(error).rsplit("(", 1)[1].split("x")[0].replace(",", ""))
+    raise AssertionError("no generator reaches 1e12x")
+
+
+def plan_rows() -> list[dict]:
+    """Rows: every arch at every ratio (capped per layer where the structure stops short) and the
+    smallest TTN budgets (the ADTN mark: 424 parameters for fc6+fc7 together)."""
+    rows = []
+    for arch in ARCHS:
+        for ratio in RATIOS:
+            layer_ratios, notes = {}, []
+            for name, shape in LAYERS.items():
+                top = smallest_ratio(arch, shape)
+                if top >= ratio:
+                    layer_ratios[name] = ratio
+                elif top >= CAPPED_SHARE * ratio:
+                    layer_ratios[name] = math.floor(top)
+                    notes.append(f"{name} at its smallest generator ({top:,.0f}x)")
+                else:
+                    notes.append(f"{name} cannot reach {ratio:,}x (smallest generator: {top:,.0f}x)")
+                    layer_ratios = None
+                    break
+            rows.append({"id": f"{arch}-{ratio}", "arch": arch, "ratio": ratio, "layer_ratios": layer_ratios,
+                         "notes": notes})
+    fc6_min = math.floor(smallest_ratio("ttn", LAYERS["fc6"]))
+    for total in (424, 200):
+        fc6_params = math.prod(LAYERS["fc6"]) / fc6_min
+        fc7_ratio = math.ceil(math.prod(LAYERS["fc7"]) / (total - math.ceil(fc6_params)))
+        rows.append({"id": f"ttn-total{total}", "arch": "ttn", "ratio": None,
+                     "layer_ratios": {"fc6": fc6_min, "fc7": fc7_ratio},
+                     "notes": [f"smallest budget: at most {total} parameters for fc6+fc7"]})
+    order = {row_id: index for index, row_id in enumerate(PRIORITY)}
+    return sorted(rows, key=lambda row: order.get(row["id"], len(order)))
+
+
+def prepare_data(shared: Path, work: Path) -> tuple[Path, Path]:
+    model = shared / "models" / "vgg16_bn_cifar10.safetensors"
+    archive = shared / "data" / "cifar10-jpg.tar.gz"
+    if not model.is_file() or not archive.is_file():
+        sys.exit(f"bench-quality needs {model} and {archive}: put the project's shared/ folder beside the "
+                 "checkout (../shared) or pass --shared DIR. Nothing was measured.")
+    data = work / "cifar10"
+    if not (data / "test").is_dir():
+        work.mkdir(parents=True, exist_ok=True)
+        staging = work / "cifar10.partial"
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging, filter="data")
+        inner = next(p for p in [staging, *staging.iterdir()] if (p / "train").is_dir())
+        inner.rename(data)
+    return model, data
+
+
+def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
+    settings = FitSettings(arch=row["arch"], layer_ratios=row["layer_ratios"], steps=args.steps, lr=args.lr,
+                           seed=args.seed, activation=args.activation)
+    task = TaskSettings(data=data, epochs=args.epochs, lr=args.finetune_lr, batch_size=args.batch_size,
+                        cache_dir=work / "features")
+    (work / "out").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with RichProgress() as progress:
+        report = compress_checkpoint(model, list(LAYERS), settings, work / "out" / f"{row['id']}.adntn",
+                                     force=True, task=task, progress=progress)
+    layers = {layer["alias"]: layer for layer in report["layers"]}
+    return {
+        **row,
+        "core_params": {name: layers[name]["core_params"] for name in LAYERS},
+        "core_params_total": sum(layers[name]["core_params"] for name in LAYERS),
+        "layer_ratio": {name: round(layers[name]["ratio"], 1) for name in LAYERS},
+        "bond_dims": {name: layers[name]["bond_dims"] for name in LAYERS},
+        "weight_rel_error": {name: round(layers[name]["weight_rel_error"], 4) for name in LAYERS},
+        "activation_rel_error": {name: round(layers[name]["activation_rel_error"], 4) for name in LAYERS},
+        "top1": report["accuracy"]["compressed"]["top1"],
+        "dense_top1": report["accuracy"]["dense"]["top1"],
+        "test_images": report["accuracy"]["images"],
+        "train_images": report["training"]["train_images"],
+        "epochs": args.epochs,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "# bench-quality: VGG-16-BN on CIFAR-10, fc6 (4096x512) + fc7 (4096x4096) compressed together",
+        "",
+        f"{results['settings']}",
+        "",
+        "| row | arch | fc6 core params (ratio) | fc7 core params (ratio) | total | test top-1 | dense top-1 | Δ points | wall s | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        if "top1" not in row:
+            lines.append(f"| {row['id']} | {row['arch']} | - | - | - | - | - | - | - | {'; '.join(row['notes']) or row.get('error', '')} |")
+            continue
+        delta = 100 * (row["top1"] - row["dense_top1"])
+        lines.append(
+            f"| {row['id']} | {row['arch']} | {row['core_params']['fc6']:,} ({row['layer_ratio']['fc6']:,.0f}x) | "
+            f"{row['core_params']['fc7']:,} ({row['layer_ratio']['fc7']:,.0f}x) | {row['core_params_total']:,} | "
+            f"{row['top1']:.4f} | {row['dense_top1']:.4f} | {delta:+.2f} | {row['seconds']:,.0f} | {'; '.join(row['notes'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json")
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/adntn-bench-quality"))
+    parser.add_argument("--rows", default="", help="comma-separated row ids (default: all)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--finetune-lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--activation", default="tanh")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    model, data = prepare_data(args.shared, args.work)
+    wanted = {r for r in args.rows.split(",") if r}
+    rows = [row for row in plan_rows() if not wanted or row["id"] in wanted]
+    results = {
+        "settings": (f"{args.epochs} epochs CE+KD (finetune lr {args.finetune_lr}, batch {args.batch_size}) after "
+                     f"{args.steps} weight-space + {args.steps} activation-space Adam steps (lr {args.lr}); "
+                     f"activation {args.activation}; seed {args.seed}; torch {torch.__version__}, "
+                     f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"),
+        "rows": [],
+    }
+    for row in rows:
+        if row["layer_ratios"] is None:
+            results["rows"].append(row)
+        else:
+            try:
+                results["rows"].append(run_row(row, model, data, args.work, args))
+            except AdntnError as error:
+                results["rows"].append({**row, "error": str(error)})
+        print(f"{row['id']}: {json.dumps(results['rows'][-1].get('top1'))}", file=sys.stderr)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
