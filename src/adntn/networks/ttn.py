@@ -12,7 +12,7 @@ sigma_h is a gain-normalised activation shared by the nodes of height h (see ``b
 leaf-to-root hierarchical SVD.
 
 ``forward`` never builds the leg tensor: it regroups the two small root messages instead, so that
-the final batched GEMM writes the (rows, cols) weight matrix directly (see ``halves_to_matrix``).
+the final batched GEMM writes the (rows, cols) weight matrix directly (see ``halves_product``).
 """
 
 from __future__ import annotations
@@ -58,23 +58,24 @@ def digits_first(tensor: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple
     return split.reshape(math.prod(out_dims), math.prod(in_dims), *rest)
 
 
-def halves_to_matrix(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec, m: int) -> torch.Tensor:
-    """The padded (rows, cols) weight matrix whose leg form is sum_b left[P, b] right[Q, b].
+def halves_product(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec, m: int) -> torch.Tensor:
+    """The weight whose leg form is sum_b left[P, b] right[Q, b], as W[x, y, i, j]: row-major, so
+    a view of the padded (rows, cols) matrix.
 
     left (P, chi) has rows over legs 1..m, (o_1, i_1, ..., o_m, i_m) row-major; right (Q, chi) over
     legs m+1..K. Regrouped (small copies) as left (x, i, chi), x = (o_1..o_m), i = (i_1..i_m), and
-    right (y, j, chi), the batched GEMM W[x, y, i, j] = sum_b left[x, i, b] right[y, j, b] is already
-    the row-major matrix: no N-sized permutation (broadcasting copies N*chi/j + N*chi/i values).
+    right (y, j, chi), the batched GEMM W[x, y, i, j] = sum_b left[x, i, b] right[y, j, b] writes
+    the matrix directly: no N-sized permutation (broadcasting copies N*chi/j + N*chi/i values).
     """
     left = digits_first(left, spec.out_dims[:m], spec.in_dims[:m])
     right = digits_first(right, spec.out_dims[m:], spec.in_dims[m:])
-    return torch.matmul(left.unsqueeze(1), right.transpose(1, 2).unsqueeze(0)).reshape(spec.rows, spec.cols)
+    return torch.matmul(left.unsqueeze(1), right.transpose(1, 2).unsqueeze(0))
 
 
 def crop_matrix(matrix: torch.Tensor, spec: GeneratorSpec) -> torch.Tensor:
-    """The weight of ``spec.shape`` from the padded (rows, cols) matrix."""
+    """The weight of ``spec.shape`` from the padded matrix (any shape that reshapes to (rows, cols))."""
     out, cols = spec.matrix_shape
-    return matrix[:out, :cols].reshape(spec.shape).contiguous()
+    return matrix.reshape(spec.rows, spec.cols)[:out, :cols].reshape(spec.shape).contiguous()
 
 
 def _top_singular_vectors(state: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
@@ -155,7 +156,7 @@ class TTN(Generator):
 
     def forward(self) -> torch.Tensor:
         left, right = self.top_messages()
-        return crop_matrix(halves_to_matrix(left @ self.root, right, self.spec, self.spec.n_legs // 2), self.spec)
+        return crop_matrix(halves_product(left @ self.root, right, self.spec, self.spec.n_legs // 2), self.spec)
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||Y - L R R'^T||^2 = ||Y||^2 - 2<L^T Y R', R> + <L^T L R R'^T R', R>, no N-sized tensor."""

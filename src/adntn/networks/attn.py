@@ -1,0 +1,187 @@
+"""Augmented TTN (aTTN): a TTN followed by one layer of disentanglers on the physical legs.
+
+    legs = U_1 U_3 ... U_K-3 TTN.legs(),   U_k = I + P_k Q_k^T on the joint leg (k, k+1)
+
+The pairs (k, k+1), k = 1, 3, ..., K-3, are the neighbouring legs that straddle a boundary between
+two subtrees, the places a tree correlates worst (K/2 - 1 disentanglers, none for K = 2). Each U_k
+is linear and acts on the rows of one root message, except the middle one (k = K/2 - 1), which
+straddles the root split. So the others are applied to the small messages L = U_left (M_l R) and
+M = U_right M_r (P*chi*rank flops each), and only the middle one meets the N-sized tensor:
+
+    legs[x, (u, v), y] = sum_b L[x, u, b] M[v, y, b] + sum_r P[(u, v), r] C[x, r, y]
+    C[x, r, y]         = sum_uvb Q[(u, v), r] L[x, u, b] M[v, y, b]          (from the messages)
+
+The correction is accumulated in place into the GEMM's output, so generating the legs writes one
+N-sized tensor, like the TTN, and ``squared_distance`` needs none. ``forward`` writes the weight
+matrix directly the same way: the TTN's regrouped GEMM (``ttn.halves_product``), then, for each
+rank r, P[:, r] (x) C[:, r, :] added in place as a broadcast product over the weight's row and
+column digits (``_AddMiddle``; no N-sized permutation). ``from_weight`` is the TTN's hierarchical
+SVD with every U_k = I (P = 0), so its initial error equals the TTN's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from ..spec import GeneratorSpec
+from .base import Disentangler, Generator, contraction
+from .ttn import TTN, crop_matrix, digits_first, halves_product
+
+
+def boundary_pairs(n_legs: int) -> range:
+    """First legs k of the pairs (k, k+1) that straddle two subtrees: 1, 3, ..., n_legs - 3."""
+    return range(1, n_legs - 2, 2)
+
+
+def low_rank_update(view: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(I + P W) applied to the middle axis of ``view`` (pre, D, post); P (D, r), W (r, D).
+
+    Two batched GEMMs on the view as it lies (no permutation; the small factors are broadcast).
+    """
+    pre = view.shape[0]
+    coeff = torch.bmm(w.expand(pre, -1, -1), view)
+    return torch.baddbmm(view, p.expand(pre, -1, -1), coeff)
+
+
+def mix_pair(mixer: Disentangler, state: torch.Tensor, dims: tuple[int, ...], k: int) -> torch.Tensor:
+    """``mixer`` (x -> x + P Q^T x) on legs (k, k+1) of ``state``, whose leading axes are legs
+    ``dims``."""
+    view = state.reshape(math.prod(dims[:k]), dims[k] * dims[k + 1], -1)
+    return low_rank_update(view, mixer.p, mixer.q.T).reshape(state.shape)
+
+
+class _AddMiddle(torch.autograd.Function):
+    """W += sum_r p[r, a, b] c[r, x, y, i, j] in place, W viewed as (x, a, y, i, b, j).
+
+    With W the weight matrix, a = (o_u, o_v) and b = (i_u, i_v) are the row and column digits of the
+    middle pair and x, y, i, j the others. The backward passes the gradient G on untouched and
+    contracts it with c and with p by batched GEMMs on its own layout: autograd's broadcast
+    backward would multiply then reduce (about twice as slow) and clone G for the in-place update.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(p, c)
+        ctx.mark_dirty(weight)
+        _, a, b = p.shape
+        _, x, y, i, j = c.shape
+        grid = weight.view(x, a, y, i, b, j)
+        for p_r, c_r in zip(p, c):
+            grid.addcmul_(p_r.reshape(1, a, 1, 1, b, 1), c_r.reshape(x, 1, y, i, 1, j))
+        return weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p, c = ctx.saved_tensors
+        _, a, b = p.shape
+        _, x, y, i, j = c.shape
+        grid = grad.reshape(x, a, y * i, b, j)
+        grad_p = torch.stack([torch.matmul(grid, c_r.reshape(x, 1, y * i, j, 1)).sum((0, 2)).reshape(a, b)
+                              for c_r in c])
+        grad_c = torch.stack([torch.matmul(p_r.reshape(1, a, 1, 1, b), grid).sum(1).reshape(x, y, i, j)
+                              for p_r in p])
+        return grad, grad_p, grad_c
+
+
+class ATTN(Generator):
+    arch = "attn"
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        self.tree = TTN(replace(spec, arch="ttn", mix_rank=0))
+        dims = spec.leg_dims
+        self.mixers = nn.ModuleList(
+            Disentangler(dims[k] * dims[k + 1], spec.mix_rank) for k in boundary_pairs(len(dims))
+        )
+
+    @classmethod
+    def param_count(cls, spec: GeneratorSpec) -> int:
+        dims = spec.leg_dims
+        mixers = sum(Disentangler.param_count(dims[k] * dims[k + 1], spec.mix_rank)
+                     for k in boundary_pairs(len(dims)))
+        return TTN.param_count(spec) + mixers
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> ATTN:
+        """The TTN's hierarchical SVD (and gain calibration); disentanglers at the identity."""
+        net = cls(spec)
+        net.tree = TTN.from_weight(net.tree.spec, weight)
+        return net
+
+    def _messages(self) -> tuple[torch.Tensor, torch.Tensor, Disentangler | None]:
+        """L (P_left, chi) and M (P_right, chi) with the off-middle disentanglers applied, and the
+        middle disentangler (None when K = 2)."""
+        left, right = self.tree.top_messages()
+        left = left @ self.tree.root
+        dims, half = self.spec.leg_dims, self.spec.n_legs // 2
+        middle = None
+        for k, mixer in zip(boundary_pairs(len(dims)), self.mixers):
+            if k + 1 < half:
+                left = mix_pair(mixer, left, dims[:half], k)
+            elif k >= half:
+                right = mix_pair(mixer, right, dims[half:], k - half)
+            else:
+                middle = mixer
+        return left, right, middle
+
+    def _middle_shape(self) -> tuple[int, int, int]:
+        """(x, u*v, y): the leg tensor around the middle pair (u, v) = legs (K/2-1, K/2)."""
+        dims, half = self.spec.leg_dims, self.spec.n_legs // 2
+        return math.prod(dims[:half - 1]), dims[half - 1] * dims[half], math.prod(dims[half + 1:])
+
+    def _middle_coefficients(self, left: torch.Tensor, right: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """C[x, r, y] = sum_uvb factor[(u, v), r] L[x, u, b] M[v, y, b], factor (u*v, rank)."""
+        dims, half = self.spec.leg_dims, self.spec.n_legs // 2
+        u, v = dims[half - 1], dims[half]
+        left = left.reshape(-1, u, left.shape[1])
+        right = right.reshape(v, -1, right.shape[1])
+        factor = factor.reshape(u, v, -1)
+        expr = contraction("xub,vyb,uvr->xry", tuple(left.shape), tuple(right.shape), tuple(factor.shape))
+        return expr(left, right, factor)
+
+    def legs(self) -> torch.Tensor:
+        left, right, middle = self._messages()
+        # a row-major right operand: for a column-major one, mm's backward reads the N-sized
+        # gradient transposed, several times slower
+        legs = left @ right.T.contiguous()
+        if middle is not None:
+            x, joint, _ = self._middle_shape()
+            coeff = self._middle_coefficients(left, right, middle.q)
+            legs.view(x, joint, -1).baddbmm_(middle.p.expand(x, -1, -1), coeff)
+        return legs.reshape(self.spec.leg_dims)
+
+    def forward(self) -> torch.Tensor:
+        left, right, middle = self._messages()
+        half = self.spec.n_legs // 2
+        product = halves_product(left, right, self.spec, half)
+        if middle is not None:
+            coeff = self._middle_coefficients(left, right, middle.q)
+            out, inp = self.spec.out_dims, self.spec.in_dims
+            p = middle.p.reshape(out[half - 1], inp[half - 1], out[half], inp[half], -1).permute(4, 0, 2, 1, 3)
+            c = digits_first(coeff, out[:half - 1], inp[:half - 1])  # (ox, ix, r, y)
+            c = digits_first(c.permute(3, 0, 1, 2), out[half + 1:], inp[half + 1:])  # (oy, iy, ox, ix, r)
+            product = _AddMiddle.apply(product, p.flatten(1, 2).flatten(2, 3), c.permute(4, 2, 0, 3, 1))
+        return crop_matrix(product, self.spec)
+
+    def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
+        """||Y - T - E||^2 with T = L M^T and E = P C, from the messages and one pass over Y:
+        ||Y||^2 - 2<Y, T> - 2<P^T Y, C> + ||T||^2 + 2<C_P, C> + <P^T P, C C^T>,
+        C_P being C with P in place of Q (so <T, E> = <C_P, C>)."""
+        left, right, middle = self._messages()
+        target = target_legs.reshape(left.shape[0], right.shape[0])
+        cross = ((left.T @ target) * right.T).sum()
+        gram = ((left.T @ left) * (right.T @ right)).sum()
+        if middle is not None:
+            x, joint, y = self._middle_shape()
+            coeff = self._middle_coefficients(left, right, middle.q)
+            along_p = self._middle_coefficients(left, right, middle.p)
+            target_p = torch.bmm(middle.p.T.expand(x, -1, -1), target.reshape(x, joint, y))
+            cross = cross + (target_p * coeff).sum()
+            coeff_gram = torch.einsum("xry,xsy->rs", coeff, coeff)
+            gram = gram + 2 * (along_p * coeff).sum() + ((middle.p.T @ middle.p) * coeff_gram).sum()
+        return target_norm_sq - 2 * cross + gram

@@ -1,0 +1,198 @@
+"""Nonlinear MERA generator: top-down fine-graining with disentanglers at every level.
+
+Same tree and bonds as the TTN (``tree_bonds``), read top-down: root R (b_l, b_r), node cores
+B_(h,j) (a, b, c) as maps c -> (a, b), leaves A_k (d_k, b) (identity when b = d_k). The state S
+starts as R (two legs) and is fine-grained layer by layer, h = L-1 .. 1:
+
+    S <- S x_j B_(h,j)          every leg c_j of the layer becomes its two children legs (a_j, b_j)
+    S <- prod_j U_(h,j) S       U = I + P Q^T on the legs (2j+1, 2j+2): neighbours, different parents
+    S <- sigma_h(S)             gain-normalised (see ``base``), one per layer
+
+and finally legs = prod_k U_(0,k) (S x_k A_k), the physical disentanglers acting on the pairs
+(k, k+1), k = 1, 3, ..., K-3, that straddle level-1 nodes (as in the aTTN). That last layer is
+linear, so each physical disentangler is folded into its two leaves: the state is contracted with
+one small matrix per group of legs, A_0, (I + P Q^T)(A_1 (x) A_2), ..., A_K-1.
+
+Each layer's isometries, and the last layer's groups, are applied as a Kronecker matrix-vector
+product (``_kron_apply``): one GEMM per factor that reads the state as a (transposed) matrix and
+rotates the new axis to the other end, so the state is never permuted; going first-to-last or
+last-to-first, whichever needs fewer flops. The result (N entries) is the only N-sized tensor when
+the bonds are smaller than the legs; the one before it is d/b times smaller. Disentanglers are
+two batched GEMMs on the state as it lies (``attn.low_rank_update``).
+
+With ``activation='none'`` and the disentanglers at the identity (P = 0, their initialisation)
+this is the linear TTN of the same cores, so ``from_weight`` uses the TTN's hierarchical SVD.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from ..spec import GeneratorSpec
+from .attn import boundary_pairs, low_rank_update, mix_pair
+from .base import Disentangler, Generator, activation_sites
+from .ttn import TTN, tree_bonds
+
+
+Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int]) -> torch.Tensor:
+    """Contract axis g of ``state`` (legs ``in_dims``) with factors[g]: a matrix (e_g, c_g), a pair
+    (P, W) meaning I + P W (P (c_g, r), W (r, c_g)), or None for the identity. Returns the
+    flattened (e_1, ..., e_n) tensor.
+
+    The factors act on different axes, so they commute: the low-rank ones are applied first, in
+    place along their axes (``low_rank_update``). The matrices follow as a chain of GEMMs: first to
+    last, each step views the state as (c_g, rest) and writes rest x e_g = (state^T) factor^T,
+    moving the new axis last; last to first, it views it as (rest, c_g) and writes factor state^T,
+    moving it first. After n steps the axes are back in order (an identity axis only rotates).
+    """
+    for g, factor in enumerate(factors):
+        if isinstance(factor, tuple):
+            view = state.reshape(math.prod(in_dims[:g]), in_dims[g], -1)
+            state = low_rank_update(view, *factor)
+    matrices = [f if isinstance(f, torch.Tensor) else None for f in factors]
+    if all(m is None for m in matrices):
+        return state.reshape(-1)
+    sizes = [c if m is None else m.shape[0] for m, c in zip(matrices, in_dims)]
+
+    def flops(order: list[int]) -> int:
+        size, total = math.prod(in_dims), 0
+        for g in order:
+            size = size // in_dims[g] * sizes[g]
+            total += size * (1 if matrices[g] is None else in_dims[g])
+        return total
+
+    first_to_last = list(range(len(factors)))
+    last_to_first = first_to_last[::-1]
+    forward = flops(first_to_last) <= flops(last_to_first)
+    for g in first_to_last if forward else last_to_first:
+        matrix = state.reshape(in_dims[g], -1).T if forward else state.reshape(-1, in_dims[g]).T
+        if matrices[g] is None:
+            state = matrix
+        else:
+            state = matrix @ matrices[g].T if forward else matrices[g] @ matrix
+    return state.reshape(-1)
+
+
+class MERA(Generator):
+    arch = "mera"
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        self.bonds = tree_bonds(spec)
+        self.levels = len(self.bonds)
+        dims = spec.leg_dims
+        self.leaves = nn.ParameterList(
+            nn.Parameter(torch.randn(d, b) / math.sqrt(d)) for d, b in zip(dims, self.bonds[0]) if b < d
+        )
+        self.leaf_is_identity = [b == d for d, b in zip(dims, self.bonds[0])]
+        self.nodes = nn.ParameterList()
+        for h in range(1, self.levels):
+            for j, c in enumerate(self.bonds[h]):
+                a, b = self.bonds[h - 1][2 * j], self.bonds[h - 1][2 * j + 1]
+                self.nodes.append(nn.Parameter(torch.randn(a, b, c) / math.sqrt(a * b)))
+        a, b = self.bonds[-1]
+        self.root = nn.Parameter(torch.randn(a, b) / math.sqrt(a * b))
+        self.mixers = nn.ModuleList(
+            nn.ModuleList(Disentangler(legs[k] * legs[k + 1], spec.mix_rank) for k in boundary_pairs(len(legs)))
+            for legs in self._level_legs(spec)
+        )
+        self.activations = activation_sites(spec, self.levels - 1)
+
+    @staticmethod
+    def _level_legs(spec: GeneratorSpec) -> list[tuple[int, ...]]:
+        """The legs the disentanglers of level h act on: physical (h = 0), else bonds[h-1]."""
+        bonds = tree_bonds(spec)
+        return [spec.leg_dims] + [tuple(bonds[h - 1]) for h in range(1, len(bonds))]
+
+    @classmethod
+    def param_count(cls, spec: GeneratorSpec) -> int:
+        mixers = sum(Disentangler.param_count(legs[k] * legs[k + 1], spec.mix_rank)
+                     for legs in cls._level_legs(spec) for k in boundary_pairs(len(legs)))
+        return TTN.param_count(spec) + mixers
+
+    def _leaf_groups(self) -> tuple[list[Factor], list[int]]:
+        """The last layer's factors (leaves with the physical disentanglers folded in) and their
+        input dims: A_0, (I + P Q^T)(A_k (x) A_k+1) for the pairs, A_K-1 (None: identity). A pair
+        of identity leaves stays I + P Q^T, (P, Q^T): a dense (d d') x (d d') matrix would cost
+        d d' flops per entry instead of 2 rank."""
+        stored = iter(self.leaves)
+        leaves = [None if identity else next(stored) for identity in self.leaf_is_identity]
+        dims, bonds = self.spec.leg_dims, self.bonds[0]
+        factors: list[Factor] = []
+        in_dims, k = [], 0
+        pairs = iter(zip(boundary_pairs(len(dims)), self.mixers[0]))
+        pair = next(pairs, None)
+        while k < len(dims):
+            if pair is not None and pair[0] == k:
+                mixer = pair[1]
+                if leaves[k] is None and leaves[k + 1] is None:
+                    factors.append((mixer.p, mixer.q.T))
+                else:
+                    a, b = (torch.eye(dims[i], dtype=self.root.dtype, device=self.root.device)
+                            if leaves[i] is None else leaves[i] for i in (k, k + 1))
+                    joint = torch.kron(a, b)
+                    factors.append(joint + mixer.p @ (mixer.q.T @ joint))
+                in_dims.append(bonds[k] * bonds[k + 1])
+                pair, k = next(pairs, None), k + 2
+            else:
+                factors.append(leaves[k])
+                in_dims.append(bonds[k])
+                k += 1
+        return factors, in_dims
+
+    def _state(self, capture: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The state above the leaves, shape bonds[0]; ``capture`` collects each layer's
+        pre-activations, top layer first (used to calibrate the gains)."""
+        state = self.root
+        nodes, first = list(self.nodes), len(self.nodes)
+        for h in range(self.levels - 1, 0, -1):
+            first -= len(self.bonds[h])
+            cores = nodes[first:first + len(self.bonds[h])]
+            state = _kron_apply(state, [core.reshape(-1, core.shape[2]) for core in cores], self.bonds[h])
+            legs = tuple(self.bonds[h - 1])
+            state = state.reshape(legs)
+            for k, mixer in zip(boundary_pairs(len(legs)), self.mixers[h]):
+                state = mix_pair(mixer, state, legs, k)
+            if capture is not None:
+                capture.append(state.reshape(-1))
+            if len(self.activations):
+                state = self.activations[h - 1](state)
+        return state
+
+    def legs(self) -> torch.Tensor:
+        factors, in_dims = self._leaf_groups()
+        return _kron_apply(self._state(), factors, in_dims).reshape(self.spec.leg_dims)
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> MERA:
+        """Cores of the linear TTN's hierarchical SVD, disentanglers at the identity, and each gain
+        set so that the layer's largest pre-activation is INIT_PREACTIVATION.
+
+        The largest, not the rms as in the TTN: the top-down states of an HT-SVD are heavy-tailed
+        (the leading singular directions hold most of the energy, max/rms ~ 5-25), and an rms
+        calibration would saturate sigma on exactly those entries. So the network starts at the
+        linear fit; Adam then grows the gains where the nonlinearity helps."""
+        net = cls(spec)
+        tree = TTN.from_weight(replace(spec, arch="ttn", activation="none", mix_rank=0), weight)
+        for mine, fitted in zip(net.leaves, tree.leaves):
+            mine.copy_(fitted)
+        for mine, fitted in zip(net.nodes, tree.nodes):
+            mine.copy_(fitted)
+        net.root.copy_(tree.root)
+        if len(net.activations):
+            captured: list[torch.Tensor] = []
+            gained = net.activations
+            net.activations = nn.ModuleList()
+            net._state(capture=captured)
+            net.activations = gained
+            for h, z in zip(range(net.levels - 1, 0, -1), captured):
+                net.activations[h - 1].calibrate(z.abs().amax().reshape(1))
+        return net

@@ -1,0 +1,78 @@
+"""Truncated-SVD baseline: W ~ U V^T on the weight matrix (rows = out, cols = in*kh*kw).
+
+The spec has one leg per side, out_dims = (rows,), in_dims = (cols,), no padding, and
+bond_dims = (rank,); U (rows, r) and V (cols, r) hold the r = min(rank, rows, cols) leading singular
+triplets as U = U_r S^1/2, V = V_r S^1/2 after ``from_weight`` (the Eckart-Young optimum). Large
+matrices with a small rank use the randomised range finder (``torch.svd_lowrank``, a few power
+iterations) instead of a full SVD. ``legs`` is the matrix U V^T, and ``squared_distance`` never
+forms it: ||Y - U V^T||^2 = ||Y||^2 - 2 <U, Y V> + <U^T U, V^T V>.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import AdntnError
+from ..spec import GeneratorSpec
+from .base import Generator
+
+EXACT_SVD_MAX_SIDE = 1024  # a full float64 SVD when the smaller side is at most this
+LOWRANK_OVERSAMPLE = 10
+LOWRANK_POWER_ITERATIONS = 4
+
+
+def svd_rank(spec: GeneratorSpec) -> int:
+    """The rank actually used: bond_dims[0] capped by the matrix sides."""
+    if spec.n_legs != 1 or len(spec.bond_dims) != 1 or (spec.rows, spec.cols) != spec.matrix_shape:
+        raise AdntnError("An svd spec has out_dims=(rows,), in_dims=(cols,) of the weight matrix "
+                         "and bond_dims=(rank,).")
+    return min(spec.bond_dims[0], spec.rows, spec.cols)
+
+
+class SVD(Generator):
+    arch = "svd"
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        rank = svd_rank(spec)
+        self.u = nn.Parameter(torch.randn(spec.rows, rank) / math.sqrt(spec.rows))
+        self.v = nn.Parameter(torch.randn(spec.cols, rank) / math.sqrt(spec.cols * rank))
+
+    @classmethod
+    def param_count(cls, spec: GeneratorSpec) -> int:
+        return svd_rank(spec) * (spec.rows + spec.cols)
+
+    def legs(self) -> torch.Tensor:
+        """The (rows, cols) matrix U V^T."""
+        return self.u @ self.v.T
+
+    def forward(self) -> torch.Tensor:
+        return (self.u @ self.v.T).reshape(self.spec.shape)
+
+    def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
+        target = target_legs.reshape(self.spec.rows, self.spec.cols)
+        cross = (self.u * (target @ self.v)).sum()
+        gram = ((self.u.T @ self.u) * (self.v.T @ self.v)).sum()
+        return target_norm_sq - 2 * cross + gram
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> SVD:
+        net = cls(spec)
+        rank = net.u.shape[1]
+        matrix = weight.detach().reshape(spec.rows, spec.cols)
+        sketch = rank + LOWRANK_OVERSAMPLE
+        small = min(matrix.shape) <= EXACT_SVD_MAX_SIDE
+        if small or 2 * sketch > min(matrix.shape):
+            left, values, right_h = torch.linalg.svd(matrix.double() if small else matrix.float(),
+                                                     full_matrices=False)
+            right = right_h.T
+        else:
+            left, values, right = torch.svd_lowrank(matrix.float(), q=sketch, niter=LOWRANK_POWER_ITERATIONS)
+        scale = values[:rank].sqrt()
+        net.u.copy_(left[:, :rank] * scale)
+        net.v.copy_(right[:, :rank] * scale)
+        return net

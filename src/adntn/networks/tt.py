@@ -1,0 +1,95 @@
+"""Tensor-train (MPO / TT-matrix) baseline over the same physical legs as the trees.
+
+    legs[p_1, ..., p_K] = G_1[0, p_1, :] G_2[:, p_2, :] ... G_K[:, p_K, 0],   G_k (r_k-1, d_k, r_k)
+
+with r_0 = r_K = 1. Linear: the activation is ignored (``tt`` specs carry 'none'). Bond k takes
+bond_dims[k-1] capped by what its two sides can carry (``tt_ranks``). ``from_weight`` is the TT-SVD:
+left-to-right truncated SVDs of the unfoldings, each from the small Gram matrix of its rows.
+
+The chain is contracted from both ends up to the split bond m that costs least, and the two halves
+are joined by one GEMM of N*r_m flops, the only N-sized tensor; ``forward`` regroups the halves so
+that this GEMM writes the weight matrix directly (``ttn.halves_product``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import AdntnError
+from ..spec import GeneratorSpec
+from ..tensorize import weight_to_legs
+from .base import Generator
+from .ttn import _top_singular_vectors, crop_matrix, halves_product
+
+
+def tt_ranks(spec: GeneratorSpec) -> list[int]:
+    """r_0 .. r_K: r_k = bond_dims[k-1] capped by the legs on either side of bond k and by the
+    neighbouring ranks (r_k <= r_k-1 d_k and r_k <= d_k+1 r_k+1)."""
+    dims = spec.leg_dims
+    if len(spec.bond_dims) != len(dims) - 1:
+        raise AdntnError(f"A TT over {len(dims)} legs needs {len(dims) - 1} bond dimensions, "
+                         f"not {len(spec.bond_dims)}.")
+    ranks = [1] + [min(chi, math.prod(dims[:k]), math.prod(dims[k:]))
+                   for k, chi in enumerate(spec.bond_dims, start=1)] + [1]
+    for k in range(1, len(dims)):
+        ranks[k] = min(ranks[k], ranks[k - 1] * dims[k - 1])
+    for k in range(len(dims) - 1, 0, -1):
+        ranks[k] = min(ranks[k], ranks[k + 1] * dims[k])
+    return ranks
+
+
+class TT(Generator):
+    arch = "tt"
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        self.ranks = tt_ranks(spec)
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.randn(r, d, s) / math.sqrt(r * d))
+            for r, d, s in zip(self.ranks, spec.leg_dims, self.ranks[1:])
+        )
+        dims = spec.leg_dims
+        self.split = min(range(1, len(dims)), key=lambda m: (
+            self.ranks[m], abs(math.log(math.prod(dims[:m]) / math.prod(dims[m:])))))
+
+    @classmethod
+    def param_count(cls, spec: GeneratorSpec) -> int:
+        ranks = tt_ranks(spec)
+        return sum(r * d * s for r, d, s in zip(ranks, spec.leg_dims, ranks[1:]))
+
+    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left (d_1...d_m, r_m), rows row-major over legs 1..m, and right (r_m, d_m+1...d_K)."""
+        cores = list(self.cores)
+        left = cores[0].reshape(-1, self.ranks[1])
+        for core in cores[1:self.split]:
+            left = (left @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[2])
+        right = cores[-1].reshape(self.ranks[-2], -1)
+        for core in reversed(cores[self.split:-1]):
+            right = (core.reshape(-1, core.shape[2]) @ right).reshape(core.shape[0], -1)
+        return left, right
+
+    def legs(self) -> torch.Tensor:
+        left, right = self._halves()
+        return (left @ right).reshape(self.spec.leg_dims)
+
+    def forward(self) -> torch.Tensor:
+        left, right = self._halves()
+        return crop_matrix(halves_product(left, right.T, self.spec, self.split), self.spec)
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> TT:
+        """TT-SVD: for k = 1..K-1, keep the r_k leading left singular vectors of the unfolding
+        (r_k-1 d_k, rest) as G_k and carry their projection of it to the next leg."""
+        net = cls(spec)
+        rest = weight_to_legs(weight.detach().float(), spec.out_dims, spec.in_dims)
+        for core, r, d, s in zip(list(net.cores)[:-1], net.ranks, spec.leg_dims, net.ranks[1:]):
+            unfolding = rest.reshape(r * d, -1)
+            basis = _top_singular_vectors(unfolding, 0, s)
+            core.copy_(basis.reshape(r, d, s))
+            rest = basis.T @ unfolding
+        net.cores[-1].copy_(rest.reshape(net.cores[-1].shape))
+        return net

@@ -1,0 +1,422 @@
+"""The generators: parameter counts, shapes, the fast paths against plain reference contractions,
+SVD-based initialisation (exact where the format can represent the target) and gradients."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from itertools import count
+
+import opt_einsum
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adntn.errors import AdntnError
+from adntn.networks import GENERATORS, build, core_params
+from adntn.networks.attn import ATTN
+from adntn.networks.base import Disentangler
+from adntn.networks.mera import MERA
+from adntn.networks.svd import SVD
+from adntn.networks.tt import TT, tt_ranks
+from adntn.networks.ttn import TTN
+from adntn.spec import GeneratorSpec
+from adntn.tensorize import choose_leg_factors, legs_to_weight, weight_to_legs
+
+SHAPES = [(8, 3, 3, 3), (10, 64), (64, 48), (13, 34)]  # (13, 34): prime rows, padded
+TREES = ("ttn", "attn", "mera")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: one thread is as fast and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_spec(arch: str, shape: tuple[int, ...], n_legs: int = 4, bond: int = 3,
+              activation: str = "tanh", mix_rank: int = 2) -> GeneratorSpec:
+    rows, cols = shape[0], math.prod(shape[1:])
+    if arch == "svd":
+        return GeneratorSpec("svd", shape, (rows,), (cols,), (bond,), "none")
+    out_dims, in_dims = choose_leg_factors(rows, cols, n_legs)
+    if arch == "tt":
+        return GeneratorSpec("tt", shape, out_dims, in_dims, (bond,) * (n_legs - 1), "none")
+    return GeneratorSpec(arch, shape, out_dims, in_dims, (bond,) * int(math.log2(n_legs)), activation,
+                         mix_rank=mix_rank if arch in ("attn", "mera") else 0)
+
+
+def perturb_mixers(net: torch.nn.Module, scale: float = 0.3) -> None:
+    """Move every disentangler off the identity (they start with P = 0)."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, Disentangler):
+                module.p.normal_(0, scale / math.sqrt(module.p.shape[0]))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def all_specs():
+    for shape in SHAPES:
+        for n_legs, activation in ((2, "tanh"), (4, "gelu"), (8, "relu"), (4, "none")):
+            for arch in ("ttn", "attn", "mera", "tt"):
+                yield make_spec(arch, shape, n_legs, activation=activation)
+        yield make_spec("svd", shape)
+
+
+# ----------------------------------------------------------------------------- structure
+
+@pytest.mark.parametrize("spec", list(all_specs()), ids=lambda s: f"{s.arch}-{s.shape}-{s.n_legs}-{s.activation}")
+def test_counts_shapes_and_forward_matches_legs(spec: GeneratorSpec) -> None:
+    torch.manual_seed(0)
+    net = build(spec)
+    perturb_mixers(net)
+    assert type(net) is GENERATORS[spec.arch]
+    assert sum(p.numel() for p in net.parameters()) == net.param_count(spec) == core_params(spec)
+    weight = net()
+    assert weight.shape == spec.shape
+    with torch.no_grad():
+        legs = net.legs()
+        if spec.arch == "svd":
+            assert legs.shape == (spec.rows, spec.cols)
+            torch.testing.assert_close(weight, legs.reshape(spec.shape))
+        else:
+            assert legs.shape == spec.leg_dims
+            torch.testing.assert_close(weight, legs_to_weight(legs, spec.out_dims, spec.in_dims, spec.shape))
+
+
+def test_param_counts_by_formula() -> None:
+    spec = make_spec("ttn", (64, 48), 8, bond=2)
+    dims, tree = spec.leg_dims, TTN.param_count(spec)
+    assert ATTN.param_count(replace(spec, arch="attn", mix_rank=3)) == tree + sum(
+        2 * dims[k] * dims[k + 1] * 3 for k in (1, 3, 5))
+    # MERA: the physical pairs as in the aTTN, plus one disentangler per pair of neighbouring legs
+    # with different parents: legs 1-2, 3-4, 5-6 of bonds[0] and 1-2 of bonds[1], all bonds 2.
+    assert MERA.param_count(replace(spec, arch="mera", mix_rank=3)) == tree + sum(
+        2 * dims[k] * dims[k + 1] * 3 for k in (1, 3, 5)) + 4 * (2 * 4 * 3)
+    assert SVD.param_count(make_spec("svd", (64, 48), bond=5)) == 5 * (64 + 48)
+
+
+def test_tt_ranks_are_capped() -> None:
+    spec = GeneratorSpec("tt", (4, 6), (2, 2), (2, 3), (100,), "none")  # legs 4 and 6
+    assert tt_ranks(spec) == [1, 4, 1]
+    spec = GeneratorSpec("tt", (8, 8), (2, 2, 2), (2, 2, 2), (100, 2), "none")
+    assert tt_ranks(spec) == [1, 4, 2, 1]
+    with pytest.raises(AdntnError):
+        TT(replace(spec, bond_dims=(3,)))
+    with pytest.raises(AdntnError):
+        SVD(GeneratorSpec("svd", (10, 64), (2, 5), (8, 8), (3,), "none"))
+
+
+# ----------------------------------------------------------------------------- references
+
+def tree_einsum(net: TTN) -> torch.Tensor:
+    """The linear TTN as one einsum over all its cores, the equation built from the tree."""
+    symbols = (opt_einsum.get_symbol(i) for i in count())
+    physical = [next(symbols) for _ in net.spec.leg_dims]
+    terms, operands, below = [], [], []
+    leaves = iter(net.leaves)
+    for p, identity in zip(physical, net.leaf_is_identity):
+        if identity:
+            below.append(p)
+        else:
+            below.append(next(symbols))
+            terms.append(p + below[-1])
+            operands.append(next(leaves))
+    cores = iter(net.nodes)
+    for _ in range(1, net.levels):
+        above = [next(symbols) for _ in range(len(below) // 2)]
+        for j, c in enumerate(above):
+            terms.append(below[2 * j] + below[2 * j + 1] + c)
+            operands.append(next(cores))
+        below = above
+    terms.append(below[0] + below[1])
+    operands.append(net.root)
+    return opt_einsum.contract(",".join(terms) + "->" + "".join(physical), *operands)
+
+
+def mix_reference(mixer: Disentangler, state: torch.Tensor, k: int) -> torch.Tensor:
+    """Disentangler on legs (k, k+1) of ``state``: merge the two axes, apply, un-merge."""
+    dims = state.shape
+    merged = state.reshape(*dims[:k], dims[k] * dims[k + 1], *dims[k + 2:])
+    return mixer(merged, k).reshape(dims)
+
+
+def attn_reference(net: ATTN) -> torch.Tensor:
+    legs = net.tree.legs()
+    for k, mixer in zip(range(1, net.spec.n_legs - 2, 2), net.mixers):
+        legs = mix_reference(mixer, legs, k)
+    return legs
+
+
+def mera_reference(net: MERA) -> torch.Tensor:
+    """Top-down, one tensordot per isometry and leaf, the disentanglers applied as modules."""
+    state, nodes = net.root, list(net.nodes)
+    first = len(nodes)
+    for h in range(net.levels - 1, 0, -1):
+        first -= len(net.bonds[h])
+        for j, core in enumerate(nodes[first:first + len(net.bonds[h])]):
+            state = torch.tensordot(state, core, dims=([2 * j], [2])).movedim((-2, -1), (2 * j, 2 * j + 1))
+        for k, mixer in zip(range(1, state.dim() - 2, 2), net.mixers[h]):
+            state = mix_reference(mixer, state, k)
+        if len(net.activations):
+            state = net.activations[h - 1](state)
+    leaves = iter(net.leaves)
+    for k, identity in enumerate(net.leaf_is_identity):
+        if not identity:
+            state = torch.tensordot(state, next(leaves), dims=([k], [1])).movedim(-1, k)
+    for k, mixer in zip(range(1, state.dim() - 2, 2), net.mixers[0]):
+        state = mix_reference(mixer, state, k)
+    return state
+
+
+def tt_reference(net: TT) -> torch.Tensor:
+    state = torch.ones(1, 1, dtype=net.cores[0].dtype)
+    for core in net.cores:
+        state = torch.tensordot(state, core, dims=([-1], [0]))
+    return state.reshape(net.spec.leg_dims)
+
+
+@st.composite
+def tree_specs(draw, arch: str = "ttn", activation: str | None = None) -> GeneratorSpec:
+    n_legs = draw(st.sampled_from([2, 4, 8]))
+    out_dims = tuple(draw(st.lists(st.integers(1, 3), min_size=n_legs, max_size=n_legs)))
+    in_dims = tuple(draw(st.lists(st.integers(1, 3), min_size=n_legs, max_size=n_legs)))
+    levels = int(math.log2(n_legs))
+    bonds = tuple(draw(st.lists(st.integers(1, 5), min_size=levels, max_size=levels)))
+    rows, cols = math.prod(out_dims), math.prod(in_dims)
+    shape = (draw(st.integers(1, rows)), draw(st.integers(1, cols)))
+    activation = activation or draw(st.sampled_from(["none", "tanh", "gelu", "relu"]))
+    return GeneratorSpec(arch, shape, out_dims, in_dims, bonds, activation,
+                         mix_rank=draw(st.integers(1, 2)) if arch in ("attn", "mera") else 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(spec=tree_specs(activation="none"), seed=st.integers(0, 2**16))
+def test_linear_ttn_is_the_tree_einsum(spec: GeneratorSpec, seed: int) -> None:
+    torch.manual_seed(seed)
+    net = TTN(spec).double()
+    with torch.no_grad():
+        torch.testing.assert_close(net.legs(), tree_einsum(net))
+
+
+@settings(max_examples=25, deadline=None)
+@given(spec=tree_specs(), seed=st.integers(0, 2**16))
+def test_ttn_forward_is_legs_to_weight(spec: GeneratorSpec, seed: int) -> None:
+    torch.manual_seed(seed)
+    net = TTN(spec).double()
+    with torch.no_grad():
+        expected = legs_to_weight(net.legs(), spec.out_dims, spec.in_dims, spec.shape)
+        torch.testing.assert_close(net(), expected, rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=20, deadline=None)
+@given(spec=tree_specs("attn"), seed=st.integers(0, 2**16))
+def test_attn_matches_disentanglers_applied_to_the_ttn(spec: GeneratorSpec, seed: int) -> None:
+    torch.manual_seed(seed)
+    net = ATTN(spec).double()
+    perturb_mixers(net)
+    reference = attn_reference(net)
+    torch.testing.assert_close(net.legs(), reference)
+    torch.testing.assert_close(net(), legs_to_weight(reference, spec.out_dims, spec.in_dims, spec.shape))
+
+
+@settings(max_examples=20, deadline=None)
+@given(spec=tree_specs("mera"), seed=st.integers(0, 2**16))
+def test_mera_matches_the_plain_top_down_contraction(spec: GeneratorSpec, seed: int) -> None:
+    torch.manual_seed(seed)
+    net = MERA(spec).double()
+    perturb_mixers(net)
+    with torch.no_grad():
+        for site in net.activations:
+            site.log_gain.fill_(0.5)
+        torch.testing.assert_close(net.legs(), mera_reference(net))
+
+
+@pytest.mark.parametrize("bond", [4, 2])
+def test_mera_with_identity_leaves_matches_the_reference(bond: int) -> None:
+    """Legs (4, 4, 2, 2, 4, 2, 3, 2). bond 4: every leaf is the identity (the physical disentanglers
+    stay low-rank); bond 2: the legs of dim 2 are, so every pair mixes a dense and an identity leaf."""
+    torch.manual_seed(12)
+    spec = GeneratorSpec("mera", (64, 48), (2, 2, 2, 2, 2, 2, 1, 1), (2, 2, 1, 1, 2, 1, 3, 2), (bond, 6, 3),
+                         "tanh", mix_rank=2)
+    net = MERA(spec).double()
+    perturb_mixers(net)
+    assert all(net.leaf_is_identity) == (bond == 4) and any(net.leaf_is_identity)
+    torch.testing.assert_close(net.legs(), mera_reference(net))
+
+
+@settings(max_examples=20, deadline=None)
+@given(spec=tree_specs("mera", activation="none"), seed=st.integers(0, 2**16))
+def test_linear_mera_with_identity_disentanglers_is_the_ttn(spec: GeneratorSpec, seed: int) -> None:
+    torch.manual_seed(seed)
+    mera = MERA(spec).double()
+    tree = TTN(replace(spec, arch="ttn", mix_rank=0)).double()
+    tree.load_state_dict({name: value for name, value in mera.state_dict().items() if name in tree.state_dict()})
+    with torch.no_grad():
+        torch.testing.assert_close(mera.legs(), tree.legs())
+
+
+@settings(max_examples=20, deadline=None)
+@given(n_legs=st.integers(2, 6), seed=st.integers(0, 2**16), data=st.data())
+def test_tt_matches_the_chain(n_legs: int, seed: int, data) -> None:
+    out_dims = tuple(data.draw(st.lists(st.integers(1, 3), min_size=n_legs, max_size=n_legs)))
+    in_dims = tuple(data.draw(st.lists(st.integers(1, 3), min_size=n_legs, max_size=n_legs)))
+    bonds = tuple(data.draw(st.lists(st.integers(1, 6), min_size=n_legs - 1, max_size=n_legs - 1)))
+    shape = (math.prod(out_dims), math.prod(in_dims))
+    spec = GeneratorSpec("tt", shape, out_dims, in_dims, bonds, "none")
+    torch.manual_seed(seed)
+    net = TT(spec).double()
+    with torch.no_grad():
+        reference = tt_reference(net)
+        torch.testing.assert_close(net.legs(), reference)
+        torch.testing.assert_close(net(), legs_to_weight(reference, out_dims, in_dims, shape))
+
+
+# ----------------------------------------------------------------------------- squared distance
+
+@pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
+@pytest.mark.parametrize("shape,n_legs", [((64, 48), 8), ((13, 34), 4), ((8, 3, 3, 3), 2)])
+def test_squared_distance_equals_materialised(arch: str, shape: tuple[int, ...], n_legs: int) -> None:
+    torch.manual_seed(1)
+    spec = make_spec(arch, shape, n_legs)
+    net = build(spec).double()
+    perturb_mixers(net)
+    weight = torch.randn(shape, dtype=torch.float64)
+    if arch == "svd":
+        target = weight.reshape(spec.rows, spec.cols)
+    else:
+        target = weight_to_legs(weight, spec.out_dims, spec.in_dims)
+    expected = (net.legs() - target).pow(2).sum()
+    torch.testing.assert_close(net.squared_distance(target, target.pow(2).sum()), expected)
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+def linear_ttn_weight(spec: GeneratorSpec, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    tree = TTN(replace(spec, arch="ttn", activation="none", mix_rank=0))
+    with torch.no_grad():
+        return tree()
+
+
+@pytest.mark.parametrize("arch", TREES)
+@pytest.mark.parametrize("shape,n_legs,bond", [((64, 48), 8, 3), ((64, 48), 4, 5), ((8, 3, 3, 3), 4, 2),
+                                                ((10, 64), 2, 4)])
+def test_linear_trees_fit_a_representable_target_exactly(arch: str, shape, n_legs: int, bond: int) -> None:
+    spec = make_spec(arch, shape, n_legs, bond, activation="none")
+    target = linear_ttn_weight(spec, seed=2)
+    net = GENERATORS[arch].from_weight(spec, target)
+    with torch.no_grad():
+        assert rel(net(), target) < 1e-5
+
+
+@pytest.mark.parametrize("arch", TREES)
+def test_full_bonds_fit_any_target(arch: str) -> None:
+    spec = make_spec(arch, (10, 64), 4, bond=64, activation="none")
+    target = torch.randn(10, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel(GENERATORS[arch].from_weight(spec, target)(), target) < 1e-5
+
+
+def test_tt_svd_is_exact_for_full_and_representable_ranks() -> None:
+    generator = torch.Generator().manual_seed(4)
+    full = make_spec("tt", (64, 48), 4, bond=4096)
+    target = torch.randn(64, 48, generator=generator)
+    with torch.no_grad():
+        assert rel(TT.from_weight(full, target)(), target) < 1e-5
+        low = make_spec("tt", (64, 48), 8, bond=3)
+        torch.manual_seed(5)
+        target = TT(low)()
+        assert rel(TT.from_weight(low, target)(), target) < 1e-5
+
+
+@pytest.mark.parametrize("shape,rank", [((64, 48), 48), ((64, 48), 5), ((1100, 1200), 5)])
+def test_svd_is_exact_for_full_and_low_ranks(shape: tuple[int, int], rank: int) -> None:
+    """(1100, 1200) at rank 5 takes the randomised range finder."""
+    generator = torch.Generator().manual_seed(6)
+    target = torch.randn(shape[0], rank, generator=generator) @ torch.randn(rank, shape[1], generator=generator)
+    with torch.no_grad():
+        assert rel(SVD.from_weight(make_spec("svd", shape, bond=rank), target)(), target) < 1e-5
+
+
+def test_svd_from_weight_is_the_eckart_young_optimum() -> None:
+    target = torch.randn(40, 30, generator=torch.Generator().manual_seed(7))
+    values = torch.linalg.svdvals(target.double())
+    with torch.no_grad():
+        error = (SVD.from_weight(make_spec("svd", (40, 30), bond=4), target)() - target).double().norm()
+    assert float(error) == pytest.approx(float(values[4:].norm()), rel=1e-5)
+
+
+def structured_weight(shape: tuple[int, ...]) -> torch.Tensor:
+    """A smooth, conv-like weight plus a little noise: what a trained layer looks like to a fit."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    r = torch.linspace(0, 1, rows).unsqueeze(1)
+    c = torch.linspace(0, 1, cols).unsqueeze(0)
+    smooth = torch.cos(3 * r + 5 * c) + 0.5 * torch.sin(7 * r * c) + torch.exp(-((r - c) ** 2) * 4)
+    noise = 0.01 * torch.randn(rows, cols, generator=torch.Generator().manual_seed(8))
+    return (smooth + noise).reshape(shape)
+
+
+@pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
+@pytest.mark.parametrize("shape,n_legs", [((64, 48), 8), ((64, 3, 3, 3), 4)])
+def test_from_weight_beats_random_init(arch: str, shape: tuple[int, ...], n_legs: int) -> None:
+    spec = make_spec(arch, shape, n_legs, bond=3)
+    target = structured_weight(shape)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        fitted = rel(GENERATORS[arch].from_weight(spec, target)(), target)
+        random = rel(build(spec)(), target)
+    assert fitted < 0.25 and fitted < 0.25 * random
+
+
+@pytest.mark.parametrize("arch", TREES)
+def test_nonlinear_init_starts_at_the_linear_fit(arch: str) -> None:
+    """The gains are calibrated so that sigma is nearly linear: the fit matches the linear TTN's."""
+    spec = make_spec(arch, (64, 48), 8, bond=3, activation="tanh")
+    target = structured_weight((64, 48))
+    with torch.no_grad():
+        linear = rel(TTN.from_weight(replace(spec, arch="ttn", activation="none", mix_rank=0), target)(), target)
+        nonlinear = rel(GENERATORS[arch].from_weight(spec, target)(), target)
+    assert nonlinear == pytest.approx(linear, rel=0.02)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("arch", TREES)
+@pytest.mark.parametrize("output", ["forward", "legs", "squared_distance"])
+def test_gradients_reach_every_parameter(arch: str, output: str) -> None:
+    torch.manual_seed(10)
+    spec = make_spec(arch, (64, 48), 8, bond=3, activation="tanh")
+    net = build(spec)
+    perturb_mixers(net)
+    if output == "squared_distance":
+        target = weight_to_legs(structured_weight((64, 48)), spec.out_dims, spec.in_dims)
+        loss = net.squared_distance(target, target.pow(2).sum())
+    else:
+        loss = getattr(net, output)().pow(3).sum()
+    loss.backward()
+    for name, parameter in net.named_parameters():
+        assert parameter.grad is not None, name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("output", ["forward", "legs"])
+def test_attn_in_place_paths_have_the_reference_gradients(output: str) -> None:
+    torch.manual_seed(11)
+    spec = make_spec("attn", (13, 34), 8, bond=3, activation="gelu")
+    net = ATTN(spec).double()
+    perturb_mixers(net)
+    reference = attn_reference(net)
+    if output == "forward":
+        reference = legs_to_weight(reference, spec.out_dims, spec.in_dims, spec.shape)
+    weights = torch.randn(reference.shape, dtype=torch.float64)
+    expected = torch.autograd.grad((reference * weights).sum(), list(net.parameters()))
+    actual = torch.autograd.grad((getattr(net, output)() * weights).sum(), list(net.parameters()))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
