@@ -1,0 +1,241 @@
+"""Image data: preprocessing (from a config file, checkpoint metadata or ImageNet defaults) and
+ImageFolder splits.
+
+The data root holds ``train/`` and a held-out split (``val/``, else ``test/``), each with one
+folder of images per class, as torchvision's ``ImageFolder`` expects. Every problem with the
+layout is an :class:`AdntnError` naming the folder at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+from .errors import AdntnError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HELDOUT_SPLITS = ("val", "test")  # the first present is the held-out split
+CONFIG_KEYS = ("resize", "crop", "mean", "std", "batch_size", "workers")
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_WORKERS = 2
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images become model inputs, and how they are batched.
+
+    Attributes:
+        resize: shorter image side after resizing, or None to keep the size.
+        crop: side of the centre crop, or None for no crop.
+        mean, std: per-channel normalisation of RGB values in [0, 1].
+        batch_size: images per batch when running the model over a split.
+        workers: DataLoader worker processes decoding images.
+    """
+
+    resize: int | None
+    crop: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int = DEFAULT_WORKERS
+
+    def transform(self) -> transforms.Compose:
+        """PIL image -> normalised float tensor (3, H, W)."""
+        steps: list = []
+        if self.resize is not None:
+            steps.append(transforms.Resize(self.resize))
+        if self.crop is not None:
+            steps.append(transforms.CenterCrop(self.crop))
+        steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
+        return transforms.Compose(steps)
+
+    def describe(self) -> dict:
+        """The settings as plain JSON-able values, for the report."""
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
+                "batch_size": self.batch_size, "workers": self.workers}
+
+
+IMAGENET_DEFAULTS = Preprocessing(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _positive_int(value: object, what: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AdntnError(f"{what} in {source} must be a positive integer, not {value!r}.")
+    return value
+
+
+def _nonnegative_workers(value: object, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise AdntnError(f"workers in {source} must be an integer >= 0, not {value!r}.")
+    return value
+
+
+def _triple(value: object, what: str, source: str, positive: bool) -> tuple[float, float, float]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       for v in value)
+            or (positive and min(value) <= 0)):
+        kind = "three positive numbers" if positive else "three numbers"
+        raise AdntnError(f"{what} in {source} must be a list of {kind} (one per RGB channel), not {value!r}.")
+    return tuple(float(v) for v in value)
+
+
+def _from_config(path: Path) -> Preprocessing:
+    source = f"config file {path}"
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdntnError(f"Config file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise AdntnError(f"Config file {path} cannot be read ({error}).") from None
+    except tomllib.TOMLDecodeError as error:
+        raise AdntnError(f"Config file {path} is not valid TOML ({error}).") from None
+    unknown_tables = sorted(set(document) - {"preprocessing"})
+    if unknown_tables:
+        raise AdntnError(f"Config file {path} has unknown entries {', '.join(unknown_tables)}; "
+                         "only a [preprocessing] table is allowed.")
+    table = document.get("preprocessing")
+    if not isinstance(table, dict):
+        raise AdntnError(f"Config file {path} has no [preprocessing] table.")
+    unknown = sorted(set(table) - set(CONFIG_KEYS))
+    if unknown:
+        raise AdntnError(f"Unknown key(s) {', '.join(unknown)} in [preprocessing] of {path}; "
+                         f"allowed: {', '.join(CONFIG_KEYS)}.")
+    for required in ("mean", "std"):
+        if required not in table:
+            raise AdntnError(f"The [preprocessing] table of {path} must set '{required}'.")
+    return Preprocessing(
+        resize=None if "resize" not in table else _positive_int(table["resize"], "resize", source),
+        crop=None if "crop" not in table else _positive_int(table["crop"], "crop", source),
+        mean=_triple(table["mean"], "mean", source, positive=False),
+        std=_triple(table["std"], "std", source, positive=True),
+        batch_size=_positive_int(table.get("batch_size", DEFAULT_BATCH_SIZE), "batch_size", source),
+        workers=_nonnegative_workers(table.get("workers", DEFAULT_WORKERS), source),
+    )
+
+
+def _from_metadata(metadata: dict[str, str]) -> Preprocessing:
+    """mean/std (JSON lists) and optional input_size (JSON int) from safetensors metadata.
+
+    ``input_size`` S becomes resize S + centre crop S: images are brought to the S x S the model
+    was trained on, and images already S x S pass through untouched.
+    """
+    source = "the checkpoint metadata"
+    values = {}
+    for key in ("mean", "std", "input_size"):
+        if key in metadata:
+            try:
+                values[key] = json.loads(metadata[key])
+            except json.JSONDecodeError:
+                raise AdntnError(f"Checkpoint metadata '{key}' is not valid JSON: {metadata[key]!r}.") from None
+    size = None if "input_size" not in values else _positive_int(values["input_size"], "input_size", source)
+    return Preprocessing(
+        resize=size, crop=size,
+        mean=_triple(values["mean"], "mean", source, positive=False),
+        std=_triple(values["std"], "std", source, positive=True),
+    )
+
+
+def resolve_preprocessing(config: Path | None, metadata: dict[str, str]) -> tuple[Preprocessing, str]:
+    """The preprocessing to use and where it came from.
+
+    Precedence: the ``config`` TOML file (its ``[preprocessing]`` table) if given; else the
+    checkpoint's safetensors ``metadata`` when it has both ``mean`` and ``std``; else the
+    ImageNet defaults (resize 256, centre crop 224, ImageNet mean/std).
+
+    Returns:
+        (preprocessing, source) with source ``"config FILE"``, ``"checkpoint metadata"`` or
+        ``"ImageNet defaults"``.
+    """
+    if config is not None:
+        return _from_config(Path(config)), f"config {config}"
+    present = [key for key in ("mean", "std") if key in metadata]
+    if len(present) == 2:
+        return _from_metadata(metadata), "checkpoint metadata"
+    if present:
+        raise AdntnError(f"The checkpoint metadata has '{present[0]}' but not "
+                         f"'{'std' if present[0] == 'mean' else 'mean'}'; pass --config to set both.")
+    return IMAGENET_DEFAULTS, "ImageNet defaults"
+
+
+@dataclass
+class Splits:
+    """The training split and the held-out split of an image folder tree.
+
+    ``classes`` is the class folder names in label order (sorted, as ImageFolder numbers them).
+    """
+
+    train: datasets.ImageFolder
+    heldout: datasets.ImageFolder
+    heldout_name: str
+    classes: list[str]
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
+
+
+def _image_folder(split_dir: Path, preprocessing: Preprocessing) -> datasets.ImageFolder:
+    folder = datasets.ImageFolder(split_dir, transform=preprocessing.transform(), allow_empty=True)
+    counts = torch.bincount(torch.tensor(folder.targets, dtype=torch.long), minlength=len(folder.classes))
+    empty = [name for name, count in zip(folder.classes, counts.tolist()) if count == 0]
+    if empty:
+        raise AdntnError(f"Class folder {split_dir / empty[0]} holds no images "
+                         f"({', '.join(datasets.folder.IMG_EXTENSIONS)}).")
+    return folder
+
+
+def image_splits(root: Path, preprocessing: Preprocessing) -> Splits:
+    """Open ``root/train`` and ``root/val`` (or ``root/test``) as ImageFolder datasets.
+
+    Both splits must have the same class folders, each holding at least one image. Samples are
+    transformed by ``preprocessing.transform()`` into tensors (3, H, W) with integer labels.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise AdntnError(f"Data folder {root} does not exist.")
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise AdntnError(f"Data folder {root} has no train/ folder.")
+    heldout_name = next((name for name in HELDOUT_SPLITS if (root / name).is_dir()), None)
+    if heldout_name is None:
+        raise AdntnError(f"Data folder {root} has no val/ or test/ folder for the held-out split.")
+    heldout_dir = root / heldout_name
+    train_classes, heldout_classes = _class_folders(train_dir), _class_folders(heldout_dir)
+    if not train_classes:
+        raise AdntnError(f"{train_dir} has no class folders.")
+    if train_classes != heldout_classes:
+        only_train = sorted(set(train_classes) - set(heldout_classes))
+        only_heldout = sorted(set(heldout_classes) - set(train_classes))
+        raise AdntnError(f"The class folders of train/ and {heldout_name}/ differ "
+                         f"(only in train/: {', '.join(only_train) or 'none'}; "
+                         f"only in {heldout_name}/: {', '.join(only_heldout) or 'none'}).")
+    return Splits(train=_image_folder(train_dir, preprocessing), heldout=_image_folder(heldout_dir, preprocessing),
+                  heldout_name=heldout_name, classes=train_classes)
+
+
+def check_classes(splits: Splits, num_classes: int) -> None:
+    """Raise :class:`AdntnError` unless the data has exactly the model's number of classes."""
+    if len(splits.classes) != num_classes:
+        raise AdntnError(f"The data has {len(splits.classes)} class folders but the model predicts "
+                         f"{num_classes} classes.")
+
+
+def image_loader(dataset: Dataset, preprocessing: Preprocessing, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """Batches (images (b, 3, H, W), labels (b,)) of ``dataset``; shuffled by a ``seed``ed generator."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=preprocessing.batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=preprocessing.workers)

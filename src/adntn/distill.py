@@ -1,0 +1,240 @@
+"""Task-aware fine-tuning of compressed layers by distillation from the dense model.
+
+All compressed layers are trained together against the dense model's logits:
+
+    loss = kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - kd_weight) * CE(s, y)
+
+(s: student logits, t: teacher logits, y: labels, T: temperature; the T^2 keeps the KD gradient
+scale independent of T, as in Hinton et al. 2015).
+
+Decisions (see ``_train``):
+
+* The student runs in **eval mode**: dropout off, batch norm on its running statistics. The
+  trained parameters are a few hundred to a few thousand tensor-network values fitted to
+  reproduce the teacher's eval-mode function, so they cannot overfit the way a dense layer
+  does; dropout would only add gradient noise, and frozen BN statistics must not drift.
+* Adam with a **cosine learning-rate decay** to 0 over all steps, and the **last state is kept**:
+  with the rate annealed the final state is a settled one, whereas the running training loss
+  of an epoch (measured while the parameters move) is not a sound basis for picking a "best"
+  state, and a held-out pass per epoch would double the cost.
+* Only the given parameters are trained; every other parameter of the student is frozen
+  (``requires_grad`` off) for the duration, so no gradient is computed for it.
+* Deterministic: samples are shuffled by a ``torch.Generator`` seeded with ``config.seed`` and
+  nothing else draws random numbers, so the same inputs and seed give the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import AdntnError
+from .layers import GeneratedLayer
+from .progress import Progress, Silent
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning hyper-parameters (Adam, cosine-decayed learning rate)."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 256
+    temperature: float = 4.0
+    kd_weight: float = 0.9
+    seed: int = 0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise AdntnError(f"Fine-tuning epochs must be >= 0, not {self.epochs}.")
+        if not self.lr > 0:
+            raise AdntnError(f"The fine-tuning learning rate must be positive, not {self.lr}.")
+        if self.batch_size < 1:
+            raise AdntnError(f"The fine-tuning batch size must be at least 1, not {self.batch_size}.")
+        if not self.temperature > 0:
+            raise AdntnError(f"The distillation temperature must be positive, not {self.temperature}.")
+        if not 0 <= self.kd_weight <= 1:
+            raise AdntnError(f"The distillation weight must be in [0, 1], not {self.kd_weight}.")
+        if self.weight_decay < 0:
+            raise AdntnError(f"Weight decay must be >= 0, not {self.weight_decay}.")
+
+    def describe(self) -> dict:
+        return {**asdict(self), "optimizer": "adam", "schedule": "cosine", "student_mode": "eval"}
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run did.
+
+    Attributes:
+        epochs: passes over the data.
+        images: samples per epoch.
+        steps: optimizer steps in all.
+        seconds: wall-clock time of the training loop.
+        final_loss: mean loss of the last epoch (None when epochs is 0).
+        losses: mean loss of each epoch.
+        trained: names of the trained parameter groups, e.g. ``"generator:classifier.0"``.
+    """
+
+    epochs: int
+    images: int
+    steps: int
+    seconds: float
+    final_loss: float | None
+    losses: list[float] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      config: FinetuneConfig) -> torch.Tensor:
+    """The module docstring's loss for logits (b, classes) and labels (b,); a scalar."""
+    t = config.temperature
+    kd = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    ce = F.cross_entropy(student_logits, labels)
+    return config.kd_weight * kd + (1 - config.kd_weight) * ce
+
+
+def generated_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Parameter groups of every generated layer: ``generator:NAME`` (the cores), ``bias:NAME``."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, GeneratedLayer):
+            groups[f"generator:{name}"] = list(module.generator.parameters())
+            if module.bias is not None:
+                groups[f"bias:{name}"] = [module.bias]
+    return groups
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``model`` in eval mode on inputs (n, ...) -> logits (n, classes) on the CPU."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(chunk.to(device)).float().cpu() for chunk in inputs.split(batch_size)])
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def _training_only(model: nn.Module, trained: list[nn.Parameter]) -> Iterator[None]:
+    """Freeze every parameter of ``model`` not in ``trained``, put it in eval mode; restore both."""
+    trained_ids = {id(p) for p in trained}
+    parameters = list(model.parameters())
+    required = [p.requires_grad for p in parameters]
+    was_training = model.training
+    for p in parameters:
+        p.requires_grad_(id(p) in trained_ids)
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for p, flag in zip(parameters, required):
+            p.requires_grad_(flag)
+
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (student input, teacher logits, labels)
+
+
+def _train(student: nn.Module, epoch_batches: Callable[[], Batches], steps_per_epoch: int,
+           params: Mapping[str, Iterable[nn.Parameter]], config: FinetuneConfig,
+           progress: Progress | None) -> FinetuneResult:
+    """Adam on ``params`` with the distillation loss, ``config.epochs`` calls of ``epoch_batches``."""
+    groups = {name: list(group) for name, group in params.items()}
+    trained = [p for group in groups.values() for p in group]
+    if not trained:
+        raise ValueError("no parameters to fine-tune")
+    device = trained[0].device
+    total_steps = config.epochs * steps_per_epoch
+    advance = (progress or Silent()).task("fine-tuning", total_steps)
+    losses: list[float] = []
+    images = steps = 0
+    start = time.perf_counter()
+    with _training_only(student, trained):
+        optimizer = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0))))
+        for _ in range(config.epochs):
+            loss_sum, images = 0.0, 0
+            for inputs, teacher_logits, labels in epoch_batches():
+                labels = labels.to(device)
+                loss = distillation_loss(student(inputs.to(device)), teacher_logits.to(device), labels, config)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                steps += 1
+                loss_sum += loss.item() * len(labels)
+                images += len(labels)
+                advance(steps, loss_sum / images)
+            losses.append(loss_sum / images)
+    return FinetuneResult(epochs=config.epochs, images=images, steps=steps, seconds=time.perf_counter() - start,
+                          final_loss=losses[-1] if losses else None, losses=losses, trained=list(groups))
+
+
+def finetune(student: nn.Module, teacher_logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
+             params: Mapping[str, Iterable[nn.Parameter]], config: FinetuneConfig,
+             progress: Progress | None = None) -> FinetuneResult:
+    """Fine-tune ``student`` on precomputed inputs, e.g. a head with generated layers on trunk features.
+
+    Args:
+        student: inputs (b, f) -> logits (b, classes); trained in place.
+        teacher_logits: (n, classes), the dense model's eval-mode logits on ``inputs`` (see
+            :func:`logits_of`).
+        inputs: (n, f) student inputs (cached trunk features).
+        labels: (n,) class indices.
+        params: named groups of parameters to train (see :func:`generated_parameters`).
+        config: hyper-parameters; ``config.seed`` fixes the shuffling.
+        progress: receives the step count and the epoch's running mean loss (default: silent).
+    """
+    n = len(inputs)
+    if len(teacher_logits) != n or len(labels) != n:
+        raise ValueError(f"inputs, teacher logits and labels differ in length: {n}, {len(teacher_logits)}, {len(labels)}")
+    shuffle = torch.Generator().manual_seed(config.seed)
+
+    def epoch_batches() -> Batches:
+        for index in torch.randperm(n, generator=shuffle).split(config.batch_size):
+            yield inputs[index], teacher_logits[index], labels[index]
+
+    return _train(student, epoch_batches, math.ceil(n / config.batch_size), params, config, progress)
+
+
+def finetune_full(student_model: nn.Module, teacher_model: nn.Module,
+                  loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  params: Mapping[str, Iterable[nn.Parameter]], config: FinetuneConfig,
+                  progress: Progress | None = None) -> FinetuneResult:
+    """Fine-tune a whole model with generated layers (e.g. conv layers) over image batches.
+
+    ``loader`` yields (images (b, 3, H, W), labels (b,)) and must have a length (a DataLoader);
+    its batch size and shuffling are used as they are (``config.batch_size`` and ``config.seed``
+    are not: seed the loader, see ``data.image_loader``). The teacher's logits are computed on
+    the fly in eval mode.
+    """
+    teacher_device = next(teacher_model.parameters()).device
+    teacher_was_training = teacher_model.training
+    teacher_model.eval()
+
+    def epoch_batches() -> Batches:
+        for images, labels in loader:
+            with torch.no_grad():
+                teacher_logits = teacher_model(images.to(teacher_device))
+            yield images, teacher_logits, labels
+
+    try:
+        return _train(student_model, epoch_batches, len(loader), params, config, progress)
+    finally:
+        teacher_model.train(teacher_was_training)

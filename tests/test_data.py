@@ -1,0 +1,325 @@
+"""Preprocessing resolution, ImageFolder splits, trunk features and their cache, recorded inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from adntn.data import IMAGENET_DEFAULTS, Preprocessing, check_classes, image_splits, resolve_preprocessing
+from adntn.errors import AdntnError
+from adntn.features import (cached_features, compute_features, feature_cache_key, record_inputs,
+                            split_at_classifier)
+
+CLASSES = ("blue", "green", "red")
+COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+CIFAR_METADATA = {"mean": "[0.4914, 0.4822, 0.4465]", "std": "[0.247, 0.2435, 0.2616]", "input_size": "32"}
+SAMPLE_CONFIGS = Path(__file__).resolve().parent.parent / "sample_configs"
+PLAIN = Preprocessing(resize=None, crop=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), batch_size=4, workers=0)
+
+
+def write_images(split_dir: Path, classes=CLASSES, per_class: int = 8, seed: int = 0) -> None:
+    """``per_class`` 32x32 JPEGs per class: the class colour plus noise."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (split_dir / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(split_dir / name / f"{i:03d}.jpg")
+
+
+@pytest.fixture
+def image_root(tmp_path: Path) -> Path:
+    write_images(tmp_path / "train")
+    write_images(tmp_path / "test", per_class=4, seed=1)
+    return tmp_path
+
+
+class TinyNet(nn.Module):
+    """An AlexNet/VGG-shaped model: features (conv) -> avgpool (2x2) -> classifier, 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.avgpool = nn.AdaptiveAvgPool2d(2)
+        self.classifier = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class CountingTrunk(nn.Module):
+    """Wraps a trunk and counts its forward calls."""
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.trunk(x)
+
+
+# --- preprocessing ---------------------------------------------------------------------------
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_config_file_takes_precedence_over_metadata(tmp_path):
+    config = write_config(tmp_path / "p.toml", "[preprocessing]\nresize = 40\ncrop = 36\n"
+                          "mean = [0.1, 0.2, 0.3]\nstd = [0.4, 0.5, 0.6]\nbatch_size = 7\n")
+    preprocessing, source = resolve_preprocessing(config, CIFAR_METADATA)
+    assert source == f"config {config}"
+    assert preprocessing == Preprocessing(resize=40, crop=36, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6),
+                                          batch_size=7)
+
+
+def test_metadata_takes_precedence_over_defaults():
+    preprocessing, source = resolve_preprocessing(None, CIFAR_METADATA)
+    assert source == "checkpoint metadata"
+    assert preprocessing.mean == (0.4914, 0.4822, 0.4465) and preprocessing.std == (0.247, 0.2435, 0.2616)
+    assert (preprocessing.resize, preprocessing.crop) == (32, 32)
+
+
+def test_defaults_without_config_or_metadata():
+    preprocessing, source = resolve_preprocessing(None, {"arch": "vgg16"})
+    assert source == "ImageNet defaults"
+    assert preprocessing == IMAGENET_DEFAULTS
+    assert (preprocessing.resize, preprocessing.crop) == (256, 224)
+    assert preprocessing.mean == (0.485, 0.456, 0.406) and preprocessing.std == (0.229, 0.224, 0.225)
+
+
+def test_metadata_input_size_leaves_images_of_that_size_untouched():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    from_metadata, _ = resolve_preprocessing(None, CIFAR_METADATA)
+    untouched = Preprocessing(None, None, from_metadata.mean, from_metadata.std)
+    assert torch.equal(from_metadata.transform()(image), untouched.transform()(image))
+
+
+def test_transform_resizes_crops_and_normalises():
+    image = Image.new("RGB", (64, 48), (255, 0, 128))
+    tensor = Preprocessing(resize=24, crop=20, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).transform()(image)
+    assert tensor.shape == (3, 20, 20)
+    assert torch.allclose(tensor[:, 0, 0], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[preprocessing]\nmean = [0, 0, 0]\nstd = [1, 1, 1]\nresise = 256\n", "Unknown key.*resise"),
+    ("[preprocessing]\nmean = [0, 0, 0]\nstd = [1, 1, 1]\n[compress]\nratio = 10\n", "unknown entries compress"),
+    ("[preprocesing]\nmean = [0, 0, 0]\n", "unknown entries preprocesing"),
+    ("title = 'x'\n", "unknown entries title"),
+    ("", "no \\[preprocessing\\] table"),
+    ("[preprocessing]\nstd = [1, 1, 1]\n", "must set 'mean'"),
+    ("[preprocessing]\nmean = [0, 0]\nstd = [1, 1, 1]\n", "mean .* three numbers"),
+    ("[preprocessing]\nmean = [0, 0, 0]\nstd = [1, 0, 1]\n", "std .* three positive numbers"),
+    ("[preprocessing]\nmean = [0, 0, 0]\nstd = [1, 1, 1]\nresize = 'big'\n", "resize .* positive integer"),
+    ("[preprocessing]\nmean = [0, 0, 0]\nstd = [1, 1, 1]\nbatch_size = 0\n", "batch_size .* positive integer"),
+    ("[preprocessing\n", "not valid TOML"),
+])
+def test_bad_config_is_one_error(tmp_path, text, message):
+    with pytest.raises(AdntnError, match=message):
+        resolve_preprocessing(write_config(tmp_path / "bad.toml", text), CIFAR_METADATA)
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(AdntnError, match="does not exist"):
+        resolve_preprocessing(tmp_path / "absent.toml", {})
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"mean": "[0.5, 0.5, 0.5]"}, "has 'mean' but not 'std'"),
+    ({"mean": "[0.5, 0.5, 0.5]", "std": "oops"}, "'std' is not valid JSON"),
+    ({"mean": "[0.5, 0.5, 0.5]", "std": "[1, 1, 1]", "input_size": "0"}, "input_size .* positive integer"),
+])
+def test_bad_metadata_is_one_error(metadata, message):
+    with pytest.raises(AdntnError, match=message):
+        resolve_preprocessing(None, metadata)
+
+
+def test_sample_configs_resolve():
+    configs = sorted(SAMPLE_CONFIGS.glob("*.toml"))
+    assert {path.name for path in configs} >= {"imagenet-vgg16.toml", "imagenet-alexnet.toml", "cifar10-vgg16-bn.toml"}
+    for path in configs:
+        assert path.read_text().startswith("# ")
+        preprocessing, _ = resolve_preprocessing(path, {})
+        if path.name.startswith("imagenet"):
+            assert (preprocessing.resize, preprocessing.crop, preprocessing.mean) == (256, 224, IMAGENET_DEFAULTS.mean)
+    cifar, _ = resolve_preprocessing(SAMPLE_CONFIGS / "cifar10-vgg16-bn.toml", {})
+    assert (cifar.resize, cifar.crop) == (None, None)
+    assert cifar.mean == (0.4914, 0.4822, 0.4465) and cifar.std == (0.2470, 0.2435, 0.2616)
+
+
+def test_describe_is_json():
+    assert json.loads(json.dumps(PLAIN.describe())) == {"resize": None, "crop": None, "mean": [0.5] * 3,
+                                                         "std": [0.25] * 3, "batch_size": 4, "workers": 0}
+
+
+# --- splits ----------------------------------------------------------------------------------
+
+def test_image_splits_reads_train_and_test(image_root):
+    splits = image_splits(image_root, PLAIN)
+    assert splits.heldout_name == "test"
+    assert splits.classes == list(CLASSES)
+    assert (len(splits.train), len(splits.heldout)) == (24, 12)
+    image, label = splits.train[9]
+    assert image.shape == (3, 32, 32) and label == 1
+    check_classes(splits, 3)
+
+
+def test_image_splits_prefers_val_over_test(image_root):
+    write_images(image_root / "val", per_class=2)
+    splits = image_splits(image_root, PLAIN)
+    assert splits.heldout_name == "val" and len(splits.heldout) == 6
+
+
+def test_class_count_must_match_the_model(image_root):
+    with pytest.raises(AdntnError, match="3 class folders but the model predicts 10"):
+        check_classes(image_splits(image_root, PLAIN), 10)
+
+
+def _no_root(root: Path) -> Path:
+    return root / "absent"
+
+
+def _no_train(root: Path) -> Path:
+    write_images(root / "test", per_class=1)
+    return root
+
+
+def _no_heldout(root: Path) -> Path:
+    write_images(root / "train", per_class=1)
+    return root
+
+
+def _class_mismatch(root: Path) -> Path:
+    write_images(root / "train", per_class=1)
+    write_images(root / "test", classes=("blue", "red"), per_class=1)
+    return root
+
+
+def _empty_class(root: Path) -> Path:
+    write_images(root / "train", per_class=1)
+    write_images(root / "test", per_class=1)
+    for image in (root / "test" / "green").iterdir():
+        image.unlink()
+    (root / "test" / "green" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _no_class_folders(root: Path) -> Path:
+    (root / "train").mkdir()
+    (root / "test").mkdir()
+    return root
+
+
+@pytest.mark.parametrize("make, message", [
+    (_no_root, "absent does not exist"),
+    (_no_train, "has no train/ folder"),
+    (_no_heldout, "has no val/ or test/ folder"),
+    (_class_mismatch, "differ \\(only in train/: green; only in test/: none\\)"),
+    (_empty_class, "test/green holds no images"),
+    (_no_class_folders, "train has no class folders"),
+])
+def test_bad_layout_is_one_error(tmp_path, make, message):
+    with pytest.raises(AdntnError, match=message) as caught:
+        image_splits(make(tmp_path), PLAIN)
+    assert str(caught.value).count(".") >= 1 and "\n" not in str(caught.value)
+
+
+# --- trunk features --------------------------------------------------------------------------
+
+def test_split_at_classifier_composes_to_the_model():
+    model = TinyNet().eval()
+    trunk, head = split_at_classifier(model)
+    x = torch.randn(5, 3, 32, 32)
+    assert head is model.classifier
+    assert torch.allclose(head(trunk(x)), model(x))
+
+
+def test_split_at_classifier_needs_vgg_structure():
+    with pytest.raises(AdntnError, match="no features, avgpool"):
+        split_at_classifier(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_compute_features_shapes_and_mode(image_root):
+    splits = image_splits(image_root, PLAIN)
+    trunk, _ = split_at_classifier(TinyNet())
+    trunk.train()
+    features, labels = compute_features(trunk, splits.train, batch_size=5, workers=0)
+    assert features.shape == (24, 16) and features.dtype == torch.float32
+    assert labels.tolist() == splits.train.targets
+    images = torch.stack([splits.train[i][0] for i in range(3)])
+    with torch.no_grad():
+        assert torch.allclose(features[:3], trunk.eval()(images), atol=1e-6)
+    assert not features.requires_grad
+
+
+def test_feature_cache_is_hit_on_the_second_call(image_root, tmp_path):
+    splits = image_splits(image_root, PLAIN)
+    trunk = CountingTrunk(split_at_classifier(TinyNet())[0])
+    cache = tmp_path / "cache"
+    key = feature_cache_key("abc123", image_root / "train", PLAIN)
+    first = cached_features(trunk, splits.train, key, cache, batch_size=8, workers=0)
+    assert not first.from_cache and trunk.calls == 3
+    second = cached_features(trunk, splits.train, key, cache, batch_size=8, workers=0)
+    assert second.from_cache and trunk.calls == 3
+    assert torch.equal(first.features, second.features) and torch.equal(first.labels, second.labels)
+    assert [path.suffix for path in cache.iterdir()] == [".safetensors"]
+    other = cached_features(trunk, splits.train, feature_cache_key("def456", image_root / "train", PLAIN),
+                            cache, batch_size=8, workers=0)
+    assert not other.from_cache and trunk.calls == 6
+
+
+def test_feature_cache_ignores_batching_but_not_normalisation(image_root):
+    train = image_root / "train"
+    bigger_batches = Preprocessing(None, None, PLAIN.mean, PLAIN.std, batch_size=64, workers=3)
+    other_mean = Preprocessing(None, None, (0.4, 0.5, 0.5), PLAIN.std, batch_size=4, workers=0)
+    assert feature_cache_key("a", train, PLAIN) == feature_cache_key("a", train, bigger_batches)
+    assert feature_cache_key("a", train, PLAIN) != feature_cache_key("a", train, other_mean)
+
+
+def test_no_cache_dir_always_computes(image_root):
+    splits = image_splits(image_root, PLAIN)
+    trunk = CountingTrunk(split_at_classifier(TinyNet())[0])
+    for _ in range(2):
+        assert not cached_features(trunk, splits.heldout, "k", None, batch_size=12, workers=0).from_cache
+    assert trunk.calls == 2
+
+
+# --- recorded layer inputs -------------------------------------------------------------------
+
+def test_record_inputs_of_linear_and_conv_layers():
+    model = TinyNet()
+    images = torch.randn(24, 3, 32, 32)
+    batches = [(chunk, torch.zeros(len(chunk))) for chunk in images.split(4)]
+    recorded = record_inputs(model, ["features.0", "classifier.0", "classifier.3"], batches, max_samples=10)
+    assert recorded["features.0"].shape == (10, 3, 32, 32)
+    assert torch.equal(recorded["features.0"], images[:10])
+    assert recorded["classifier.0"].shape == (10, 16)
+    assert recorded["classifier.3"].shape == (10, 8)
+    trunk, _ = split_at_classifier(model)
+    with torch.no_grad():
+        assert torch.allclose(recorded["classifier.0"], trunk(images[:10]), atol=1e-6)
+    assert model.training
+
+
+def test_record_inputs_on_a_head_with_fewer_samples_than_asked():
+    head = TinyNet().classifier
+    features = torch.randn(6, 16)
+    recorded = record_inputs(head, ["0"], features.split(4), max_samples=100)
+    assert torch.equal(recorded["0"], features)
+    assert not head[0]._forward_pre_hooks
+
+
+def test_record_inputs_unknown_module_is_an_error():
+    with pytest.raises(AdntnError, match="no module named 'classifier.9'"):
+        record_inputs(TinyNet(), ["classifier.9"], [torch.randn(2, 3, 32, 32)], max_samples=2)
