@@ -216,3 +216,25 @@ def test_per_layer_ratios(checkpoint, tmp_path):
 def test_per_layer_ratio_must_name_every_layer(checkpoint, tmp_path):
     _fails(["compress", checkpoint, "--layers", "fc6,fc7", "--ratio", "fc6=20", "--out", tmp_path / "o"],
            "no ratio for fc7", tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_one_sentence(checkpoint, tmp_path):
+    _fails(["compress", checkpoint, "--layers", "fc6", "--ratio", "20", "--device", "cuda", "--out", tmp_path / "o"],
+           "no CUDA GPU", tmp_path)
+
+
+def test_unknown_device(checkpoint, tmp_path):
+    _fails(["compress", checkpoint, "--layers", "fc6", "--ratio", "20", "--device", "tpu9", "--out", tmp_path / "o"],
+           "tpu9", tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["ttn", "attn", "mera"])
+def test_compress_on_cuda_matches_its_written_cores(checkpoint, tmp_path, arch):
+    out = tmp_path / "o"
+    result = adntn("compress", checkpoint, "--layers", "fc6,fc7", "--arch", arch, "--ratio", "20", "--steps", "5",
+                   "--device", "cuda", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert all(layer["weight_rel_error"] < 1.5 for layer in json.loads(result.stdout)["layers"])
+    assert adntn("expand", out, "-o", tmp_path / "d.pt").exit_code == 0

@@ -125,6 +125,7 @@ def compress(
     steps: Annotated[int, typer.Option(help="Adam steps of the weight-space fit per layer.")] = 200,
     lr: Annotated[float, typer.Option(help="Learning rate of the weight-space fit.")] = 1e-2,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same cores).")] = 0,
+    device: Annotated[str, typer.Option(help="Where to fit and fine-tune: cpu, cuda or cuda:N.")] = "cpu",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default CHECKPOINT-STEM.adntn).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     model: ModelOption = None,
@@ -152,7 +153,7 @@ def compress(
     names = _names(layers)
     common_ratio, layer_ratios = parse_ratio(ratio) if ratio is not None else (None, {})
     settings = FitSettings(arch=arch, ratio=common_ratio, layer_ratios=layer_ratios, bond_dim=bond_dim,
-                           activation=activation, steps=steps, lr=lr, seed=seed)
+                           activation=activation, steps=steps, lr=lr, seed=seed, device=device)
     task = None
     if data is not None:
         task = TaskSettings(data=data, config=config, epochs=epochs, lr=finetune_lr, batch_size=batch_size,

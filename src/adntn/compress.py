@@ -47,8 +47,10 @@ class FitSettings:
     steps: int = 200
     lr: float = 1e-2
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        resolve_device(self.device)
         if self.arch not in ARCHS:
             raise AdntnError(f"Unknown arch '{self.arch}'; choose one of {', '.join(ARCHS)}.")
         if (self.ratio is not None or self.layer_ratios) and self.bond_dim is not None:
@@ -59,6 +61,19 @@ class FitSettings:
             raise AdntnError(f"--steps must be 0 or more, not {self.steps}.")
         if not self.lr > 0:
             raise AdntnError(f"--lr must be positive, not {self.lr}.")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: cpu, cuda or cuda:N, refused with a sentence when it is not there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AdntnError(f"Unknown device '{name}'; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AdntnError(f"--device {name} was asked for, but no CUDA GPU is available here.")
+    if device.type not in ("cpu", "cuda"):
+        raise AdntnError(f"Device '{name}' is not supported; use cpu, cuda or cuda:N.")
+    return device
 
 
 @dataclass
@@ -107,8 +122,11 @@ def fit_weight_space(weight: torch.Tensor, layer: LayerInfo, settings: FitSettin
     generator = generator_class(spec).from_weight(spec, weight)
     init_error = relative_error(weight, materialize(generator, torch.float32))
     advance = progress.task(f"fit {layer.alias or layer.module} ({spec.arch})", settings.steps)
-    result = fit(generator, WeightObjective(weight, generator), steps=settings.steps, lr=settings.lr,
+    device = resolve_device(settings.device)
+    generator.to(device)
+    result = fit(generator, WeightObjective(weight.to(device), generator), steps=settings.steps, lr=settings.lr,
                  on_step=lambda step, loss: advance(step, math.sqrt(max(loss, 0.0))))
+    generator.cpu()
     compressed = CompressedLayer(layer.module, layer.alias, generator, None, weight.dtype)
     row = {
         "name": layer.module,

@@ -1,0 +1,101 @@
+"""compress --data and eval on a tiny ImageFolder the test writes itself."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from adntn.cli import app
+from adntn.demo import small_vgg11
+
+runner = CliRunner()
+CLASSES = 10
+
+
+def adntn(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("test", 3)):
+        for label in range(CLASSES):
+            folder = root / "data" / split / f"c{label}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                colour = torch.tensor([label * 25, 255 - label * 25, (label * 70) % 256])
+                pixels = (colour.view(1, 1, 3) + torch.randint(-20, 20, (32, 32, 3), generator=g)).clamp(0, 255)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{index}.png")
+    config = root / "tiny.toml"
+    config.write_text("[preprocessing]\nmean = [0.5, 0.5, 0.5]\nstd = [0.25, 0.25, 0.25]\nbatch_size = 16\n")
+    torch.manual_seed(0)
+    checkpoint = root / "tiny.pt"
+    torch.save(small_vgg11(CLASSES).state_dict(), checkpoint)
+    out = root / "tiny.adntn"
+    result = adntn("compress", checkpoint, "--layers", "fc6,fc7", "--ratio", "20", "--steps", "3",
+                   "--data", root / "data", "--config", config, "--epochs", "1", "--batch-size", "16",
+                   "--train", "fc8", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    return root, checkpoint, config, out, json.loads(result.stdout)
+
+
+def test_report_says_what_was_trained_on_what(setup):
+    _, _, _, _, report = setup
+    training = report["training"]
+    assert training["train_images"] == 60 and training["heldout_split"] == "test"
+    assert training["heldout_images"] == 30
+    assert training["trained"] == ["generator:classifier.0", "bias:classifier.0", "generator:classifier.3",
+                                   "bias:classifier.3", "layer:classifier.6"]
+    assert training["finetune"]["epochs"] == 1 and training["preprocessing_source"].startswith("config")
+    for name in ("dense", "compressed"):
+        assert 0 <= report["accuracy"][name]["top1"] <= report["accuracy"][name]["top5"] <= 1
+    for layer in report["layers"]:
+        assert layer["activation_rel_error"] >= 0 and 0 < layer["activation_fit_energy"] <= 1
+
+
+def test_eval_of_the_directory_matches_the_reported_accuracy(setup):
+    root, _, config, out, report = setup
+    result = adntn("eval", out, "--data", root / "data", "--config", config, "--json")
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)
+    assert measured["images"] == 30
+    assert abs(measured["top1"] - report["accuracy"]["compressed"]["top1"]) < 1e-9
+
+
+def test_eval_of_the_dense_checkpoint_matches_the_reported_dense_accuracy(setup):
+    root, checkpoint, config, _, report = setup
+    result = adntn("eval", checkpoint, "--data", root / "data", "--config", config, "--json")
+    assert result.exit_code == 0, result.output
+    assert abs(json.loads(result.stdout)["top1"] - report["accuracy"]["dense"]["top1"]) < 1e-9
+
+
+def test_trained_dense_layer_is_written_and_others_untouched(setup, tmp_path):
+    _, checkpoint, _, out, _ = setup
+    assert adntn("expand", out, "-o", tmp_path / "d.pt").exit_code == 0
+    original, expanded = torch.load(checkpoint), torch.load(tmp_path / "d.pt")
+    assert not torch.equal(original["classifier.6.weight"], expanded["classifier.6.weight"])  # --train fc8
+    assert torch.equal(original["features.0.weight"], expanded["features.0.weight"])
+
+
+def test_class_count_mismatch_is_refused(setup, tmp_path):
+    root, _, config, _, _ = setup
+    torch.save(small_vgg11(3).state_dict(), tmp_path / "three.pt")
+    result = adntn("compress", tmp_path / "three.pt", "--layers", "fc6", "--ratio", "20", "--data", root / "data",
+                   "--config", config, "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "10 class folders" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_conv_layers_take_the_full_forward_pass(setup, tmp_path):
+    root, checkpoint, config, _, _ = setup
+    result = adntn("compress", checkpoint, "--layers", "conv5_2", "--ratio", "20", "--steps", "2",
+                   "--data", root / "data", "--config", config, "--epochs", "1", "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["training"]["features_cached"] is False
+    assert report["training"]["trained"] == ["generator:features.18", "bias:features.18"]
+    assert report["layers"][0]["activation_rel_error"] >= 0
