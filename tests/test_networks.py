@@ -143,8 +143,9 @@ def tree_einsum(net: TTN) -> torch.Tensor:
 def mix_reference(mixer: Disentangler, state: torch.Tensor, k: int) -> torch.Tensor:
     """Disentangler on legs (k, k+1) of ``state``: merge the two axes, apply, un-merge."""
     dims = state.shape
-    merged = state.reshape(*dims[:k], dims[k] * dims[k + 1], *dims[k + 2:])
-    return mixer(merged, k).reshape(dims)
+    view = state.reshape(math.prod(dims[:k]), dims[k] * dims[k + 1], -1)
+    coeff = torch.einsum("pdq,dr->prq", view, mixer.q)
+    return (view + torch.einsum("prq,dr->pdq", coeff, mixer.p)).reshape(dims)
 
 
 def attn_reference(net: ATTN) -> torch.Tensor:

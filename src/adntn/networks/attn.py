@@ -37,21 +37,11 @@ def boundary_pairs(n_legs: int) -> range:
     return range(1, n_legs - 2, 2)
 
 
-def low_rank_update(view: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(I + P W) applied to the middle axis of ``view`` (pre, D, post); P (D, r), W (r, D).
-
-    Two batched GEMMs on the view as it lies (no permutation; the small factors are broadcast).
-    """
-    pre = view.shape[0]
-    coeff = torch.bmm(w.expand(pre, -1, -1), view)
-    return torch.baddbmm(view, p.expand(pre, -1, -1), coeff)
-
-
 def mix_pair(mixer: Disentangler, state: torch.Tensor, dims: tuple[int, ...], k: int) -> torch.Tensor:
     """``mixer`` (x -> x + P Q^T x) on legs (k, k+1) of ``state``, whose leading axes are legs
     ``dims``."""
     view = state.reshape(math.prod(dims[:k]), dims[k] * dims[k + 1], -1)
-    return low_rank_update(view, mixer.p, mixer.q.T).reshape(state.shape)
+    return mixer(view).reshape(state.shape)
 
 
 class _AddMiddle(torch.autograd.Function):

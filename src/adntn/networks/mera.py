@@ -18,7 +18,7 @@ product (``_kron_apply``): one GEMM per factor that reads the state as a (transp
 rotates the new axis to the other end, so the state is never permuted; going first-to-last or
 last-to-first, whichever needs fewer flops. The result (N entries) is the only N-sized tensor when
 the bonds are smaller than the legs; the one before it is d/b times smaller. Disentanglers are
-two batched GEMMs on the state as it lies (``attn.low_rank_update``).
+two batched GEMMs on the state as it lies (``base.low_rank_update``).
 
 With ``activation='none'`` and the disentanglers at the identity (P = 0, their initialisation)
 this is the linear TTN of the same cores, so ``from_weight`` uses the TTN's hierarchical SVD.
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ..spec import GeneratorSpec
-from .attn import boundary_pairs, low_rank_update, mix_pair
-from .base import Disentangler, Generator, activation_sites
+from .attn import boundary_pairs, mix_pair
+from .base import Disentangler, Generator, activation_sites, low_rank_update
 from .ttn import TTN, tree_bonds
 
 
@@ -194,5 +194,5 @@ class MERA(Generator):
             net._state(capture=captured)
             net.activations = gained
             for h, z in zip(range(net.levels - 1, 0, -1), captured):
-                net.activations[h - 1].calibrate(z.abs().amax().reshape(1))
+                net.activations[h - 1].calibrate(z)
         return net

@@ -22,7 +22,7 @@ from ..errors import AdntnError
 from ..spec import GeneratorSpec
 from ..tensorize import weight_to_legs
 from .base import Generator
-from .ttn import _top_singular_vectors, crop_matrix, halves_product
+from .ttn import top_singular_vectors, crop_matrix, halves_product
 
 
 def tt_ranks(spec: GeneratorSpec) -> list[int]:
@@ -88,7 +88,7 @@ class TT(Generator):
         rest = weight_to_legs(weight.detach().float(), spec.out_dims, spec.in_dims)
         for core, r, d, s in zip(list(net.cores)[:-1], net.ranks, spec.leg_dims, net.ranks[1:]):
             unfolding = rest.reshape(r * d, -1)
-            basis = _top_singular_vectors(unfolding, 0, s)
+            basis = top_singular_vectors(unfolding, 0, s)
             core.copy_(basis.reshape(r, d, s))
             rest = basis.T @ unfolding
         net.cores[-1].copy_(rest.reshape(net.cores[-1].shape))

@@ -78,7 +78,7 @@ def crop_matrix(matrix: torch.Tensor, spec: GeneratorSpec) -> torch.Tensor:
     return matrix.reshape(spec.rows, spec.cols)[:out, :cols].reshape(spec.shape).contiguous()
 
 
-def _top_singular_vectors(state: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
+def top_singular_vectors(state: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
     """Leading left singular vectors (dim x rank) of the unfolding of ``state`` along ``axis``."""
     unfolding = state.movedim(axis, 0).reshape(state.shape[axis], -1)
     gram = (unfolding @ unfolding.T).double()
@@ -175,7 +175,7 @@ class TTN(Generator):
         stored = iter(net.leaves)
         for k, identity in enumerate(net.leaf_is_identity):
             if not identity:
-                basis = _top_singular_vectors(state, k, net.bonds[0][k])
+                basis = top_singular_vectors(state, k, net.bonds[0][k])
                 next(stored).copy_(basis)
                 state = _project(state, k, basis)
         cores = iter(net.nodes)
@@ -183,7 +183,7 @@ class TTN(Generator):
             merged = [net.bonds[h - 1][2 * j] * net.bonds[h - 1][2 * j + 1] for j in range(len(net.bonds[h]))]
             state = state.reshape(merged)
             for j, c in enumerate(net.bonds[h]):
-                basis = _top_singular_vectors(state, j, c)
+                basis = top_singular_vectors(state, j, c)
                 next(cores).copy_(basis.reshape(net.bonds[h - 1][2 * j], net.bonds[h - 1][2 * j + 1], c))
                 state = _project(state, j, basis)
         net.root.copy_(state.reshape(net.root.shape))
