@@ -26,6 +26,7 @@ import torch
 
 from adntn.budget import spec_for_ratio
 from adntn.compress import FitSettings, compress_checkpoint
+from adntn.distill import FinetuneConfig
 from adntn.errors import AdntnError
 from adntn.progress import RichProgress
 from adntn.task import TaskSettings
@@ -37,6 +38,7 @@ RATIOS = (2000, 10000, 50000)
 PRIORITY = ("ttn-10000", "tt-10000", "ttn-total424", "ttn-2000", "mera-10000", "attn-10000", "ttn-50000",
             "tt-50000", "ttn-total200", "tt-2000", "mera-2000", "attn-2000")  # run order: a partial run keeps these
 CAPPED_SHARE = 0.5  # a layer that cannot reach the ratio is run at its smallest if within this share
+EXTREME_EPOCHS = 3  # rows at >= 50,000x or at the smallest budgets train longer
 
 
 def smallest_ratio(arch: str, shape: tuple[int, int]) -> float:
@@ -67,14 +69,14 @@ def plan_rows() -> list[dict]:
                     layer_ratios = None
                     break
             rows.append({"id": f"{arch}-{ratio}", "arch": arch, "ratio": ratio, "layer_ratios": layer_ratios,
-                         "notes": notes})
+                         "notes": notes, "extreme": ratio >= 50000})
     fc6_min = math.floor(smallest_ratio("ttn", LAYERS["fc6"]))
     for total in (424, 200):
         fc6_params = math.prod(LAYERS["fc6"]) / fc6_min
         fc7_ratio = math.ceil(math.prod(LAYERS["fc7"]) / (total - math.ceil(fc6_params)))
         rows.append({"id": f"ttn-total{total}", "arch": "ttn", "ratio": None,
                      "layer_ratios": {"fc6": fc6_min, "fc7": fc7_ratio},
-                     "notes": [f"smallest budget: at most {total} parameters for fc6+fc7"]})
+                     "notes": [f"smallest budget: at most {total} parameters for fc6+fc7"], "extreme": True})
     order = {row_id: index for index, row_id in enumerate(PRIORITY)}
     return sorted(rows, key=lambda row: order.get(row["id"], len(order)))
 
@@ -99,8 +101,9 @@ def prepare_data(shared: Path, work: Path) -> tuple[Path, Path]:
 def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
     settings = FitSettings(arch=row["arch"], layer_ratios=row["layer_ratios"], steps=args.steps, lr=args.lr,
                            seed=args.seed, activation=args.activation)
-    task = TaskSettings(data=data, epochs=args.epochs, lr=args.finetune_lr, batch_size=args.batch_size,
-                        cache_dir=work / "features")
+    epochs = max(args.epochs, EXTREME_EPOCHS) if row["extreme"] else args.epochs
+    finetune = FinetuneConfig(epochs=epochs, lr=args.finetune_lr, batch_size=args.batch_size, seed=args.seed)
+    task = TaskSettings(data=data, finetune=finetune, cache_dir=work / "features")
     (work / "out").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with RichProgress() as progress:
@@ -119,7 +122,7 @@ def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
         "dense_top1": report["accuracy"]["dense"]["top1"],
         "test_images": report["accuracy"]["images"],
         "train_images": report["training"]["train_images"],
-        "epochs": args.epochs,
+        "epochs": epochs,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -130,17 +133,17 @@ def markdown(results: dict) -> str:
         "",
         f"{results['settings']}",
         "",
-        "| row | arch | fc6 core params (ratio) | fc7 core params (ratio) | total | test top-1 | dense top-1 | Δ points | wall s | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| row | arch | fc6 core params (ratio) | fc7 core params (ratio) | total | epochs | test top-1 | dense top-1 | Δ points | wall s | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         if "top1" not in row:
-            lines.append(f"| {row['id']} | {row['arch']} | - | - | - | - | - | - | - | {'; '.join(row['notes']) or row.get('error', '')} |")
+            lines.append(f"| {row['id']} | {row['arch']} | - | - | - | - | - | - | - | - | {'; '.join(row['notes']) or row.get('error', '')} |")
             continue
         delta = 100 * (row["top1"] - row["dense_top1"])
         lines.append(
             f"| {row['id']} | {row['arch']} | {row['core_params']['fc6']:,} ({row['layer_ratio']['fc6']:,.0f}x) | "
-            f"{row['core_params']['fc7']:,} ({row['layer_ratio']['fc7']:,.0f}x) | {row['core_params_total']:,} | "
+            f"{row['core_params']['fc7']:,} ({row['layer_ratio']['fc7']:,.0f}x) | {row['core_params_total']:,} | {row['epochs']} | "
             f"{row['top1']:.4f} | {row['dense_top1']:.4f} | {delta:+.2f} | {row['seconds']:,.0f} | {'; '.join(row['notes'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -152,7 +155,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--work", type=Path, default=Path("/tmp/adntn-bench-quality"))
     parser.add_argument("--rows", default="", help="comma-separated row ids (default: all)")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1, help=f"(rows at >= 50,000x or smallest budgets: {EXTREME_EPOCHS})")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
@@ -165,7 +168,7 @@ def main() -> None:
     wanted = {r for r in args.rows.split(",") if r}
     rows = [row for row in plan_rows() if not wanted or row["id"] in wanted]
     results = {
-        "settings": (f"{args.epochs} epochs CE+KD (finetune lr {args.finetune_lr}, batch {args.batch_size}) after "
+        "settings": (f"{args.epochs} epoch(s) CE+KD ({EXTREME_EPOCHS} for the extreme rows) (finetune lr {args.finetune_lr}, batch {args.batch_size}) after "
                      f"{args.steps} weight-space + {args.steps} activation-space Adam steps (lr {args.lr}); "
                      f"activation {args.activation}; seed {args.seed}; torch {torch.__version__}, "
                      f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"),

@@ -148,6 +148,7 @@ def compress(
     from .compress import FitSettings, compress_checkpoint, parse_ratio
     from .progress import RichProgress
     from .report import render
+    from .distill import FinetuneConfig
     from .task import TaskSettings
 
     names = _names(layers)
@@ -156,8 +157,9 @@ def compress(
                            activation=activation, steps=steps, lr=lr, seed=seed, device=device)
     task = None
     if data is not None:
-        task = TaskSettings(data=data, config=config, epochs=epochs, lr=finetune_lr, batch_size=batch_size,
-                            temperature=temperature, kd_weight=kd_weight, train=tuple(_names(train)),
+        finetune = FinetuneConfig(epochs=epochs, lr=finetune_lr, batch_size=batch_size, temperature=temperature,
+                                  kd_weight=kd_weight, seed=seed)
+        task = TaskSettings(data=data, config=config, finetune=finetune, train=tuple(_names(train)),
                             cache_dir=cache_dir)
     elif config is not None or train:
         _fail("--config and --train only apply with --data.")

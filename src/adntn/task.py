@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,15 +39,11 @@ COVARIANCE_RANK = 256  # input directions kept by the activation-space fit of a 
 
 @dataclass
 class TaskSettings:
-    """``compress --data`` options: the data, preprocessing and fine-tuning."""
+    """``compress --data`` options: the data, preprocessing and fine-tuning (its seed is --seed)."""
 
     data: Path
     config: Path | None = None
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 256
-    temperature: float = 4.0
-    kd_weight: float = 0.9
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     record_samples: int = 4096
     train: tuple[str, ...] = ()
     cache_dir: Path | None = None
@@ -126,8 +122,7 @@ def run_task_stages(loaded, layers: list[LayerInfo], compressed: list[Compressed
     info = loaded.model
     splits, preprocessing = opened.splits, opened.preprocessing
     teacher = dense_model(loaded.state, info)
-    config = FinetuneConfig(epochs=task.epochs, lr=task.lr, batch_size=task.batch_size,
-                            temperature=task.temperature, kd_weight=task.kd_weight, seed=settings.seed)
+    config = task.finetune
     names = [layer.module for layer in layers]
     head_only = _head_only(layers)
     device = resolve_device(settings.device)
@@ -146,7 +141,7 @@ def run_task_stages(loaded, layers: list[LayerInfo], compressed: list[Compressed
         recorded = record_inputs(head, head_names, [heldout.features[:task.record_samples]], task.record_samples)
         heldout_inputs = {name: recorded[short] for name, short in zip(names, head_names)}
         head.to(device)
-        dense_accuracy = accuracy_of_logits(logits_of(head, heldout.features, task.batch_size), heldout.labels)
+        dense_accuracy = accuracy_of_logits(logits_of(head, heldout.features, config.batch_size), heldout.labels)
 
         _fit_activation_space(compressed, rows, layers, train_inputs, loaded.state, settings.steps, settings.lr,
                               device, progress)
@@ -157,9 +152,9 @@ def run_task_stages(loaded, layers: list[LayerInfo], compressed: list[Compressed
                   for kind_name, params in generated_parameters(student).items()
                   for kind, name in [kind_name.split(":", 1)]}
         groups.update(_extra_parameters(student, info, task.train, layers, prefix="classifier."))
-        result = finetune(student, logits_of(head, train.features, task.batch_size), train.features,
+        result = finetune(student, logits_of(head, train.features, config.batch_size), train.features,
                           train.labels, groups, config, progress)
-        compressed_accuracy = accuracy_of_logits(logits_of(student, heldout.features, task.batch_size),
+        compressed_accuracy = accuracy_of_logits(logits_of(student, heldout.features, config.batch_size),
                                                  heldout.labels)
         trained_model, prefix = student, "classifier."
         train_images, heldout_images = len(train.labels), len(heldout.labels)

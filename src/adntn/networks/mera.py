@@ -35,7 +35,7 @@ from torch import nn
 from ..spec import GeneratorSpec
 from .attn import boundary_pairs, mix_pair
 from .base import Disentangler, Generator, activation_sites, low_rank_update
-from .ttn import TTN, tree_bonds
+from .ttn import TTN, add_tree_cores, tree_bonds
 
 
 Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
@@ -85,20 +85,7 @@ class MERA(Generator):
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)
-        self.bonds = tree_bonds(spec)
-        self.levels = len(self.bonds)
-        dims = spec.leg_dims
-        self.leaves = nn.ParameterList(
-            nn.Parameter(torch.randn(d, b) / math.sqrt(d)) for d, b in zip(dims, self.bonds[0]) if b < d
-        )
-        self.leaf_is_identity = [b == d for d, b in zip(dims, self.bonds[0])]
-        self.nodes = nn.ParameterList()
-        for h in range(1, self.levels):
-            for j, c in enumerate(self.bonds[h]):
-                a, b = self.bonds[h - 1][2 * j], self.bonds[h - 1][2 * j + 1]
-                self.nodes.append(nn.Parameter(torch.randn(a, b, c) / math.sqrt(a * b)))
-        a, b = self.bonds[-1]
-        self.root = nn.Parameter(torch.randn(a, b) / math.sqrt(a * b))
+        add_tree_cores(self, spec)
         self.mixers = nn.ModuleList(
             nn.ModuleList(Disentangler(legs[k] * legs[k + 1], spec.mix_rank) for k in boundary_pairs(len(legs)))
             for legs in self._level_legs(spec)

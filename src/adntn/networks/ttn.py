@@ -91,25 +91,35 @@ def _project(state: torch.Tensor, axis: int, basis: torch.Tensor) -> torch.Tenso
     return torch.tensordot(state, basis, dims=([axis], [0])).movedim(-1, axis)
 
 
+def add_tree_cores(module: nn.Module, spec: GeneratorSpec) -> None:
+    """Give ``module`` the cores of the tree for ``spec`` (random, from torch's global RNG).
+
+    ``bonds`` and ``levels``; ``leaves`` A_k (d_k, b) for the legs whose bond is below d_k
+    (``leaf_is_identity`` marks the others); ``nodes`` B (a, b, c) level by level; ``root`` (a, b).
+    The TTN reads them bottom-up, the MERA top-down.
+    """
+    module.bonds = tree_bonds(spec)
+    module.levels = len(module.bonds)
+    dims = spec.leg_dims
+    module.leaves = nn.ParameterList(
+        nn.Parameter(torch.randn(d, b) / math.sqrt(d)) for d, b in zip(dims, module.bonds[0]) if b < d
+    )
+    module.leaf_is_identity = [b == d for d, b in zip(dims, module.bonds[0])]
+    module.nodes = nn.ParameterList()
+    for h in range(1, module.levels):
+        for j, c in enumerate(module.bonds[h]):
+            a, b = module.bonds[h - 1][2 * j], module.bonds[h - 1][2 * j + 1]
+            module.nodes.append(nn.Parameter(torch.randn(a, b, c) / math.sqrt(a * b)))
+    a, b = module.bonds[-1]
+    module.root = nn.Parameter(torch.randn(a, b) / math.sqrt(a * b))
+
+
 class TTN(Generator):
     arch = "ttn"
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)
-        self.bonds = tree_bonds(spec)
-        self.levels = len(self.bonds)
-        dims = spec.leg_dims
-        self.leaves = nn.ParameterList(
-            nn.Parameter(torch.randn(d, b) / math.sqrt(d)) for d, b in zip(dims, self.bonds[0]) if b < d
-        )
-        self.leaf_is_identity = [b == d for d, b in zip(dims, self.bonds[0])]
-        self.nodes = nn.ParameterList()
-        for h in range(1, self.levels):
-            for j, c in enumerate(self.bonds[h]):
-                a, b = self.bonds[h - 1][2 * j], self.bonds[h - 1][2 * j + 1]
-                self.nodes.append(nn.Parameter(torch.randn(a, b, c) / math.sqrt(a * b)))
-        a, b = self.bonds[-1]
-        self.root = nn.Parameter(torch.randn(a, b) / math.sqrt(a * b))
+        add_tree_cores(self, spec)
         self.activations = activation_sites(spec, self.levels - 1)
 
     @classmethod
