@@ -86,7 +86,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean:
     return float((model(inputs).argmax(1) == labels).float().mean())
 
 
-def make_demo(directory: Path, *, epochs: int = 30, seed: int = 0) -> tuple[Path, Path]:
+def make_demo(directory: Path, *, epochs: int = 20, seed: int = 0) -> tuple[Path, Path]:
     """Train (or reuse) the demo checkpoint and data; returns (checkpoint, data root)."""
     directory = Path(directory)
     checkpoint, data = directory / CHECKPOINT_NAME, directory / DATA_NAME
