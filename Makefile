@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python -m adntn.demo $(DEMO)
 	$(BIN)/adntn inspect $(DEMO)/digits-vgg11.safetensors
 	$(BIN)/adntn compress $(DEMO)/digits-vgg11.safetensors --layers fc6,fc7 --arch mera --ratio 100 \
-		--data $(DEMO)/digits --epochs 20 --batch-size 64 --finetune-lr 3e-3 --out $(DEMO)/digits.adntn --force
+		--data $(DEMO)/digits --epochs 20 --batch-size 64 --out $(DEMO)/digits.adntn --force
 	$(BIN)/adntn report $(DEMO)/digits.adntn
 	$(BIN)/adntn expand $(DEMO)/digits.adntn -o $(DEMO)/digits-dense.safetensors --force
 	$(BIN)/adntn eval $(DEMO)/digits-dense.safetensors --data $(DEMO)/digits

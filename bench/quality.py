@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help=f"(rows at >= 50,000x or smallest budgets: {EXTREME_EPOCHS})")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--finetune-lr", type=float, default=3e-3)
+    parser.add_argument("--finetune-lr", type=float, default=1e-2)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--activation", default="tanh")
     parser.add_argument("--seed", type=int, default=0)
@@ -168,7 +168,7 @@ def main() -> None:
     wanted = {r for r in args.rows.split(",") if r}
     rows = [row for row in plan_rows() if not wanted or row["id"] in wanted]
     results = {
-        "settings": (f"{args.epochs} epoch(s) CE+KD ({EXTREME_EPOCHS} for the extreme rows) (finetune lr {args.finetune_lr}, batch {args.batch_size}) after "
+        "settings": (f"{args.epochs} epoch(s) CE+KD ({EXTREME_EPOCHS} for the extreme rows) (Adam, constant lr {args.finetune_lr}, batch {args.batch_size}, dropout on) after "
                      f"{args.steps} weight-space + {args.steps} activation-space Adam steps (lr {args.lr}); "
                      f"activation {args.activation}; seed {args.seed}; torch {torch.__version__}, "
                      f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"),

@@ -212,6 +212,34 @@ def test_finetune_is_bit_reproducible_and_the_seed_matters():
     assert runs[0][0] != runs[2][0]
 
 
+class ModeProbe(nn.Module):
+    """Identity that records the mode of a dropout layer and a batch-norm layer it holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropout, self.norm = nn.Dropout(0.0), nn.BatchNorm1d(16)
+        self.seen: set[tuple[bool, bool]] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.add((self.dropout.training, self.norm.training))
+        return self.dropout(self.norm(x) * 0 + x)
+
+
+def test_finetune_trains_dropout_freezes_batch_norm_and_keeps_the_global_rng():
+    _, student, features, teacher_logits, labels = distillation_problem()
+    probe = ModeProbe()
+    student.insert(1, probe)
+    student.train()
+    student[0].eval()
+    running_mean = probe.norm.running_mean.clone()
+    rng = torch.get_rng_state()
+    finetune(student, teacher_logits, features, labels, generated_parameters(student), FinetuneConfig(epochs=1))
+    assert probe.seen == {(True, False)}
+    assert torch.equal(probe.norm.running_mean, running_mean)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert student.training and probe.norm.training and not student[0].training  # modes restored
+
+
 def test_finetune_with_zero_epochs_changes_nothing():
     _, student, features, teacher_logits, labels = distillation_problem()
     weight = dense_weights(student)["0.weight"]

@@ -134,7 +134,7 @@ def compress(
         help="ImageFolder root with train/ and val/ (or test/): fit on data and fine-tune by distillation.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Preprocessing TOML (see sample_configs/).")] = None,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs over train/ (with --data).")] = 3,
-    finetune_lr: Annotated[float, typer.Option("--finetune-lr", help="Fine-tuning learning rate (with --data).")] = 1e-3,
+    finetune_lr: Annotated[float, typer.Option("--finetune-lr", help="Fine-tuning learning rate (with --data).")] = 1e-2,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Fine-tuning batch size (with --data).")] = 256,
     temperature: Annotated[float, typer.Option(help="Distillation temperature (with --data).")] = 4.0,
     kd_weight: Annotated[float, typer.Option("--kd-weight", help="Weight of distillation vs cross-entropy.")] = 0.9,
