@@ -76,3 +76,10 @@ def test_covariance_form_equals_the_direct_activation_loss_when_rank_covers_the_
     assert reduced.inputs.shape == (8, 32) and reduced.energy > 0.999999
     with torch.no_grad():
         assert abs(float(exact(net)) - float(reduced(net))) < 1e-4 * float(exact(net))
+
+
+def test_relative_error_in_chunks_equals_the_direct_formula():
+    torch.manual_seed(0)
+    a, b = torch.randn(1000, 7, 3), torch.randn(1000, 7, 3)
+    direct = float((a.double() - b.double()).norm() / a.double().norm())
+    assert abs(relative_error(a, b, chunk_rows=64) - direct) < 1e-12
