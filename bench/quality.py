@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from adntn.budget import spec_for_ratio
+from adntn.budget import smallest_spec
 from adntn.compress import FitSettings, compress_checkpoint
 from adntn.distill import FinetuneConfig
 from adntn.errors import AdntnError
@@ -43,11 +43,7 @@ EXTREME_EPOCHS = 3  # rows at >= 50,000x or at the smallest budgets train longer
 
 def smallest_ratio(arch: str, shape: tuple[int, int]) -> float:
     """The largest ratio any spec of ``arch`` reaches on ``shape``."""
-    try:
-        spec_for_ratio(arch, shape, 1e12, "tanh")
-    except AdntnError as error:
-        return float(str(error).rsplit("(", 1)[1].split("x")[0].replace(",", ""))
-    raise AssertionError("no generator reaches 1e12x")
+    return smallest_spec(arch, shape, "tanh").ratio
 
 
 def plan_rows() -> list[dict]:
@@ -62,7 +58,7 @@ def plan_rows() -> list[dict]:
                 if top >= ratio:
                     layer_ratios[name] = ratio
                 elif top >= CAPPED_SHARE * ratio:
-                    layer_ratios[name] = math.floor(top)
+                    layer_ratios[name] = top
                     notes.append(f"{name} at its smallest generator ({top:,.0f}x)")
                 else:
                     notes.append(f"{name} cannot reach {ratio:,}x (smallest generator: {top:,.0f}x)")
@@ -70,7 +66,7 @@ def plan_rows() -> list[dict]:
                     break
             rows.append({"id": f"{arch}-{ratio}", "arch": arch, "ratio": ratio, "layer_ratios": layer_ratios,
                          "notes": notes, "extreme": ratio >= 50000})
-    fc6_min = math.floor(smallest_ratio("ttn", LAYERS["fc6"]))
+    fc6_min = smallest_ratio("ttn", LAYERS["fc6"])
     for total in (424, 200):
         fc6_params = math.prod(LAYERS["fc6"]) / fc6_min
         fc7_ratio = math.ceil(math.prod(LAYERS["fc7"]) / (total - math.ceil(fc6_params)))

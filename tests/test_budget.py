@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from adntn.budget import default_legs, spec_for_bond_dim, spec_for_ratio
+from adntn.budget import default_legs, smallest_spec, spec_for_bond_dim, spec_for_ratio
 from adntn.errors import AdntnError
 
 
@@ -43,3 +43,9 @@ def test_bond_dim_spec_uses_default_legs():
 def test_baselines_are_linear():
     assert spec_for_bond_dim("tt", (64, 64), 2, "tanh").activation == "none"
     assert spec_for_bond_dim("svd", (64, 64), 2, "tanh").bond_dims == (2,)
+
+
+def test_the_smallest_spec_is_exactly_reachable():
+    smallest = smallest_spec("ttn", (4096, 512), "tanh")
+    assert smallest.core_params == 60
+    assert spec_for_ratio("ttn", (4096, 512), smallest.ratio, "tanh").core_params == 60

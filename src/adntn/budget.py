@@ -79,6 +79,13 @@ def _candidates(arch: str, shape: tuple[int, ...], activation: str, n_legs: int,
         previous = params
 
 
+def smallest_spec(arch: str, shape: tuple[int, ...], activation: str) -> GeneratorSpec:
+    """The spec of ``arch`` with the fewest parameters for ``shape`` (every bond 1, best leg count)."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    return min((make_spec(arch, shape, (1,) * _level_count(arch, k), activation, k) for k in _leg_counts(arch, rows, cols)),
+               key=lambda s: s.core_params)
+
+
 def spec_for_ratio(arch: str, shape: tuple[int, ...], ratio: float, activation: str,
                    label: str = "layer") -> GeneratorSpec:
     """The largest spec of ``arch`` with dense_params / core_params >= ``ratio``."""
@@ -93,11 +100,7 @@ def spec_for_ratio(arch: str, shape: tuple[int, ...], ratio: float, activation: 
         if fitting:
             best[n_legs] = max(fitting, key=lambda s: s.core_params)
     if not best:
-        smallest = min(
-            (make_spec(arch, shape, (1,) * _level_count(arch, k), activation, k)
-             for k in _leg_counts(arch, rows, cols)),
-            key=lambda s: s.core_params,
-        )
+        smallest = smallest_spec(arch, shape, activation)
         asked = f"{ratio:,.0f}" if ratio >= 1000 else f"{ratio:g}"
         raise AdntnError(
             f"{label} ({'x'.join(map(str, shape))}) cannot reach {asked}x with --arch {arch}: its smallest "
