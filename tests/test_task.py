@@ -99,3 +99,17 @@ def test_conv_layers_take_the_full_forward_pass(setup, tmp_path):
     assert report["training"]["features_cached"] is False
     assert report["training"]["trained"] == ["generator:features.18", "bias:features.18"]
     assert report["layers"][0]["activation_rel_error"] >= 0
+
+
+def test_expanded_safetensors_keep_the_source_metadata(tmp_path):
+    from safetensors import safe_open
+
+    from adntn.checkpoint import save_state_dict
+
+    torch.manual_seed(0)
+    source = tmp_path / "m.safetensors"
+    save_state_dict(small_vgg11().state_dict(), source, metadata={"mean": "[0.5, 0.5, 0.5]", "std": "[0.2, 0.2, 0.2]"})
+    assert adntn("compress", source, "--layers", "fc7", "--ratio", "20", "--steps", "1", "--out", tmp_path / "o").exit_code == 0
+    assert adntn("expand", tmp_path / "o", "-o", tmp_path / "d.safetensors").exit_code == 0
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as handle:
+        assert handle.metadata()["mean"] == "[0.5, 0.5, 0.5]"

@@ -40,5 +40,6 @@ def expand(directory: Path, output: Path, *, force: bool = False) -> Path:
     if output.exists() and not force:
         raise AdntnError(f"{output} already exists; pass --force to replace it.")
     state = expanded_state_dict(directory)
-    save_state_dict(state, output)
+    # a .safetensors output keeps the source's metadata (mean, std, ...) for `adntn eval`
+    save_state_dict(state, output, metadata=read_report(directory)["source"].get("metadata") or None)
     return output
