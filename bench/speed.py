@@ -450,7 +450,8 @@ def markdown(results: dict) -> str:
         f"{gb(m['memory_bytes'])} GB RAM; torch {m['torch']} with {m['torch_threads']} threads; "
         f"Python {m['python']}; {m['date']}; git {str(m['git_commit'])[:10]}"
         f"{' + uncommitted src changes' if m['src_uncommitted_changes'] else ''}.",
-        f"Command: `{results['command']}`; compress settings: {results['settings_note']}.",
+        f"Command: `{results['command']}`; compress settings: {results['settings_note']}."
+        + "".join(f" Resumed {r['date']} with `{r['command']}` (rows before it kept)." for r in results.get("resumed", [])),
         "",
         "Targets: compress peak RSS <= 2.5 x checkpoint "
         f"({gb(RSS_TARGET * ckpt)} GB); compress fc6+fc7 <= {COMPRESS_TARGET_S:.0f} s; "
@@ -553,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="weight-space steps (default: the library's)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed to each child process")
     parser.add_argument("--quick", action="store_true", help="smoke run: ttn at 2000x with --steps 5")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished rows of an existing --out file and run only the others")
     parser.add_argument("--keep", action="store_true", help="keep compressed directories and expanded files")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -604,6 +607,20 @@ def main(argv: list[str] | None = None) -> int:
     out_json = options.out
     out_md = out_json.with_suffix(".md")
     out_json.parent.mkdir(parents=True, exist_ok=True)
+    done: dict = {}
+    if options.resume and out_json.exists():
+        previous = json.loads(out_json.read_text())
+        if previous.get("settings_note") != results["settings_note"]:
+            parser.error(f"--resume: {out_json} was run with other settings ({previous.get('settings_note')})")
+        done = {(e["arch"], e["ratio"]): e for e in previous.get("runs", []) if "checks" in e}
+        results["machine"], results["command"] = previous["machine"], previous["command"]
+        results["resumed"] = previous.get("resumed", []) + [
+            {"date": machine_info()["date"], "command": " ".join(["python", "bench/speed.py", *(argv or sys.argv[1:])]),
+             "kept": [f"{a} {r:g}" for a, r in done]}]
+        for key in ("rss_after_import_bytes",):
+            if key in previous:
+                results[key] = previous[key]
+        log(f"resuming {out_json}: keeping {len(done)} finished rows")
 
     def write() -> None:
         out_json.write_text(json.dumps(results, indent=2) + "\n")
@@ -611,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for arch in archs:
         for ratio in ratios:
+            if (arch, ratio) in done:
+                results["runs"].append(done[(arch, ratio)])
+                continue
             entry: dict = {"arch": arch, "ratio": ratio}
             results["runs"].append(entry)
             tag = f"{arch} {ratio:,.0f}x"
