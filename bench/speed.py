@@ -608,11 +608,15 @@ def main(argv: list[str] | None = None) -> int:
     out_md = out_json.with_suffix(".md")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     done: dict = {}
+    partial: dict = {}
     if options.resume and out_json.exists():
         previous = json.loads(out_json.read_text())
         if previous.get("settings_note") != results["settings_note"]:
             parser.error(f"--resume: {out_json} was run with other settings ({previous.get('settings_note')})")
         done = {(e["arch"], e["ratio"]): e for e in previous.get("runs", []) if "checks" in e}
+        # A row cut off after its compress timed out keeps that result (only the --steps 0 archive is redone).
+        partial = {(e["arch"], e["ratio"]): e["compress"] for e in previous.get("runs", [])
+                   if "checks" not in e and (e.get("compress") or {}).get("timeout")}
         results["machine"], results["command"] = previous["machine"], previous["command"]
         results["resumed"] = previous.get("resumed", []) + [
             {"date": machine_info()["date"], "command": " ".join(["python", "bench/speed.py", *(argv or sys.argv[1:])]),
@@ -642,9 +646,13 @@ def main(argv: list[str] | None = None) -> int:
                 write()
                 continue
             directory = work / "out" / f"{arch}-{ratio:g}.adntn"
-            compress = run_child("compress", {"checkpoint": str(checkpoint), "arch": arch, "ratio": ratio,
-                                              "steps": steps, "out": str(directory),
-                                              "progress": str(work / "out" / "progress.json")}, options.timeout)
+            if (arch, ratio) in partial:
+                compress = partial[(arch, ratio)]
+                log(f"{tag}: keeping the earlier compress timeout")
+            else:
+                compress = run_child("compress", {"checkpoint": str(checkpoint), "arch": arch, "ratio": ratio,
+                                                  "steps": steps, "out": str(directory),
+                                                  "progress": str(work / "out" / "progress.json")}, options.timeout)
             entry["compress"] = compress
             if compress.get("ok"):
                 results.setdefault("rss_after_import_bytes", compress["rss_after_import_bytes"])
