@@ -307,3 +307,13 @@ def test_file_sha256_matches_hashlib_across_chunks(tmp_path: Path) -> None:
 def test_file_sha256_of_missing_file(tmp_path: Path) -> None:
     with pytest.raises(AdntnError, match="Cannot read"):
         file_sha256(tmp_path / "absent.bin")
+
+
+def test_stream_safetensors_refuses_a_tensor_unlike_its_layout(tmp_path: Path) -> None:
+    from adntn.checkpoint import atomic_write, stream_safetensors
+
+    path = tmp_path / "bad.safetensors"
+    with pytest.raises(AdntnError, match="announced"):
+        atomic_write(path, lambda tmp: stream_safetensors({"w": (torch.float32, (2, 3))},
+                                                          lambda name: torch.zeros(3, 2), tmp))
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left

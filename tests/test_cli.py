@@ -238,3 +238,30 @@ def test_compress_on_cuda_matches_its_written_cores(checkpoint, tmp_path, arch):
     assert result.exit_code == 0, result.output
     assert all(layer["weight_rel_error"] < 1.5 for layer in json.loads(result.stdout)["layers"])
     assert adntn("expand", out, "-o", tmp_path / "d.pt").exit_code == 0
+
+
+def test_streamed_safetensors_expand_equals_the_in_memory_state_dict(compressed, tmp_path, monkeypatch):
+    """expand to .safetensors writes tensor by tensor: the same bytes as saving the whole expanded
+    state_dict at once, with at most one generated weight alive at any time."""
+    import weakref
+
+    from adntn import archive, expand as expand_module
+    from adntn.checkpoint import save_state_dict
+
+    alive, most = weakref.WeakSet(), [0]
+    materialize = archive.materialize
+
+    def counted(generator, dtype):
+        weight = materialize(generator, dtype)
+        alive.add(weight)
+        most[0] = max(most[0], len(alive))
+        return weight
+
+    monkeypatch.setattr(expand_module, "materialize", counted)
+    streamed = tmp_path / "streamed.safetensors"
+    expand_module.expand(compressed, streamed)
+    assert most[0] == 1
+    whole = tmp_path / "whole.safetensors"
+    metadata = json.loads((compressed / "report.json").read_text())["source"].get("metadata") or None
+    save_state_dict(expand_module.expanded_state_dict(compressed), whole, metadata=metadata)
+    assert streamed.read_bytes() == whole.read_bytes()

@@ -1,16 +1,32 @@
-"""Expand a compressed directory back into an ordinary dense state_dict."""
+"""Expand a compressed directory back into an ordinary dense state_dict.
+
+A ``.safetensors`` output is streamed: its header is written from the shapes alone, then each
+tensor is read or generated, written and dropped, so the peak holds one layer's weight. A ``.pt``
+output goes through ``torch.save``, which needs the whole state_dict: one dense copy.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from .archive import layer_paths, materialize, read_dense, read_layer, read_report
-from .checkpoint import save_state_dict
+from .archive import DENSE_FILE, CompressedLayer, layer_paths, materialize, read_dense, read_layer, read_report
+from .checkpoint import SAFETENSORS_SUFFIX, atomic_write, safetensors_layout, save_state_dict, stream_safetensors
 from .errors import AdntnError
 
-SUFFIXES = (".pt", ".pth", ".safetensors")
+SUFFIXES = (".pt", ".pth", SAFETENSORS_SUFFIX)
+
+
+def _read_layers(directory: Path, report: dict) -> list[CompressedLayer]:
+    return [read_layer(path) for path in layer_paths(directory, report)]
+
+
+def _check_complete(directory: Path, report: dict, keys) -> None:
+    missing = [key for key in report["keys"] if key not in keys]
+    if missing:
+        raise AdntnError(f"{directory} is incomplete: {missing[0]} is in neither dense.safetensors nor a layer file.")
 
 
 def expanded_state_dict(directory: Path) -> dict[str, torch.Tensor]:
@@ -21,15 +37,35 @@ def expanded_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """
     report = read_report(directory)
     state = read_dense(directory)
-    for path in layer_paths(directory, report):
-        layer = read_layer(path)
+    for layer in _read_layers(directory, report):
         state[layer.weight_key] = materialize(layer.generator, layer.dtype)
         if layer.bias is not None:
             state[layer.bias_key] = layer.bias
-    missing = [key for key in report["keys"] if key not in state]
-    if missing:
-        raise AdntnError(f"{directory} is incomplete: {missing[0]} is in neither dense.safetensors nor a layer file.")
+    _check_complete(directory, report, state)
     return {key: state[key] for key in report["keys"]}
+
+
+def _stream(directory: Path, report: dict, output: Path) -> None:
+    """Write the expanded state_dict to ``output`` (.safetensors) one tensor at a time."""
+    layers = {layer.weight_key: layer for layer in _read_layers(directory, report)}
+    biases = {layer.bias_key: layer.bias for layer in layers.values() if layer.bias is not None}
+    path = Path(directory) / DENSE_FILE
+    try:
+        with safe_open(str(path), framework="pt") as dense:
+            layout = safetensors_layout(dense)
+            layout.update({key: (layer.dtype, layer.generator.spec.shape) for key, layer in layers.items()})
+            layout.update({key: (bias.dtype, tuple(bias.shape)) for key, bias in biases.items()})
+            _check_complete(directory, report, layout)
+
+            def produce(key: str) -> torch.Tensor:
+                if key in layers:
+                    return materialize(layers[key].generator, layers[key].dtype)
+                return biases[key] if key in biases else dense.get_tensor(key)
+
+            metadata = report["source"].get("metadata") or None  # mean, std, ... for `adntn eval`
+            atomic_write(output, lambda temporary: stream_safetensors(layout, produce, temporary, metadata))
+    except (OSError, SafetensorError) as error:
+        raise AdntnError(f"{path} is missing or corrupt ({type(error).__name__}).") from None
 
 
 def expand(directory: Path, output: Path, *, force: bool = False) -> Path:
@@ -39,7 +75,8 @@ def expand(directory: Path, output: Path, *, force: bool = False) -> Path:
         raise AdntnError(f"The output must end in {', '.join(SUFFIXES)}, not '{output.suffix or output.name}'.")
     if output.exists() and not force:
         raise AdntnError(f"{output} already exists; pass --force to replace it.")
-    state = expanded_state_dict(directory)
-    # a .safetensors output keeps the source's metadata (mean, std, ...) for `adntn eval`
-    save_state_dict(state, output, metadata=read_report(directory)["source"].get("metadata") or None)
+    if output.suffix == SAFETENSORS_SUFFIX:
+        _stream(Path(directory), read_report(directory), output)
+    else:
+        save_state_dict(expanded_state_dict(directory), output)
     return output
