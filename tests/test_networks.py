@@ -90,6 +90,21 @@ def test_counts_shapes_and_forward_matches_legs(spec: GeneratorSpec) -> None:
             torch.testing.assert_close(weight, legs_to_weight(legs, spec.out_dims, spec.in_dims, spec.shape))
 
 
+@pytest.mark.parametrize("arch", ["ttn", "attn", "tt"])
+@pytest.mark.parametrize("block", [1, 7, 1 << 24])
+def test_inference_forward_in_blocks_equals_the_autograd_forward(arch: str, block: int, monkeypatch) -> None:
+    """Without autograd, halves_product writes the weight in blocks of rows: same values."""
+    from adntn.networks import ttn
+
+    torch.manual_seed(0)
+    net = build(make_spec(arch, (64, 48), 4))
+    perturb_mixers(net)
+    expected = net()
+    monkeypatch.setattr(ttn, "BROADCAST_BLOCK", block)
+    with torch.no_grad():
+        torch.testing.assert_close(net(), expected, rtol=1e-6, atol=1e-7)
+
+
 def test_param_counts_by_formula() -> None:
     spec = make_spec("ttn", (64, 48), 8, bond=2)
     dims, tree = spec.leg_dims, TTN.param_count(spec)

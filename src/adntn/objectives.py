@@ -31,7 +31,7 @@ class WeightObjective:
             matrix.reshape(spec.rows, spec.cols) if spec.arch == "svd"
             else weight_to_legs(matrix, spec.out_dims, spec.in_dims)
         )
-        self.norm_sq = self.target.pow(2).sum()
+        self.norm_sq = torch.linalg.vector_norm(self.target).square()  # no N-sized temporary
 
     def __call__(self, generator: Generator) -> torch.Tensor:
         return generator.squared_distance(self.target, self.norm_sq) / self.norm_sq

@@ -89,8 +89,15 @@ def low_rank_update(view: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> tor
 
 @functools.lru_cache(maxsize=512)
 def contraction(equation: str, *shapes: tuple[int, ...]):
-    """An opt_einsum contraction whose path is found once per equation and shapes."""
-    return opt_einsum.contract_expression(equation, *shapes, optimize="auto")
+    """An opt_einsum contraction whose path is found once per equation and shapes.
+
+    No intermediate may be larger than the result or the largest operand (``memory_limit``):
+    a generator's peak memory is then set by the tensors it returns, not by the path.
+    """
+    inputs, output = equation.split("->")
+    sizes = {index: dim for term, shape in zip(inputs.split(","), shapes) for index, dim in zip(term, shape)}
+    limit = max(math.prod(sizes[index] for index in output), *(math.prod(shape) for shape in shapes))
+    return opt_einsum.contract_expression(equation, *shapes, optimize="auto", memory_limit=limit)
 
 
 class Generator(nn.Module):

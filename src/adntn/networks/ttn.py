@@ -27,6 +27,9 @@ from ..tensorize import weight_to_legs
 from .base import Generator, activation_sites, contraction
 
 
+BROADCAST_BLOCK = 1 << 24  # values: bound on the operand copies of an inference-time halves_product
+
+
 def tree_bonds(spec: GeneratorSpec) -> list[list[int]]:
     """Actual bond dims: ``bonds[h][j]`` is the bond above node (h, j), h = 0 .. L-1.
 
@@ -65,11 +68,20 @@ def halves_product(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec,
     left (P, chi) has rows over legs 1..m, (o_1, i_1, ..., o_m, i_m) row-major; right (Q, chi) over
     legs m+1..K. Regrouped (small copies) as left (x, i, chi), x = (o_1..o_m), i = (i_1..i_m), and
     right (y, j, chi), the batched GEMM W[x, y, i, j] = sum_b left[x, i, b] right[y, j, b] writes
-    the matrix directly: no N-sized permutation (broadcasting copies N*chi/j + N*chi/i values).
+    the matrix directly: no N-sized permutation. With autograd, broadcasting copies N*chi/j +
+    N*chi/i values; without (expand, evaluation), blocks of x are written into the result in
+    turn, so the copies stay under BROADCAST_BLOCK values and the result is the only large tensor.
     """
-    left = digits_first(left, spec.out_dims[:m], spec.in_dims[:m])
-    right = digits_first(right, spec.out_dims[m:], spec.in_dims[m:])
-    return torch.matmul(left.unsqueeze(1), right.transpose(1, 2).unsqueeze(0))
+    left = digits_first(left, spec.out_dims[:m], spec.in_dims[:m]).unsqueeze(1)  # (x, 1, i, chi)
+    right = digits_first(right, spec.out_dims[m:], spec.in_dims[m:]).transpose(1, 2).unsqueeze(0)  # (1, y, chi, j)
+    if torch.is_grad_enabled() and (left.requires_grad or right.requires_grad):
+        return torch.matmul(left, right)
+    (x, _, i, chi), (_, y, _, j) = left.shape, right.shape
+    out = left.new_empty(x, y, i, j)
+    block = max(1, BROADCAST_BLOCK // (y * chi * (i + j)))
+    for start in range(0, x, block):
+        torch.matmul(left[start:start + block], right, out=out[start:start + block])
+    return out
 
 
 def crop_matrix(matrix: torch.Tensor, spec: GeneratorSpec) -> torch.Tensor:
