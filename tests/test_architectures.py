@@ -331,3 +331,11 @@ def test_reference_cifar10_checkpoint() -> None:
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_vgg_configs_are_torchvisions():
+    from torchvision.models.vgg import cfgs
+
+    from adntn.architectures import VGG_CFGS
+
+    assert VGG_CFGS == cfgs

@@ -19,12 +19,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models import AlexNet
-from torchvision.models.vgg import VGG, cfgs, make_layers
 
 from .errors import AdntnError
 
 VGG_CONFIGS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}  # torchvision cfg letters
+# torchvision.models.vgg.cfgs (a test pins the copy): recognising a checkpoint does not import
+# torchvision, whose import alone costs 0.17 GB of memory; only build_model needs it.
+VGG_CFGS: dict[str, list[int | str]] = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
 MODEL_NAMES = ("alexnet",) + tuple(
     name for depth in VGG_CONFIGS for name in (depth, f"{depth}_bn")
 )
@@ -172,7 +178,7 @@ def _layout(name: str) -> _Layout:
         return _Layout(name, convs, batch_norm=False, classifier=(1, 4, 6))
     batch_norm = name.endswith("_bn")
     slots, index, block, position = [], 0, 1, 1
-    for entry in cfgs[VGG_CONFIGS[name.removesuffix("_bn")]]:
+    for entry in VGG_CFGS[VGG_CONFIGS[name.removesuffix("_bn")]]:
         if entry == "M":  # MaxPool2d ends a block
             index, block, position = index + 1, block + 1, 1
             continue
@@ -327,6 +333,9 @@ def build_model(info: ModelInfo) -> nn.Module:
     ``model.load_state_dict(state, strict=True)``. Construction happens on the meta device, so
     default-size layers that are replaced are never allocated.
     """
+    from torchvision.models import AlexNet
+    from torchvision.models.vgg import VGG, make_layers
+
     with torch.device("meta"):
         if info.family == "alexnet":
             model: nn.Module = AlexNet(num_classes=info.num_classes)
@@ -334,7 +343,7 @@ def build_model(info: ModelInfo) -> nn.Module:
             widths = iter(info.conv_widths)
             config = [
                 entry if entry == "M" else next(widths)
-                for entry in cfgs[VGG_CONFIGS[info.name.removesuffix("_bn")]]
+                for entry in VGG_CFGS[VGG_CONFIGS[info.name.removesuffix("_bn")]]
             ]
             model = VGG(
                 make_layers(config, batch_norm=info.batch_norm),
