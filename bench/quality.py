@@ -6,7 +6,8 @@ Needs the project's shared data beside the checkout (or --shared DIR):
 Each row runs the whole pipeline (weight-space fit, activation-space fit, CE+KD fine-tuning on
 train/, top-1 on the 10,000 test images) through the library, exactly as `adntn compress --data`
 does. The convolutional features are computed once and cached in --work. Rows are appended to
-the JSON and Markdown results as they finish, so a partial run keeps what it measured.
+the JSON and Markdown results as they finish, so a partial run keeps what it measured; rows of an
+earlier run with the same settings are kept (a row run again replaces its old result).
 
     python bench/quality.py --out bench/results/quality.json [--rows ttn-2000,...] [--epochs 2]
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import tarfile
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from adntn.budget import smallest_spec
+from adntn.budget import smallest_spec, spec_for_ratio
 from adntn.compress import FitSettings, compress_checkpoint
 from adntn.distill import FinetuneConfig
 from adntn.errors import AdntnError
@@ -35,8 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {"fc6": (4096, 512), "fc7": (4096, 4096)}
 ARCHS = ("ttn", "attn", "mera", "tt", "svd")
 RATIOS = (2000, 10000, 50000)
-PRIORITY = ("ttn-10000", "tt-10000", "ttn-total424", "ttn-2000", "mera-10000", "attn-10000", "ttn-50000",
-            "tt-50000", "ttn-total200", "tt-2000", "mera-2000", "attn-2000")  # run order: a partial run keeps these
+PRIORITY = ("ttn-10000", "tt-10000", "ttn-total424", "ttn-2000", "tt-2000", "svd-2000", "ttn-50000", "tt-50000",
+            "ttn-total200", "mera-10000", "attn-10000", "mera-2000", "attn-2000")  # run order: a partial run keeps these
+# The smallest budgets, split between the layers: fc6 (the 512 trunk features in) at bond 2 or
+# (2, 1, 1, 1), fc7 the same; 158 + 182 = 340 and 82 + 106 = 188 parameters. A first run with fc6
+# at its 60-parameter minimum and the other 364 in fc7 reached 0.8393 (ttn-total424-fc6min).
+SMALLEST_BUDGETS = {424: {"fc6": 13000, "fc7": 80000}, 200: {"fc6": 25000, "fc7": 120000}}
 CAPPED_SHARE = 0.5  # a layer that cannot reach the ratio is run at its smallest if within this share
 EXTREME_EPOCHS = 3  # rows at >= 50,000x or at the smallest budgets train longer
 
@@ -60,18 +64,19 @@ def plan_rows() -> list[dict]:
                 elif top >= CAPPED_SHARE * ratio:
                     layer_ratios[name] = top
                     notes.append(f"{name} at its smallest generator ({top:,.0f}x)")
+                elif arch == "svd" and ratio == RATIOS[0]:
+                    layer_ratios[name] = top
+                    notes.append(f"{name} at rank 1 ({top:,.0f}x): more parameters than the other rows")
                 else:
                     notes.append(f"{name} cannot reach {ratio:,}x (smallest generator: {top:,.0f}x)")
                     layer_ratios = None
                     break
             rows.append({"id": f"{arch}-{ratio}", "arch": arch, "ratio": ratio, "layer_ratios": layer_ratios,
                          "notes": notes, "extreme": ratio >= 50000})
-    fc6_min = smallest_ratio("ttn", LAYERS["fc6"])
-    for total in (424, 200):
-        fc6_params = math.prod(LAYERS["fc6"]) / fc6_min
-        fc7_ratio = math.ceil(math.prod(LAYERS["fc7"]) / (total - math.ceil(fc6_params)))
-        rows.append({"id": f"ttn-total{total}", "arch": "ttn", "ratio": None,
-                     "layer_ratios": {"fc6": fc6_min, "fc7": fc7_ratio},
+    for total, layer_ratios in SMALLEST_BUDGETS.items():
+        params = sum(spec_for_ratio("ttn", LAYERS[name], ratio, "tanh").core_params for name, ratio in layer_ratios.items())
+        assert params <= total, (total, params)
+        rows.append({"id": f"ttn-total{total}", "arch": "ttn", "ratio": None, "layer_ratios": layer_ratios,
                      "notes": [f"smallest budget: at most {total} parameters for fc6+fc7"], "extreme": True})
     order = {row_id: index for index, row_id in enumerate(PRIORITY)}
     return sorted(rows, key=lambda row: order.get(row["id"], len(order)))
@@ -152,7 +157,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/adntn-bench-quality"))
     parser.add_argument("--rows", default="", help="comma-separated row ids (default: all)")
     parser.add_argument("--epochs", type=int, default=1, help=f"(rows at >= 50,000x or smallest budgets: {EXTREME_EPOCHS})")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--finetune-lr", type=float, default=1e-2)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -170,18 +175,29 @@ def main() -> None:
                      f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"),
         "rows": [],
     }
-    for row in rows:
-        if row["layer_ratios"] is None:
-            results["rows"].append(row)
-        else:
-            try:
-                results["rows"].append(run_row(row, model, data, args.work, args))
-            except AdntnError as error:
-                results["rows"].append({**row, "error": str(error)})
-        print(f"{row['id']}: {json.dumps(results['rows'][-1].get('top1'))}", file=sys.stderr)
+    earlier = {}
+    if args.out.exists():
+        previous = json.loads(args.out.read_text())
+        if previous.get("settings") == results["settings"]:
+            earlier = {row["id"]: row for row in previous["rows"]}
+    order = [row["id"] for row in plan_rows()]
+
+    def save(row: dict) -> None:
+        """Record ``row``, keeping the earlier rows measured with the same settings."""
+        earlier[row["id"]] = row
+        results["rows"] = sorted(earlier.values(), key=lambda r: order.index(r["id"]) if r["id"] in order else len(order))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(markdown(results))
+
+    for row in rows:
+        if row["layer_ratios"] is not None:
+            try:
+                row = run_row(row, model, data, args.work, args)
+            except AdntnError as error:
+                row = {**row, "error": str(error)}
+        save(row)
+        print(f"{row['id']}: {json.dumps(row.get('top1'))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ class ActivationObjective:
 
 
 @torch.no_grad()
-def relative_error(reference: torch.Tensor, approximation: torch.Tensor, chunk_rows: int = 256) -> float:
+def relative_error(reference: torch.Tensor, approximation: torch.Tensor, chunk_rows: int = 64) -> float:
     """||A - B||_F / ||A||_F, accumulated in float64 over row chunks (no full float64 copies)."""
     reference, approximation = reference.reshape(reference.shape[0], -1), approximation.reshape(reference.shape[0], -1)
     error_sq = norm_sq = 0.0
