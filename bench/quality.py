@@ -42,7 +42,7 @@ PRIORITY = ("ttn-10000", "tt-10000", "ttn-total424", "ttn-2000", "tt-2000", "svd
 # at its 60-parameter minimum and 342 in fc7 reached 0.8393 (ttn-total424-fc6min).
 SMALLEST_BUDGETS = {424: {"fc6": 13000, "fc7": 80000}, 200: {"fc6": 25000, "fc7": 120000}}
 CAPPED_SHARE = 0.5  # a layer that cannot reach the ratio is run at its smallest if within this share
-EXTREME_EPOCHS = 3  # rows at >= 50,000x or at the smallest budgets train longer
+EXTREME_EPOCHS = 3  # rows at >= 50,000x or at the smallest budgets train longer, and without dropout
 
 
 def smallest_ratio(arch: str, shape: tuple[int, int]) -> float:
@@ -103,7 +103,8 @@ def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
     settings = FitSettings(arch=row["arch"], layer_ratios=row["layer_ratios"], steps=args.steps, lr=args.lr,
                            seed=args.seed, activation=args.activation)
     epochs = max(args.epochs, EXTREME_EPOCHS) if row["extreme"] else args.epochs
-    finetune = FinetuneConfig(epochs=epochs, lr=args.finetune_lr, batch_size=args.batch_size, seed=args.seed)
+    finetune = FinetuneConfig(epochs=epochs, lr=args.finetune_lr, batch_size=args.batch_size, seed=args.seed,
+                              dropout=not row["extreme"])
     task = TaskSettings(data=data, finetune=finetune, cache_dir=work / "features")
     (work / "out").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -124,6 +125,7 @@ def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
         "test_images": report["accuracy"]["images"],
         "train_images": report["training"]["train_images"],
         "epochs": epochs,
+        "dropout": finetune.dropout,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -144,7 +146,7 @@ def markdown(results: dict) -> str:
         delta = 100 * (row["top1"] - row["dense_top1"])
         lines.append(
             f"| {row['id']} | {row['arch']} | {row['core_params']['fc6']:,} ({row['layer_ratio']['fc6']:,.0f}x) | "
-            f"{row['core_params']['fc7']:,} ({row['layer_ratio']['fc7']:,.0f}x) | {row['core_params_total']:,} | {row['epochs']} | "
+            f"{row['core_params']['fc7']:,} ({row['layer_ratio']['fc7']:,.0f}x) | {row['core_params_total']:,} | {row['epochs']}{'' if row.get('dropout', True) else ', no dropout'} | "
             f"{row['top1']:.4f} | {row['dense_top1']:.4f} | {delta:+.2f} | {row['seconds']:,.0f} | {'; '.join(row['notes'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -169,7 +171,7 @@ def main() -> None:
     wanted = {r for r in args.rows.split(",") if r}
     rows = [row for row in plan_rows() if not wanted or row["id"] in wanted]
     results = {
-        "settings": (f"{args.epochs} epoch(s) CE+KD ({EXTREME_EPOCHS} for the extreme rows) (Adam, constant lr {args.finetune_lr}, batch {args.batch_size}, dropout on) after "
+        "settings": (f"{args.epochs} epoch(s) CE+KD ({EXTREME_EPOCHS} for the extreme rows) (Adam, constant lr {args.finetune_lr}, batch {args.batch_size}, dropout on; off for the extreme rows) after "
                      f"{args.steps} weight-space + {args.steps} activation-space Adam steps (lr {args.lr}); "
                      f"activation {args.activation}; seed {args.seed}; torch {torch.__version__}, "
                      f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"),

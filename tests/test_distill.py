@@ -240,6 +240,18 @@ def test_finetune_trains_dropout_freezes_batch_norm_and_keeps_the_global_rng():
     assert student.training and probe.norm.training and not student[0].training  # modes restored
 
 
+def test_finetune_without_dropout_runs_the_whole_student_in_eval_mode():
+    _, student, features, teacher_logits, labels = distillation_problem()
+    probe = ModeProbe()
+    student.insert(1, probe)
+    student.train()
+    config = FinetuneConfig(epochs=1, dropout=False)
+    finetune(student, teacher_logits, features, labels, generated_parameters(student), config)
+    assert probe.seen == {(False, False)}
+    assert student.training and probe.dropout.training  # modes restored
+    assert config.describe()["student_mode"] == "dropout off, batch norm frozen"
+
+
 def test_finetune_with_zero_epochs_changes_nothing():
     _, student, features, teacher_logits, labels = distillation_problem()
     weight = dense_weights(student)["0.weight"]

@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     out = root / "tiny.adntn"
     result = adntn("compress", checkpoint, "--layers", "fc6,fc7", "--ratio", "20", "--steps", "3",
                    "--data", root / "data", "--config", config, "--epochs", "1", "--batch-size", "16",
-                   "--train", "fc8", "--out", out, "--json")
+                   "--train", "fc8", "--no-dropout", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     return root, checkpoint, config, out, json.loads(result.stdout)
 
@@ -51,6 +51,7 @@ def test_report_says_what_was_trained_on_what(setup):
     assert training["trained"] == ["generator:classifier.0", "bias:classifier.0", "generator:classifier.3",
                                    "bias:classifier.3", "layer:classifier.6"]
     assert training["finetune"]["epochs"] == 1 and training["preprocessing_source"].startswith("config")
+    assert training["finetune"]["dropout"] is False and training["finetune"]["student_mode"].startswith("dropout off")
     for name in ("dense", "compressed"):
         assert 0 <= report["accuracy"][name]["top1"] <= report["accuracy"][name]["top5"] <= 1
     for layer in report["layers"]:

@@ -138,6 +138,8 @@ def compress(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Fine-tuning batch size (with --data).")] = 256,
     temperature: Annotated[float, typer.Option(help="Distillation temperature (with --data).")] = 4.0,
     kd_weight: Annotated[float, typer.Option("--kd-weight", help="Weight of distillation vs cross-entropy.")] = 0.9,
+    dropout: Annotated[bool, typer.Option(
+        "--dropout/--no-dropout", help="Keep the model's dropout layers active while fine-tuning (with --data).")] = True,
     train: Annotated[str, typer.Option(
         help="Comma-separated dense layers to fine-tune too (e.g. fc8); by default only the generators and the compressed layers' biases train.")] = "",
     cache_dir: Annotated[Optional[Path], typer.Option(
@@ -158,7 +160,7 @@ def compress(
     task = None
     if data is not None:
         finetune = FinetuneConfig(epochs=epochs, lr=finetune_lr, batch_size=batch_size, temperature=temperature,
-                                  kd_weight=kd_weight, seed=seed)
+                                  kd_weight=kd_weight, seed=seed, dropout=dropout)
         task = TaskSettings(data=data, config=config, finetune=finetune, train=tuple(_names(train)),
                             cache_dir=cache_dir)
     elif config is not None or train:

@@ -193,7 +193,8 @@ def run_task_stages(loaded, layers: list[LayerInfo], compressed: list[Compressed
         row["activation_steps"] = settings.steps
 
     trained = ", ".join(result.trained)
-    summary = (f"task-aware: {result.epochs} epochs of CE+KD (T={config.temperature}, KD weight {config.kd_weight}) "
+    summary = (f"task-aware: {result.epochs} epochs of CE+KD (T={config.temperature}, KD weight {config.kd_weight}, "
+               f"{config.describe()['student_mode']}) "
                f"on {train_images:,} train images of {task.data.name}; trained: {trained}; "
                f"accuracy on {heldout_images:,} {splits.heldout_name} images")
     return {
