@@ -105,6 +105,19 @@ def test_inference_forward_in_blocks_equals_the_autograd_forward(arch: str, bloc
         torch.testing.assert_close(net(), expected, rtol=1e-6, atol=1e-7)
 
 
+def test_materialize_runs_the_generator_without_autograd() -> None:
+    """expand and the reported errors generate weights without a graph (the inference schedules)."""
+    from adntn.archive import materialize
+
+    torch.manual_seed(0)
+    net = build(make_spec("ttn", (64, 48), 4))
+    grad_modes = []
+    net.register_forward_hook(lambda module, args, output: grad_modes.append(torch.is_grad_enabled()))
+    weight = materialize(net, torch.float64)
+    assert grad_modes == [False] and weight.dtype == torch.float64 and not weight.requires_grad
+    torch.testing.assert_close(weight, net().detach().double())
+
+
 def test_param_counts_by_formula() -> None:
     spec = make_spec("ttn", (64, 48), 8, bond=2)
     dims, tree = spec.leg_dims, TTN.param_count(spec)
