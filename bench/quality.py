@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {"fc6": (4096, 512), "fc7": (4096, 4096)}
 ARCHS = ("ttn", "attn", "mera", "tt", "svd")
 RATIOS = (2000, 10000, 50000)
-PRIORITY = ("ttn-10000", "tt-10000", "ttn-total424", "ttn-2000", "tt-2000", "svd-2000", "ttn-50000", "tt-50000",
+PRIORITY = ("ttn-10000", "tt-10000", "ttn-total424", "ttn-total424-fc8", "ttn-2000", "tt-2000", "svd-2000", "ttn-50000", "tt-50000",
             "ttn-total200", "mera-10000", "attn-10000", "mera-2000", "attn-2000")  # run order: a partial run keeps these
 # The smallest budgets, split between the layers: fc6 (the 512 trunk features in) at bond 2 or
 # (2, 1, 1, 1), fc7 the same; 158 + 182 = 340 and 82 + 106 = 188 parameters. A first run with fc6
@@ -78,6 +78,9 @@ def plan_rows() -> list[dict]:
         assert params <= total, (total, params)
         rows.append({"id": f"ttn-total{total}", "arch": "ttn", "ratio": None, "layer_ratios": layer_ratios,
                      "notes": [f"smallest budget: at most {total} parameters for fc6+fc7"], "extreme": True})
+    rows.append({"id": "ttn-total424-fc8", "arch": "ttn", "ratio": None, "layer_ratios": SMALLEST_BUDGETS[424],
+                 "train": ["fc8"], "extreme": True,
+                 "notes": ["as ttn-total424, with the dense fc8 (40,970 parameters, not compressed) fine-tuned too (--train fc8)"]})
     order = {row_id: index for index, row_id in enumerate(PRIORITY)}
     return sorted(rows, key=lambda row: order.get(row["id"], len(order)))
 
@@ -105,7 +108,7 @@ def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
     epochs = max(args.epochs, EXTREME_EPOCHS) if row["extreme"] else args.epochs
     finetune = FinetuneConfig(epochs=epochs, lr=args.finetune_lr, batch_size=args.batch_size, seed=args.seed,
                               dropout=not row["extreme"])
-    task = TaskSettings(data=data, finetune=finetune, cache_dir=work / "features")
+    task = TaskSettings(data=data, finetune=finetune, train=tuple(row.get("train", ())), cache_dir=work / "features")
     (work / "out").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with RichProgress() as progress:
@@ -126,6 +129,7 @@ def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
         "train_images": report["training"]["train_images"],
         "epochs": epochs,
         "dropout": finetune.dropout,
+        "trained": report["training"]["trained"],
         "seconds": round(time.perf_counter() - start, 1),
     }
 
