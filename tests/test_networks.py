@@ -307,6 +307,17 @@ def test_tt_matches_the_chain(n_legs: int, seed: int, data) -> None:
         torch.testing.assert_close(net(), legs_to_weight(reference, out_dims, in_dims, shape))
 
 
+def test_tt_is_cut_where_neither_half_is_nearly_the_whole_weight() -> None:
+    """fc6 of VGG-16 at 2,000x: the least rank (8) is at the last bond, where the left half would
+    have N/8 rows; the cut goes to the balanced bond instead."""
+    from adntn.networks.tt import tt_split
+
+    dims, ranks = (16, 14, 14, 8, 8, 8, 8, 8), [1, 16, 33, 33, 33, 33, 33, 8, 1]
+    assert tt_split(ranks, dims) == 4
+    assert tt_split([1, 2, 2, 1], (4, 4, 4)) in (1, 2)
+    assert tt_split([1, 4, 1, 4, 1], (4, 4, 4, 4)) == 2  # a rank-1 bond in the middle: cut there
+
+
 # ----------------------------------------------------------------------------- squared distance
 
 @pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
@@ -323,6 +334,20 @@ def test_squared_distance_equals_materialised(arch: str, shape: tuple[int, ...],
         target = weight_to_legs(weight, spec.out_dims, spec.in_dims)
     expected = (net.legs() - target).pow(2).sum()
     torch.testing.assert_close(net.squared_distance(target, target.pow(2).sum()), expected)
+
+
+@pytest.mark.parametrize("arch", ["ttn", "tt"])
+def test_squared_distance_gradients_equal_the_materialised_ones(arch: str) -> None:
+    """The bilinear form's custom backward gives the gradients of ||Y - G||^2 itself."""
+    torch.manual_seed(2)
+    spec = make_spec(arch, (64, 48), 8)
+    net = build(spec).double()
+    target = weight_to_legs(torch.randn(64, 48, dtype=torch.float64), spec.out_dims, spec.in_dims)
+    params = list(net.parameters())
+    expected = torch.autograd.grad((net.legs() - target).pow(2).sum(), params)
+    actual = torch.autograd.grad(net.squared_distance(target, target.pow(2).sum()), params)
+    for e, a in zip(expected, actual):
+        torch.testing.assert_close(a, e)
 
 
 # ----------------------------------------------------------------------------- initialisation
