@@ -314,7 +314,6 @@ def test_tt_is_cut_where_neither_half_is_nearly_the_whole_weight() -> None:
 
     dims, ranks = (16, 14, 14, 8, 8, 8, 8, 8), [1, 16, 33, 33, 33, 33, 33, 8, 1]
     assert tt_split(ranks, dims) == 4
-    assert tt_split([1, 2, 2, 1], (4, 4, 4)) in (1, 2)
     assert tt_split([1, 4, 1, 4, 1], (4, 4, 4, 4)) == 2  # a rank-1 bond in the middle: cut there
 
 

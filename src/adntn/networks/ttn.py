@@ -103,7 +103,7 @@ def _project(state: torch.Tensor, axis: int, basis: torch.Tensor) -> torch.Tenso
     return torch.tensordot(state, basis, dims=([axis], [0])).movedim(-1, axis)
 
 
-class _Bilinear(torch.autograd.Function):
+class BilinearForm(torch.autograd.Function):
     """L^T Y M for a large constant Y (P, Q) and thin L (P, a), M (Q, b): reads Y three times.
 
     Both gradients keep Y in its stored orientation: dL = Y (M G^T) and dM = ((L G)^T Y)^T.
@@ -204,7 +204,7 @@ class TTN(Generator):
         """||Y - L R R'^T||^2 = ||Y||^2 - 2<L^T Y R', R> + <L^T L R R'^T R', R>, no N-sized tensor."""
         left, right = self.top_messages()
         target = target_legs.reshape(left.shape[0], right.shape[0])
-        cross = (_Bilinear.apply(left, target, right) * self.root).sum()
+        cross = (BilinearForm.apply(left, target, right) * self.root).sum()
         gram = ((left.T @ left) @ self.root @ (right.T @ right) * self.root).sum()
         return target_norm_sq - 2 * cross + gram
 
