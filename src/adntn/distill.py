@@ -78,10 +78,13 @@ class FinetuneConfig:
         if self.weight_decay < 0:
             raise AdntnError(f"Weight decay must be >= 0, not {self.weight_decay}.")
 
+    @property
+    def student_mode(self) -> str:
+        """How the student's layers run while it trains, as the report states it."""
+        return f"dropout {'on' if self.dropout else 'off'}, batch norm frozen"
+
     def describe(self) -> dict:
-        mode = "dropout on" if self.dropout else "dropout off"
-        return {**asdict(self), "optimizer": "adam", "schedule": "constant",
-                "student_mode": f"{mode}, batch norm frozen"}
+        return {**asdict(self), "optimizer": "adam", "schedule": "constant", "student_mode": self.student_mode}
 
 
 @dataclass

@@ -194,7 +194,7 @@ def run_task_stages(loaded, layers: list[LayerInfo], compressed: list[Compressed
 
     trained = ", ".join(result.trained)
     summary = (f"task-aware: {result.epochs} epochs of CE+KD (T={config.temperature}, KD weight {config.kd_weight}, "
-               f"{config.describe()['student_mode']}) "
+               f"{config.student_mode}) "
                f"on {train_images:,} train images of {task.data.name}; trained: {trained}; "
                f"accuracy on {heldout_images:,} {splits.heldout_name} images")
     return {
