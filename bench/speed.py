@@ -96,8 +96,9 @@ def child_build(args: dict) -> dict:
             "params": sum(t.numel() for t in state.values())}
 
 
-STAGES = ("load_checkpoint", "check_finite", "from_weight", "WeightObjective", "fit", "materialize",
+STAGES = ("load_checkpoint", "check_finite", "fit_target", "from_target", "fit", "materialize",
           "relative_error", "write_archive")
+CLASS_STAGES = ("fit_target", "from_target")  # classmethods of the generator class
 
 
 def instrument_compress(timeline: list) -> None:
@@ -126,13 +127,14 @@ def instrument_compress(timeline: list) -> None:
         return wrapper
 
     for name in STAGES:
-        if name != "from_weight" and callable(getattr(module, name, None)):
+        if name not in CLASS_STAGES and callable(getattr(module, name, None)):
             setattr(module, name, timed(name, getattr(module, name)))
     original = getattr(module, "generator_class", None)
     if original is not None:
         def generator_class(spec):
             cls = original(spec)
-            return type(cls.__name__, (), {"from_weight": staticmethod(timed("from_weight", cls.from_weight))})
+            return type(cls.__name__, (), {name: staticmethod(timed(name, getattr(cls, name)))
+                                           for name in CLASS_STAGES if hasattr(cls, name)})
         module.generator_class = generator_class
 
 

@@ -317,3 +317,66 @@ def test_stream_safetensors_refuses_a_tensor_unlike_its_layout(tmp_path: Path) -
         atomic_write(path, lambda tmp: stream_safetensors({"w": (torch.float32, (2, 3))},
                                                           lambda name: torch.zeros(3, 2), tmp))
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left
+
+
+def resident_kib() -> int:
+    with open("/proc/self/smaps_rollup") as rollup:
+        return next(int(line.split()[1]) for line in rollup if line.startswith("Rss:"))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_mmap_load_gives_the_same_tensors(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"model{suffix}"
+    save_state_dict(small_state(), path, {"mean": "0.5"} if suffix == ".safetensors" else None)
+    mapped, metadata = load_state_dict(path, mmap=True)
+    assert_same_tensors(mapped, load_state_dict(path)[0])
+    assert sorted(mapped) == sorted(small_state())
+    assert metadata == ({"mean": "0.5"} if suffix == ".safetensors" else {})
+
+
+def test_mmap_load_reads_legacy_torch_files_and_misaligned_safetensors(tmp_path: Path) -> None:
+    legacy = tmp_path / "legacy.pt"
+    torch.save(small_state(), legacy, _use_new_zipfile_serialization=False)
+    assert_same_tensors(load_state_dict(legacy, mmap=True)[0], small_state())
+    # a 3-byte tensor first: the float32 after it starts at an offset no view can use
+    odd = OrderedDict([("a", torch.arange(3, dtype=torch.uint8)), ("b", torch.randn(5))])
+    path = tmp_path / "odd.safetensors"
+    save_state_dict(odd, path)
+    assert_same_tensors(load_state_dict(path, mmap=True)[0], odd)
+    assert checkpoint._map_safetensors(path, {"a": (torch.uint8, (3,)), "b": (torch.float32, (5,))}) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_release_pages_drops_a_mapped_tensor_and_keeps_its_values(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"big{suffix}"
+    values = torch.randn(4096, 4096)  # 64 MiB
+    save_state_dict({"w": values}, path)
+    mapped = load_state_dict(path, mmap=True)[0]["w"]
+    before = resident_kib()
+    assert torch.equal(mapped, values)  # reading maps the pages in
+    touched = resident_kib()
+    checkpoint.release_pages(mapped)
+    released = resident_kib()
+    assert touched - before > 48 * 1024
+    assert touched - released > 48 * 1024
+    assert torch.equal(mapped, values)  # read again from the file
+
+
+def test_release_pages_leaves_ordinary_memory_alone() -> None:
+    """Anonymous memory would read back as zeros after MADV_DONTNEED: it must never be touched."""
+    values = torch.randn(1 << 20)
+    copy = values.clone()
+    checkpoint.release_pages(values)
+    for block in checkpoint.row_blocks(values.reshape(1024, 1024), 1 << 12):
+        pass
+    assert torch.equal(values, copy)
+
+
+def test_row_blocks_cover_the_rows_in_order() -> None:
+    tensor = torch.arange(7 * 3).reshape(7, 3)
+    blocks = list(checkpoint.row_blocks(tensor, 6))
+    assert [tuple(b.shape) for b in blocks] == [(2, 3), (2, 3), (2, 3), (1, 3)]
+    assert torch.equal(torch.cat(blocks), tensor)
+    assert [b.item() for b in checkpoint.row_blocks(torch.tensor(5.0))] == [5.0]
+    assert torch.cat(list(checkpoint.row_blocks(torch.empty(0, 4)))).shape == (0, 4)

@@ -50,3 +50,31 @@ def test_leg_k_pairs_row_digit_and_column_digit():
     # row r = 3*o1 + o2, col c = 2*i1 + i2; leg 1 = (o1, i1), leg 2 = (o2, i2)
     o1, o2, i1, i2 = 1, 2, 4, 1
     assert legs[o1 * 5 + i1, o2 * 2 + i2] == weight[3 * o1 + o2, 2 * i1 + i2]
+
+
+@settings(max_examples=30, deadline=None)
+@given(out=st.integers(1, 40), cols=st.integers(1, 40), n_legs=st.sampled_from([1, 2, 4]),
+       block_values=st.integers(1, 200))
+def test_weight_to_legs_in_blocks_equals_one_permutation(out, cols, n_legs, block_values):
+    """Whatever the block size: the same legs as one reshape-permute of the padded matrix, and
+    ``after_block`` sees every row of the weight once, in order."""
+    import adntn.tensorize as tensorize
+
+    torch.manual_seed(0)
+    weight = torch.randn(out, cols, dtype=torch.float64)
+    out_dims, in_dims = choose_leg_factors(out, cols, n_legs)
+    rows, padded_cols = math.prod(out_dims), math.prod(in_dims)
+    padded = torch.nn.functional.pad(weight, (0, padded_cols - cols, 0, rows - out))
+    k = len(out_dims)
+    order = [axis for pair in zip(range(k), range(k, 2 * k)) for axis in pair]
+    expected = padded.reshape(*out_dims, *in_dims).permute(*order).reshape([o * i for o, i in zip(out_dims, in_dims)])
+    seen = []
+    original = tensorize.LEGS_BLOCK_VALUES
+    tensorize.LEGS_BLOCK_VALUES = block_values
+    try:
+        legs = weight_to_legs(weight, out_dims, in_dims, dtype=torch.float32, after_block=seen.append)
+    finally:
+        tensorize.LEGS_BLOCK_VALUES = original
+    assert legs.dtype == torch.float32
+    assert torch.equal(legs, expected.float())
+    assert torch.equal(torch.cat(seen), weight)

@@ -7,6 +7,7 @@ message; no other exception escapes for bad input.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -16,7 +17,8 @@ import re
 import secrets
 import struct
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def load_state_dict(
-    path: Path, *, allow_pickle: bool = False
+    path: Path, *, allow_pickle: bool = False, mmap: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read the tensors of a checkpoint file.
 
@@ -42,6 +44,10 @@ def load_state_dict(
             ``model``, or (only with ``allow_pickle``) a pickled ``nn.Module``.
         allow_pickle: unpickle arbitrary Python objects (``torch.load(weights_only=False)``).
             Only for trusted files: unpickling can execute code.
+        mmap: map the file instead of reading it: the tensors are copy-on-write views of its
+            pages, read from disk when first used (and droppable again, see
+            :func:`release_pages`). Must not be written to. A legacy (non-zip) ``torch.save``
+            file, or a safetensors file whose offsets do not suit a view, is read as usual.
 
     Returns:
         ``(tensors, metadata)``: tensor name -> tensor (dtype and shape as stored; a leading
@@ -58,19 +64,20 @@ def load_state_dict(
     if path.is_dir():
         raise AdntnError(f"{path} is a directory, not a checkpoint file.")
     if path.suffix == SAFETENSORS_SUFFIX:
-        tensors, metadata = _read_safetensors(path)
+        tensors, metadata = _read_safetensors(path, mmap)
     else:
-        tensors, metadata = _extract_tensors(_torch_load(path, allow_pickle), path), {}
+        tensors, metadata = _extract_tensors(_torch_load(path, allow_pickle, mmap), path), {}
     if not tensors:
         raise AdntnError(f"{path} is not a checkpoint: it holds no tensors.")
     return _strip_data_parallel_prefix(tensors), metadata
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(path: Path, mmap: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:  # validates the header
             metadata = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            mapped = _map_safetensors(path, safetensors_layout(handle)) if mmap else None
+            tensors = mapped if mapped is not None else {name: handle.get_tensor(name) for name in handle.keys()}
     except OSError as error:
         raise AdntnError(f"Cannot read {path}: {error.strerror or error}.") from None
     except (SafetensorError, ValueError, RuntimeError):
@@ -80,9 +87,30 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
-def _torch_load(path: Path, allow_pickle: bool) -> object:
+def _map_safetensors(path: Path, layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+                     ) -> dict[str, torch.Tensor] | None:
+    """Views of a (validated) safetensors file's tensors over one private mapping of the file, or
+    None when a tensor's offset is not a multiple of its item size (a view cannot start there)."""
+    with open(path, "rb") as stream:
+        (header_size,) = struct.unpack("<Q", stream.read(8))
+        header = json.loads(stream.read(header_size))
+    start = 8 + header_size
+    size = path.stat().st_size
+    if any((start + header[name]["data_offsets"][0]) % dtype.itemsize for name, (dtype, _) in layout.items()):
+        return None
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    tensors = {}
+    for name, (dtype, shape) in layout.items():
+        offset = (start + header[name]["data_offsets"][0]) // dtype.itemsize
+        tensors[name] = torch.empty(0, dtype=dtype).set_(storage, offset, shape)
+    return tensors
+
+
+def _torch_load(path: Path, allow_pickle: bool, mmap: bool = False) -> object:
     """``torch.load`` on CPU, translating every failure into an :class:`AdntnError`."""
     try:
+        if mmap and zipfile.is_zipfile(path):  # torch.load maps only the zip format
+            return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except OSError as error:
         raise AdntnError(f"Cannot read {path}: {error.strerror or error}.") from None
@@ -274,6 +302,56 @@ def stream_safetensors(layout: Mapping[str, tuple[torch.dtype, Sequence[int]]], 
             del tensor
 
 
+_MADV_DONTNEED = 4  # Linux
+
+
+def _private_file_mapping(start: int, stop: int) -> bool:
+    """Whether the addresses [start, stop) lie in one private mapping of a file (/proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                low, high = (int(value, 16) for value in fields[0].split("-"))
+                if low <= start and stop <= high:
+                    return fields[1].endswith("p") and fields[4] != "0" and len(fields) > 5
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a tensor that views a file mapped by ``load_state_dict(mmap=True)``.
+
+    The values stay readable: the next read faults them in again from the file (the page cache).
+    So reading a mapped checkpoint block by block, releasing each block, keeps the process's
+    resident memory at one block. A no-op for any other tensor (anonymous memory would lose its
+    values), for non-contiguous tensors and off Linux. The tensor must never have been written to.
+    """
+    if not sys.platform.startswith("linux") or not tensor.is_contiguous() or tensor.device.type != "cpu":
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    address = tensor.data_ptr()
+    start = -(-address // page) * page  # whole pages inside the tensor only
+    stop = (address + tensor.numel() * tensor.element_size()) // page * page
+    if stop > start and _private_file_mapping(start, stop):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(start, stop - start, _MADV_DONTNEED)
+
+
+def row_blocks(tensor: torch.Tensor, values: int = 1 << 22) -> Iterator[torch.Tensor]:
+    """Blocks of whole rows (along dim 0) of about ``values`` entries each, each released with
+    :func:`release_pages` once the consumer asks for the next: a mapped tensor is read through
+    without staying resident. The blocks are views; a 0-d tensor is one block."""
+    if tensor.dim() == 0:
+        yield tensor
+        return
+    rows = max(1, values // max(1, math.prod(tensor.shape[1:])))
+    for block in tensor.split(rows):
+        yield block
+        release_pages(block)
+
+
 _FINITE_CHUNK = 1 << 22  # elements per isfinite pass
 
 
@@ -288,8 +366,9 @@ def check_finite(tensors: Mapping[str, torch.Tensor], keys: Iterable[str]) -> No
             raise AdntnError(f"The checkpoint has no tensor named {key}.")
         tensor = tensors[key]
         if tensor.is_floating_point() or tensor.is_complex():
-            # in chunks: isfinite allocates a full-size temporary (|x|), 0.4 GB for VGG-16's fc6
-            if not all(bool(torch.isfinite(chunk).all()) for chunk in tensor.reshape(-1).split(_FINITE_CHUNK)):
+            # in blocks: isfinite allocates a full-size temporary (|x|), 0.4 GB for VGG-16's fc6,
+            # and a mapped checkpoint is read through without staying resident
+            if not all(bool(torch.isfinite(block).all()) for block in row_blocks(tensor, _FINITE_CHUNK)):
                 raise AdntnError(
                     f"{key} contains NaN or Inf values; adntn cannot compress non-finite weights."
                 )

@@ -22,7 +22,7 @@ from . import __version__
 from .architectures import LayerInfo, ModelInfo, detect_model, resolve_layers
 from .archive import CompressedLayer, check_destination, materialize, write_archive
 from .budget import spec_for_bond_dim, spec_for_ratio
-from .checkpoint import check_finite, file_sha256, load_state_dict
+from .checkpoint import check_finite, file_sha256, load_state_dict, release_pages
 from .errors import AdntnError
 from .fit import fit
 from .networks import generator_class
@@ -85,9 +85,11 @@ class LoadedCheckpoint:
     sha256: str = field(repr=False, default="")
 
 
-def load_checkpoint(path: Path, *, model: str | None = None, allow_pickle: bool = False) -> LoadedCheckpoint:
-    """Read a checkpoint and recognise its architecture."""
-    state, metadata = load_state_dict(Path(path), allow_pickle=allow_pickle)
+def load_checkpoint(path: Path, *, model: str | None = None, allow_pickle: bool = False,
+                    mmap: bool = False) -> LoadedCheckpoint:
+    """Read (or with ``mmap``, map: see ``load_state_dict``) a checkpoint and recognise its
+    architecture."""
+    state, metadata = load_state_dict(Path(path), allow_pickle=allow_pickle, mmap=mmap)
     info = detect_model(state, override=model)
     return LoadedCheckpoint(Path(path), state, metadata, info, file_sha256(Path(path)))
 
@@ -116,16 +118,25 @@ def choose_spec(settings: FitSettings, layer: LayerInfo):
 
 def fit_weight_space(weight: torch.Tensor, layer: LayerInfo, settings: FitSettings,
                      progress: Progress) -> tuple[CompressedLayer, dict]:
-    """Stage 1 for one layer: SVD-based initialisation, then ``settings.steps`` Adam steps."""
+    """Stage 1 for one layer: SVD-based initialisation, then ``settings.steps`` Adam steps.
+
+    ``init_weight_rel_error`` is the fit's initial objective (on the target's padded leg form).
+    """
     spec = choose_spec(settings, layer)
     start = time.perf_counter()
-    generator = generator_class(spec).from_weight(spec, weight)
-    init_error = relative_error(weight, materialize(generator, torch.float32))
+    cls = generator_class(spec)
+    # the one full-size copy: the target, built from a mapped checkpoint block by block
+    target = cls.fit_target(spec, weight, after_block=release_pages)
+    generator = cls.from_target(spec, target)
     advance = progress.task(f"fit {layer.alias or layer.module} ({spec.arch})", settings.steps)
     device = resolve_device(settings.device)
     generator.to(device)
-    result = fit(generator, WeightObjective(weight.to(device), generator), steps=settings.steps, lr=settings.lr,
+    objective = WeightObjective(target.to(device))
+    del target
+    result = fit(generator, objective, steps=settings.steps, lr=settings.lr,
                  on_step=lambda step, loss: advance(step, math.sqrt(max(loss, 0.0))))
+    del objective
+    init_error = math.sqrt(max(result.initial_loss, 0.0))
     generator.cpu()
     compressed = CompressedLayer(layer.module, layer.alias, generator, None, weight.dtype)
     row = {
@@ -159,7 +170,7 @@ def compress_checkpoint(checkpoint: Path, layer_names: list[str], settings: FitS
     out_dir = Path(out_dir)
     check_destination(out_dir, force=force)
     started = time.perf_counter()
-    loaded = load_checkpoint(checkpoint, model=model, allow_pickle=allow_pickle)
+    loaded = load_checkpoint(checkpoint, model=model, allow_pickle=allow_pickle, mmap=True)
     layers = resolve_layers(loaded.model, layer_names)
     check_finite(loaded.state, list(loaded.state))
     for layer in layers:  # fail on an impossible budget or bad data before any fitting

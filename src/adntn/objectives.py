@@ -11,27 +11,27 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
+from .checkpoint import row_blocks
 from .networks import Generator
-from .tensorize import weight_to_legs
 
 Objective = Callable[[Generator], torch.Tensor]
 
 
 class WeightObjective:
-    """||W - G||_F^2 / ||W||_F^2 in weight space.
+    """||W - G||_F^2 / ||W||_F^2 in weight space, for a target in the generator's fitting form.
 
-    The target is held in leg form once, so generators that can (the TTN, SVD) evaluate the
-    distance without materialising G.
+    ``target`` is ``Generator.fit_target`` of W: the leg tensor, or the matrix for the SVD. Held
+    so, generators that can (TTN, aTTN, TT, SVD) evaluate the distance without materialising G.
     """
 
-    def __init__(self, weight: torch.Tensor, generator: Generator) -> None:
-        spec = generator.spec
-        matrix = weight.detach().float()
-        self.target = (
-            matrix.reshape(spec.rows, spec.cols) if spec.arch == "svd"
-            else weight_to_legs(matrix, spec.out_dims, spec.in_dims)
-        )
-        self.norm_sq = torch.linalg.vector_norm(self.target).square()  # no N-sized temporary
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target = target
+        self.norm_sq = torch.linalg.vector_norm(target).square()  # no N-sized temporary
+
+    @classmethod
+    def for_weight(cls, weight: torch.Tensor, generator: Generator) -> WeightObjective:
+        """The objective for ``generator`` to fit the weight ``weight`` (out, in[, kh, kw])."""
+        return cls(type(generator).fit_target(generator.spec, weight))
 
     def __call__(self, generator: Generator) -> torch.Tensor:
         return generator.squared_distance(self.target, self.norm_sq) / self.norm_sq
@@ -79,12 +79,15 @@ class ActivationObjective:
 
 @torch.no_grad()
 def relative_error(reference: torch.Tensor, approximation: torch.Tensor, chunk_rows: int = 64) -> float:
-    """||A - B||_F / ||A||_F, accumulated in float64 over row chunks (no full float64 copies)."""
+    """||A - B||_F / ||A||_F, accumulated in float64 over row chunks (no full float64 copies).
+
+    ``reference`` is read with ``row_blocks``: a mapped checkpoint tensor does not stay resident.
+    """
     reference, approximation = reference.reshape(reference.shape[0], -1), approximation.reshape(reference.shape[0], -1)
     error_sq = norm_sq = 0.0
-    for start in range(0, reference.shape[0], chunk_rows):
-        a = reference[start:start + chunk_rows].double()
-        b = approximation[start:start + chunk_rows].double()
+    chunks = row_blocks(reference, chunk_rows * reference.shape[1])
+    for a, b in zip(chunks, approximation.split(max(1, chunk_rows))):
+        a, b = a.double(), b.double()
         error_sq += float((a - b).pow(2).sum())
         norm_sq += float(a.pow(2).sum())
     return (error_sq / max(norm_sq, 1e-300)) ** 0.5

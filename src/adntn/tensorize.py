@@ -7,7 +7,9 @@ in = i_1*...*i_K (row-major digits, o_1 most significant), leg k carries the pai
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -58,16 +60,41 @@ def choose_leg_factors(rows: int, cols: int, n_legs: int) -> tuple[tuple[int, ..
     return tuple(out_f[j] for j in order), tuple(in_f[j] for j in order)
 
 
-def weight_to_legs(weight: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple[int, ...]) -> torch.Tensor:
-    """(out, in[, kh, kw]) -> tensor of shape (o_1*i_1, ..., o_K*i_K), zero-padded."""
+LEGS_BLOCK_VALUES = 1 << 22  # source entries copied per block by weight_to_legs
+
+
+def weight_to_legs(weight: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple[int, ...], *,
+                   dtype: torch.dtype | None = None,
+                   after_block: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """(out, in[, kh, kw]) -> tensor of shape (o_1*i_1, ..., o_K*i_K), zero-padded, in ``dtype``
+    (default: the weight's).
+
+    Copied in blocks of whole rows (one value of the leading row digits each), so the result is
+    the only large allocation; ``after_block(rows)`` is called with each block of ``weight``'s rows
+    once it is copied (e.g. to drop a mapped checkpoint's pages as the copy goes).
+    """
     matrix = weight.reshape(weight.shape[0], -1)
     rows, cols = math.prod(out_dims), math.prod(in_dims)
-    if matrix.shape != (rows, cols):
-        matrix = torch.nn.functional.pad(matrix, (0, cols - matrix.shape[1], 0, rows - matrix.shape[0]))
     k = len(out_dims)
-    interleave = [axis for pair in zip(range(k), range(k, 2 * k)) for axis in pair]
-    legs = matrix.reshape(*out_dims, *in_dims).permute(*interleave)
-    return legs.reshape([o * i for o, i in zip(out_dims, in_dims)])
+    padded = matrix.shape != (rows, cols)
+    legs_shape = [o * i for o, i in zip(out_dims, in_dims)]
+    legs = (torch.zeros if padded else torch.empty)(legs_shape, dtype=dtype or matrix.dtype, device=matrix.device)
+    digits = [d for pair in zip(out_dims, in_dims) for d in pair]
+    grid = legs.view(digits).permute(*range(0, 2 * k, 2), *range(1, 2 * k, 2))  # (o_1..o_K, i_1..i_K)
+    lead = 0
+    while lead < k and math.prod(out_dims[lead:]) * cols > LEGS_BLOCK_VALUES:
+        lead += 1
+    block_rows = math.prod(out_dims[lead:])
+    for index in itertools.product(*(range(o) for o in out_dims[:lead])):
+        start = sum(i * math.prod(out_dims[j + 1:lead]) for j, i in enumerate(index)) * block_rows
+        block = matrix[start:start + block_rows]
+        if block.shape[0]:
+            if padded:
+                block = torch.nn.functional.pad(block, (0, cols - block.shape[1], 0, block_rows - block.shape[0]))
+            grid[index].copy_(block.reshape(*out_dims[lead:], *in_dims))
+            if after_block is not None:
+                after_block(matrix[start:start + block_rows])
+    return legs
 
 
 def legs_to_weight(legs: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple[int, ...],

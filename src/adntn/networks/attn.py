@@ -97,10 +97,10 @@ class ATTN(Generator):
 
     @classmethod
     @torch.no_grad()
-    def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> ATTN:
+    def from_target(cls, spec: GeneratorSpec, target: torch.Tensor) -> ATTN:
         """The TTN's hierarchical SVD (and gain calibration); disentanglers at the identity."""
         net = cls(spec)
-        net.tree = TTN.from_weight(net.tree.spec, weight)
+        net.tree = TTN.from_target(net.tree.spec, target)
         return net
 
     def _messages(self) -> tuple[torch.Tensor, torch.Tensor, Disentangler | None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import opt_einsum
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from ..spec import GeneratorSpec
-from ..tensorize import legs_to_weight
+from ..tensorize import legs_to_weight, weight_to_legs
 
 _SLOPE_AT_ZERO = {"tanh": 1.0, "gelu": 0.5, "relu": 1.0}
 _SIGMA = {"tanh": torch.tanh, "gelu": nn.functional.gelu, "relu": torch.relu}
@@ -115,9 +116,22 @@ class Generator(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def fit_target(cls, spec: GeneratorSpec, weight: torch.Tensor, *,
+                   after_block: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """``weight`` in the form this generator is fitted against, in float32: the leg tensor
+        (``spec.leg_dims``, built in row blocks; ``after_block`` as in ``weight_to_legs``)."""
+        return weight_to_legs(weight.detach(), spec.out_dims, spec.in_dims, dtype=torch.float32,
+                              after_block=after_block)
+
+    @classmethod
+    def from_target(cls, spec: GeneratorSpec, target: torch.Tensor) -> Generator:
+        """A generator initialised to fit ``target`` (a ``fit_target``): an SVD-based fit."""
+        raise NotImplementedError
+
+    @classmethod
     def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> Generator:
         """A generator initialised to fit ``weight`` (better than random: an SVD-based fit)."""
-        raise NotImplementedError
+        return cls.from_target(spec, cls.fit_target(spec, weight))
 
     def legs(self) -> torch.Tensor:
         """The generated tensor, shape ``spec.leg_dims``."""

@@ -159,7 +159,7 @@ class MERA(Generator):
 
     @classmethod
     @torch.no_grad()
-    def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> MERA:
+    def from_target(cls, spec: GeneratorSpec, target: torch.Tensor) -> MERA:
         """Cores of the linear TTN's hierarchical SVD, disentanglers at the identity, and each gain
         set so that the layer's largest pre-activation is INIT_PREACTIVATION.
 
@@ -168,7 +168,7 @@ class MERA(Generator):
         calibration would saturate sigma on exactly those entries. So the network starts at the
         linear fit; Adam then grows the gains where the nonlinearity helps."""
         net = cls(spec)
-        tree = TTN.from_weight(replace(spec, arch="ttn", activation="none", mix_rank=0), weight)
+        tree = TTN.from_target(replace(spec, arch="ttn", activation="none", mix_rank=0), target)
         for mine, fitted in zip(net.leaves, tree.leaves):
             mine.copy_(fitted)
         for mine, fitted in zip(net.nodes, tree.nodes):

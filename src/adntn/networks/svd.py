@@ -59,11 +59,16 @@ class SVD(Generator):
         return target_norm_sq - 2 * cross + gram
 
     @classmethod
+    def fit_target(cls, spec: GeneratorSpec, weight: torch.Tensor, *, after_block=None) -> torch.Tensor:
+        """The (rows, cols) weight matrix as it is (a view; no copy for a float32 weight)."""
+        return weight.detach().reshape(spec.rows, spec.cols).float()
+
+    @classmethod
     @torch.no_grad()
-    def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> SVD:
+    def from_target(cls, spec: GeneratorSpec, target: torch.Tensor) -> SVD:
         net = cls(spec)
         rank = net.u.shape[1]
-        matrix = weight.detach().reshape(spec.rows, spec.cols)
+        matrix = target.reshape(spec.rows, spec.cols)
         sketch = rank + LOWRANK_OVERSAMPLE
         small = min(matrix.shape) <= EXACT_SVD_MAX_SIDE
         if small or 2 * sketch > min(matrix.shape):

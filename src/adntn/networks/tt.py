@@ -20,7 +20,6 @@ from torch import nn
 
 from ..errors import AdntnError
 from ..spec import GeneratorSpec
-from ..tensorize import weight_to_legs
 from .base import Generator
 from .ttn import BilinearForm, crop_matrix, halves_product, top_singular_vectors
 
@@ -109,11 +108,11 @@ class TT(Generator):
 
     @classmethod
     @torch.no_grad()
-    def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> TT:
+    def from_target(cls, spec: GeneratorSpec, target: torch.Tensor) -> TT:
         """TT-SVD: for k = 1..K-1, keep the r_k leading left singular vectors of the unfolding
         (r_k-1 d_k, rest) as G_k and carry their projection of it to the next leg."""
         net = cls(spec)
-        rest = weight_to_legs(weight.detach().float(), spec.out_dims, spec.in_dims)
+        rest = target
         for core, r, d, s in zip(list(net.cores)[:-1], net.ranks, spec.leg_dims, net.ranks[1:]):
             unfolding = rest.reshape(r * d, -1)
             basis = top_singular_vectors(unfolding, 0, s)

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from ..spec import GeneratorSpec
-from ..tensorize import weight_to_legs
 from .base import Generator, activation_sites, contraction
 
 
@@ -90,17 +89,29 @@ def crop_matrix(matrix: torch.Tensor, spec: GeneratorSpec) -> torch.Tensor:
     return matrix.reshape(spec.rows, spec.cols)[:out, :cols].reshape(spec.shape).contiguous()
 
 
+def _around(state: torch.Tensor, axis: int) -> torch.Tensor:
+    """The contiguous ``state`` viewed as (before, dim, after) around ``axis``: no copy."""
+    return state.reshape(math.prod(state.shape[:axis]), state.shape[axis], -1)
+
+
 def top_singular_vectors(state: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
-    """Leading left singular vectors (dim x rank) of the unfolding of ``state`` along ``axis``."""
-    unfolding = state.movedim(axis, 0).reshape(state.shape[axis], -1)
-    gram = (unfolding @ unfolding.T).double()
+    """Leading left singular vectors (dim x rank) of the unfolding of ``state`` along ``axis``.
+
+    From the Gram matrix sum_a V_a V_a^T of the (before, dim, after) view V: the unfolding is
+    never formed (it would be a permuted copy of ``state``).
+    """
+    view = _around(state.contiguous(), axis)
+    gram = torch.bmm(view, view.transpose(1, 2)).sum(0).double()
     _, vectors = torch.linalg.eigh(gram)
     return vectors[:, -rank:].flip(1).to(state.dtype)
 
 
 def _project(state: torch.Tensor, axis: int, basis: torch.Tensor) -> torch.Tensor:
-    """Contract leg ``axis`` of ``state`` with ``basis`` (dim x rank), keeping the leg order."""
-    return torch.tensordot(state, basis, dims=([axis], [0])).movedim(-1, axis)
+    """Contract leg ``axis`` of ``state`` with ``basis`` (dim x rank), keeping the leg order:
+    one batched GEMM basis^T V_a on the (before, dim, after) view, written contiguous."""
+    view = _around(state.contiguous(), axis)
+    projected = torch.bmm(basis.T.expand(view.shape[0], -1, -1), view)
+    return projected.reshape(*state.shape[:axis], basis.shape[1], *state.shape[axis + 1:])
 
 
 class BilinearForm(torch.autograd.Function):
@@ -210,10 +221,11 @@ class TTN(Generator):
 
     @classmethod
     @torch.no_grad()
-    def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> TTN:
-        """Leaf-to-root hierarchical SVD of the weight (exact for the linear TTN up to truncation)."""
+    def from_target(cls, spec: GeneratorSpec, target: torch.Tensor) -> TTN:
+        """Leaf-to-root hierarchical SVD of the leg tensor (exact for the linear TTN up to
+        truncation). Each step reads the state in place and writes a d/b times smaller one."""
         net = cls(spec)
-        state = weight_to_legs(weight.detach().float(), spec.out_dims, spec.in_dims)
+        state = target
         stored = iter(net.leaves)
         for k, identity in enumerate(net.leaf_is_identity):
             if not identity:
