@@ -29,7 +29,7 @@ from torch import nn
 
 from ..spec import GeneratorSpec
 from .base import Disentangler, Generator, contraction
-from .ttn import TTN, crop_matrix, digits_first, halves_product
+from .ttn import TTN, crop_matrix, digits_first, direct_output, halves_product
 
 
 def boundary_pairs(n_legs: int) -> range:
@@ -145,18 +145,18 @@ class ATTN(Generator):
             legs.view(x, joint, -1).baddbmm_(middle.p.expand(x, -1, -1), coeff)
         return legs.reshape(self.spec.leg_dims)
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
         left, right, middle = self._messages()
         half = self.spec.n_legs // 2
-        product = halves_product(left, right, self.spec, half)
+        product = halves_product(left, right, self.spec, half, direct_output(out, self.spec))
         if middle is not None:
             coeff = self._middle_coefficients(left, right, middle.q)
-            out, inp = self.spec.out_dims, self.spec.in_dims
-            p = middle.p.reshape(out[half - 1], inp[half - 1], out[half], inp[half], -1).permute(4, 0, 2, 1, 3)
-            c = digits_first(coeff, out[:half - 1], inp[:half - 1])  # (ox, ix, r, y)
-            c = digits_first(c.permute(3, 0, 1, 2), out[half + 1:], inp[half + 1:])  # (oy, iy, ox, ix, r)
+            rows, cols = self.spec.out_dims, self.spec.in_dims
+            p = middle.p.reshape(rows[half - 1], cols[half - 1], rows[half], cols[half], -1).permute(4, 0, 2, 1, 3)
+            c = digits_first(coeff, rows[:half - 1], cols[:half - 1])  # (ox, ix, r, y)
+            c = digits_first(c.permute(3, 0, 1, 2), rows[half + 1:], cols[half + 1:])  # (oy, iy, ox, ix, r)
             product = _AddMiddle.apply(product, p.flatten(1, 2).flatten(2, 3), c.permute(4, 2, 0, 3, 1))
-        return crop_matrix(product, self.spec)
+        return crop_matrix(product, self.spec, out)
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||Y - T - E||^2 with T = L M^T and E = P C, from the messages and one pass over Y:

@@ -137,9 +137,11 @@ class Generator(nn.Module):
         """The generated tensor, shape ``spec.leg_dims``."""
         raise NotImplementedError
 
-    def forward(self) -> torch.Tensor:
-        """The generated weight, shape ``spec.shape``."""
-        return legs_to_weight(self.legs(), self.spec.out_dims, self.spec.in_dims, self.spec.shape)
+    def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The generated weight, shape ``spec.shape``; written into ``out`` (a contiguous tensor of
+        that shape) when given, which the tree generators do without allocating N values."""
+        weight = legs_to_weight(self.legs(), self.spec.out_dims, self.spec.in_dims, self.spec.shape)
+        return weight if out is None else out.copy_(weight)
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||T - G||_F^2 for a target in leg form; subclasses may avoid materialising G."""

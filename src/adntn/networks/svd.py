@@ -49,8 +49,12 @@ class SVD(Generator):
         """The (rows, cols) matrix U V^T."""
         return self.u @ self.v.T
 
-    def forward(self) -> torch.Tensor:
-        return (self.u @ self.v.T).reshape(self.spec.shape)
+    def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return (self.u @ self.v.T).reshape(self.spec.shape)
+        if torch.is_grad_enabled() and (self.u.requires_grad or self.v.requires_grad):
+            return out.copy_((self.u @ self.v.T).reshape(self.spec.shape))
+        return torch.mm(self.u, self.v.T, out=out.view(self.spec.rows, self.spec.cols)).view(self.spec.shape)
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         target = target_legs.reshape(self.spec.rows, self.spec.cols)

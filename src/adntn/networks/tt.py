@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import AdntnError
 from ..spec import GeneratorSpec
 from .base import Generator
-from .ttn import BilinearForm, crop_matrix, halves_product, top_singular_vectors
+from .ttn import BilinearForm, crop_matrix, direct_output, halves_product, top_singular_vectors
 
 
 def tt_ranks(spec: GeneratorSpec) -> list[int]:
@@ -94,9 +94,10 @@ class TT(Generator):
         left, right = self._halves()
         return (left @ right).reshape(self.spec.leg_dims)
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
         left, right = self._halves()
-        return crop_matrix(halves_product(left, right.T, self.spec, self.split), self.spec)
+        product = halves_product(left, right.T, self.spec, self.split, direct_output(out, self.spec))
+        return crop_matrix(product, self.spec, out)
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||Y - L R||^2 = ||Y||^2 - 2 tr(L^T Y R^T) + <L^T L, R R^T> at the split: no N-sized tensor."""

@@ -26,9 +26,6 @@ from ..spec import GeneratorSpec
 from .base import Generator, activation_sites, contraction
 
 
-BROADCAST_BLOCK = 1 << 24  # values: bound on the operand copies of an inference-time halves_product
-
-
 def tree_bonds(spec: GeneratorSpec) -> list[list[int]]:
     """Actual bond dims: ``bonds[h][j]`` is the bond above node (h, j), h = 0 .. L-1.
 
@@ -60,7 +57,8 @@ def digits_first(tensor: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple
     return split.reshape(math.prod(out_dims), math.prod(in_dims), *rest)
 
 
-def halves_product(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec, m: int) -> torch.Tensor:
+def halves_product(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec, m: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight whose leg form is sum_b left[P, b] right[Q, b], as W[x, y, i, j]: row-major, so
     a view of the padded (rows, cols) matrix.
 
@@ -68,25 +66,40 @@ def halves_product(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec,
     legs m+1..K. Regrouped (small copies) as left (x, i, chi), x = (o_1..o_m), i = (i_1..i_m), and
     right (y, j, chi), the batched GEMM W[x, y, i, j] = sum_b left[x, i, b] right[y, j, b] writes
     the matrix directly: no N-sized permutation. With autograd, broadcasting copies N*chi/j +
-    N*chi/i values; without (expand, evaluation), blocks of x are written into the result in
-    turn, so the copies stay under BROADCAST_BLOCK values and the result is the only large tensor.
+    N*chi/i values; without (expand, evaluation), each x's rows W[x] (a contiguous (y, i, j) block)
+    are one batched GEMM with left[x] broadcast, written in place: the result is the only large
+    tensor, and it is ``out`` (rows*cols contiguous values, touched before) when given.
     """
     left = digits_first(left, spec.out_dims[:m], spec.in_dims[:m]).unsqueeze(1)  # (x, 1, i, chi)
     right = digits_first(right, spec.out_dims[m:], spec.in_dims[m:]).transpose(1, 2).unsqueeze(0)  # (1, y, chi, j)
     if torch.is_grad_enabled() and (left.requires_grad or right.requires_grad):
-        return torch.matmul(left, right)
+        product = torch.matmul(left, right)
+        return product if out is None else out.view_as(product).copy_(product)
     (x, _, i, chi), (_, y, _, j) = left.shape, right.shape
-    out = left.new_empty(x, y, i, j)
-    block = max(1, BROADCAST_BLOCK // (y * chi * (i + j)))
-    for start in range(0, x, block):
-        torch.matmul(left[start:start + block], right, out=out[start:start + block])
+    out = left.new_empty(x, y, i, j) if out is None else out.view(x, y, i, j)
+    right = right[0].contiguous()  # (y, chi, j)
+    for row in range(x):
+        torch.bmm(left[row, 0].expand(y, i, chi), right, out=out[row])
     return out
 
 
-def crop_matrix(matrix: torch.Tensor, spec: GeneratorSpec) -> torch.Tensor:
-    """The weight of ``spec.shape`` from the padded matrix (any shape that reshapes to (rows, cols))."""
-    out, cols = spec.matrix_shape
-    return matrix.reshape(spec.rows, spec.cols)[:out, :cols].reshape(spec.shape).contiguous()
+def crop_matrix(matrix: torch.Tensor, spec: GeneratorSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight of ``spec.shape`` from the padded matrix (any shape that reshapes to (rows, cols)),
+    written into ``out`` when given (nothing to do when ``matrix`` already is ``out``)."""
+    if out is not None and matrix.data_ptr() == out.data_ptr() and matrix.numel() == out.numel():
+        return out
+    rows, cols = spec.matrix_shape
+    weight = matrix.reshape(spec.rows, spec.cols)[:rows, :cols].reshape(spec.shape)
+    return weight.contiguous() if out is None else out.copy_(weight)
+
+
+def direct_output(out: torch.Tensor | None, spec: GeneratorSpec) -> torch.Tensor | None:
+    """``out`` when the padded matrix can be written into it directly (no padding), else None."""
+    if out is None:
+        return None
+    if tuple(out.shape) != tuple(spec.shape) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor of shape {tuple(spec.shape)}, not {tuple(out.shape)}")
+    return out if (spec.rows, spec.cols) == tuple(spec.matrix_shape) else None
 
 
 def _around(state: torch.Tensor, axis: int) -> torch.Tensor:
@@ -207,9 +220,11 @@ class TTN(Generator):
         left, right = self.top_messages()
         return ((left @ self.root) @ right.T).reshape(self.spec.leg_dims)
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
         left, right = self.top_messages()
-        return crop_matrix(halves_product(left @ self.root, right, self.spec, self.spec.n_legs // 2), self.spec)
+        product = halves_product(left @ self.root, right, self.spec, self.spec.n_legs // 2,
+                                 direct_output(out, self.spec))
+        return crop_matrix(product, self.spec, out)
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||Y - L R R'^T||^2 = ||Y||^2 - 2<L^T Y R', R> + <L^T L R R'^T R', R>, no N-sized tensor."""
