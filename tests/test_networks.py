@@ -480,3 +480,32 @@ def test_attn_in_place_paths_have_the_reference_gradients(output: str) -> None:
     actual = torch.autograd.grad((getattr(net, output)() * weights).sum(), list(net.parameters()))
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("n_legs, bond", [(2, 3), (4, 3), (4, 64), (8, 2), (8, 64)])
+def test_mera_slices_of_leg_0_give_the_whole_distance_and_gradient(n_legs: int, bond: int, monkeypatch) -> None:
+    """Whether leg 0's leaf is an identity (bond 64: the first node core is sliced) or a matrix
+    (its rows are sliced), the slices are the slices of the whole, and accumulating slice by
+    slice gives the whole objective's gradient."""
+    from adntn.networks import mera
+
+    monkeypatch.setattr(mera, "SLICE_VALUES", 500)
+    torch.manual_seed(0)
+    net = build(make_spec("mera", (96, 80), n_legs, bond=bond))
+    perturb_mixers(net)
+    with torch.no_grad():
+        for site in net.activations:
+            site.log_gain.fill_(0.5)
+    slices = net.row_slices()
+    assert len(slices) > 1 and slices[0].start == 0 and slices[-1].stop == net.spec.leg_dims[0]
+    whole = net.legs()
+    torch.testing.assert_close(torch.cat([net.legs(rows) for rows in slices]), whole)
+    target = torch.randn(net.spec.leg_dims)
+    expected = (whole - target).pow(2).sum()
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    value = net.accumulate_squared_distance(target, target.pow(2).sum(), torch.tensor(1.0))
+    assert math.isclose(value, float(expected), rel_tol=1e-5)
+    for p, g in zip(net.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)

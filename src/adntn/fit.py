@@ -27,6 +27,17 @@ class FitResult:
     best_loss: float
 
 
+def _value_and_gradient(objective: Objective, generator: Generator) -> float:
+    """The objective's value, its gradient accumulated into the cores (by the objective's own
+    ``accumulate`` when it has one)."""
+    accumulate = getattr(objective, "accumulate", None)
+    if accumulate is not None:
+        return accumulate(generator)
+    loss = objective(generator)
+    loss.backward()
+    return loss.item()
+
+
 def fit(generator: Generator, objective: Objective, *, steps: int, lr: float,
         on_step: ProgressCallback | None = None) -> FitResult:
     """Run ``steps`` Adam steps on ``objective(generator)``; leave the best cores in place.
@@ -41,12 +52,10 @@ def fit(generator: Generator, objective: Objective, *, steps: int, lr: float,
         optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr / 100)
         for step in range(steps):
-            loss = objective(generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value = _value_and_gradient(objective, generator)
             optimizer.step()
             schedule.step()
-            value = loss.item()
             if value < best_loss:
                 best_loss, best_state = value, copy.deepcopy(generator.state_dict())
             if on_step is not None:

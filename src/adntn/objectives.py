@@ -36,6 +36,11 @@ class WeightObjective:
     def __call__(self, generator: Generator) -> torch.Tensor:
         return generator.squared_distance(self.target, self.norm_sq) / self.norm_sq
 
+    def accumulate(self, generator: Generator) -> float:
+        """The value, with its gradient accumulated into the generator's cores (``fit`` uses this
+        when an objective has it: the generator may then work in parts)."""
+        return generator.accumulate_squared_distance(self.target, self.norm_sq, 1 / self.norm_sq)
+
 
 class ActivationObjective:
     """||f(X; W) - f(X; G)||^2 / ||f(X; W)||^2 on recorded layer inputs X (data-aware).

@@ -146,3 +146,11 @@ class Generator(nn.Module):
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||T - G||_F^2 for a target in leg form; subclasses may avoid materialising G."""
         return (self.legs() - target_legs).pow(2).sum()
+
+    def accumulate_squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor,
+                                    scale: torch.Tensor) -> float:
+        """``scale * squared_distance``, its gradient accumulated into the cores' ``.grad``; returns
+        the value. Subclasses may do it in parts to bound the autograd graph."""
+        loss = self.squared_distance(target_legs, target_norm_sq) * scale
+        loss.backward()
+        return float(loss.detach())

@@ -39,6 +39,7 @@ from .ttn import TTN, add_tree_cores, tree_bonds
 
 
 Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+SLICE_VALUES = 1 << 22  # entries per slice of leg 0 in the fit: ~16 MB tensors, reused from the heap
 
 
 def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int]) -> torch.Tensor:
@@ -134,16 +135,22 @@ class MERA(Generator):
                 k += 1
         return factors, in_dims
 
-    def _state(self, capture: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The state above the leaves, shape bonds[0]; ``capture`` collects each layer's
+    def _state(self, capture: list[torch.Tensor] | None = None, rows: slice | None = None) -> torch.Tensor:
+        """The state above the leaves, shape bonds[0] (its first leg cut to ``rows`` when given:
+        the first node core's a-axis, or the root's first axis, is sliced; no other leg mixes with
+        leg 0, so the result is that slice of the full state). ``capture`` collects each layer's
         pre-activations, top layer first (used to calibrate the gains)."""
-        state = self.root
+        state = self.root if rows is None or self.levels > 1 else self.root[rows]
         nodes, first = list(self.nodes), len(self.nodes)
         for h in range(self.levels - 1, 0, -1):
             first -= len(self.bonds[h])
             cores = nodes[first:first + len(self.bonds[h])]
+            legs = list(self.bonds[h - 1])
+            if h == 1 and rows is not None:
+                cores[0] = cores[0][rows]
+                legs[0] = cores[0].shape[0]
             state = _kron_apply(state, [core.reshape(-1, core.shape[2]) for core in cores], self.bonds[h])
-            legs = tuple(self.bonds[h - 1])
+            legs = tuple(legs)
             state = state.reshape(legs)
             for k, mixer in zip(boundary_pairs(len(legs)), self.mixers[h]):
                 state = mix_pair(mixer, state, legs, k)
@@ -153,9 +160,39 @@ class MERA(Generator):
                 state = self.activations[h - 1](state)
         return state
 
-    def legs(self) -> torch.Tensor:
+    def legs(self, rows: slice | None = None) -> torch.Tensor:
+        """The leg tensor, or with ``rows`` its slice ``legs[rows]`` along leg 0, computed alone."""
         factors, in_dims = self._leaf_groups()
-        return _kron_apply(self._state(), factors, in_dims).reshape(self.spec.leg_dims)
+        if rows is not None and self.leaf_is_identity[0]:
+            state = self._state(rows=rows)
+            in_dims[0] = state.shape[0]
+        else:
+            state = self._state()
+            if rows is not None:
+                factors[0] = factors[0][rows]
+        shape = self.spec.leg_dims if rows is None else (-1, *self.spec.leg_dims[1:])
+        return _kron_apply(state, factors, in_dims).reshape(shape)
+
+    def row_slices(self) -> list[slice]:
+        """Slices of leg 0 whose leg tensors hold about SLICE_VALUES entries each."""
+        first = self.spec.leg_dims[0]
+        step = max(1, first * SLICE_VALUES // self.spec.dense_params)
+        return [slice(start, min(start + step, first)) for start in range(0, first, step)]
+
+    def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
+        """||T - G||^2 summed over slices of leg 0 (``row_slices``): the temporaries are slice-sized."""
+        return sum((self.legs(rows) - target_legs[rows]).pow(2).sum() for rows in self.row_slices())
+
+    def accumulate_squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor,
+                                    scale: torch.Tensor) -> float:
+        """One slice of leg 0 at a time: its distance's gradient is accumulated before the next
+        slice is built, so the autograd graph holds one slice (same gradient as the whole)."""
+        total = 0.0
+        for rows in self.row_slices():
+            part = (self.legs(rows) - target_legs[rows]).pow(2).sum() * scale
+            part.backward()
+            total += float(part.detach())
+        return total
 
     @classmethod
     @torch.no_grad()
