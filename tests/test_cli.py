@@ -2,6 +2,7 @@
 
 import json
 import math
+import zipfile
 
 import pytest
 import torch
@@ -240,9 +241,19 @@ def test_compress_on_cuda_matches_its_written_cores(checkpoint, tmp_path, arch):
     assert adntn("expand", out, "-o", tmp_path / "d.pt").exit_code == 0
 
 
-def test_streamed_safetensors_expand_equals_the_in_memory_state_dict(compressed, tmp_path, monkeypatch):
-    """expand to .safetensors writes tensor by tensor: the same bytes as saving the whole expanded
-    state_dict at once, with at most one generated weight alive at any time."""
+def _contents(path):
+    """A safetensors file's bytes; a torch.save file's records, without the archive folder that torch
+    names after the (here temporary) file."""
+    if path.suffix == ".safetensors":
+        return path.read_bytes()
+    archive = zipfile.ZipFile(path)
+    return [(name.partition("/")[2], archive.read(name)) for name in archive.namelist()]  # read checks CRC-32s
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_streamed_expand_equals_the_in_memory_state_dict(compressed, tmp_path, monkeypatch, suffix):
+    """expand writes tensor by tensor: the same bytes as saving the whole expanded state_dict at
+    once, with at most one generated weight alive at any time."""
     import weakref
 
     from adntn import archive, expand as expand_module
@@ -258,10 +269,33 @@ def test_streamed_safetensors_expand_equals_the_in_memory_state_dict(compressed,
         return weight
 
     monkeypatch.setattr(expand_module, "materialize", counted)
-    streamed = tmp_path / "streamed.safetensors"
+    streamed = tmp_path / f"streamed{suffix}"
     expand_module.expand(compressed, streamed)
     assert most[0] == 1
-    whole = tmp_path / "whole.safetensors"
+    whole = tmp_path / f"whole{suffix}"
     metadata = json.loads((compressed / "report.json").read_text())["source"].get("metadata") or None
     save_state_dict(expand_module.expanded_state_dict(compressed), whole, metadata=metadata)
-    assert streamed.read_bytes() == whole.read_bytes()
+    assert _contents(streamed) == _contents(whole)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_expand_writes_weights_given_in_row_blocks(compressed, tmp_path, monkeypatch, suffix):
+    from adntn import expand as expand_module
+
+    whole = expand_module.expand(compressed, tmp_path / f"whole{suffix}")
+    blocks = expand_module.weight_blocks
+    monkeypatch.setattr(expand_module, "weight_blocks", lambda layer: iter(torch.cat(blocks(layer)).split(3)))
+    assert _contents(expand_module.expand(compressed, tmp_path / f"blocks{suffix}")) == _contents(whole)
+
+
+def test_failed_pt_expand_keeps_the_old_file(compressed, tmp_path, monkeypatch):
+    from adntn import expand as expand_module
+    from adntn.errors import AdntnError
+
+    monkeypatch.setattr(expand_module, "weight_blocks", lambda layer: [torch.zeros(1)])
+    out = tmp_path / "dense.pt"
+    out.write_bytes(b"precious")
+    with pytest.raises(AdntnError, match="its blocks hold 4 bytes"):
+        expand_module.expand(compressed, out, force=True)
+    assert out.read_bytes() == b"precious"
+    assert [path.name for path in tmp_path.iterdir()] == ["dense.pt"]

@@ -264,11 +264,13 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata:
     stream_safetensors(layout, tensors.__getitem__, path, metadata)
 
 
-def stream_safetensors(layout: Mapping[str, tuple[torch.dtype, Sequence[int]]], produce: Callable[[str], torch.Tensor],
+def stream_safetensors(layout: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+                       produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
                        path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file whose tensors are made one at a time: ``produce(name)`` is called
-    once per name of ``layout`` (name -> (dtype, shape)), in sorted order, and its result is
-    written and dropped before the next, so at most one of them is alive here.
+    once per name of ``layout`` (name -> (dtype, shape)), in sorted order, and its result (one
+    tensor, or row blocks: see :func:`write_blocks`) is written and dropped before the next, so at
+    most one of them is alive here.
 
     Layout: u64 little-endian header size, a JSON header with sorted keys padded to 8 bytes,
     then each tensor's little-endian bytes in key order.
@@ -293,13 +295,39 @@ def stream_safetensors(layout: Mapping[str, tuple[torch.dtype, Sequence[int]]], 
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for name in sorted(layout):
-            tensor = produce(name).detach().cpu().contiguous()
-            if (tensor.dtype, tuple(tensor.shape)) != (layout[name][0], tuple(layout[name][1])):
-                raise AdntnError(f"Cannot store {name}: it came out as {tensor.dtype} {tuple(tensor.shape)}, "
-                                 f"not the announced {layout[name][0]} {tuple(layout[name][1])}.")
-            if tensor.numel():
-                handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            del tensor
+            write_blocks(name, produce(name), *layout[name], handle.write)
+
+
+def write_blocks(name: str, produced: torch.Tensor | Iterable[torch.Tensor], dtype: torch.dtype,
+                 shape: Sequence[int], write: Callable[[memoryview], object]) -> None:
+    """Pass the row-major bytes of tensor ``name`` to ``write``, one block at a time.
+
+    ``produced`` is the tensor (``dtype``, ``shape``), or an iterable of row blocks of ``dtype``
+    whose bytes, concatenated in order, are the tensor's. Each block is written and dropped before
+    the next is asked for, so a producer may reuse a block's buffer for the block after next.
+
+    Raises:
+        AdntnError: the tensor, or a block's dtype or the blocks' total size, is not the announced one.
+    """
+    announced = f"the announced {dtype} {tuple(shape)}"
+    if isinstance(produced, torch.Tensor):
+        if (produced.dtype, tuple(produced.shape)) != (dtype, tuple(shape)):
+            raise AdntnError(f"Cannot store {name}: it came out as {produced.dtype} {tuple(produced.shape)}, "
+                             f"not {announced}.")
+        produced = (produced,)
+    expected, total = math.prod(shape) * dtype.itemsize, 0
+    for block in produced:
+        block = block.detach().cpu().contiguous()
+        if block.dtype != dtype:
+            raise AdntnError(f"Cannot store {name}: a block came out as {block.dtype}, not {announced}.")
+        total += block.numel() * dtype.itemsize
+        if total > expected:
+            raise AdntnError(f"Cannot store {name}: its blocks hold more than the {expected} bytes of {announced}.")
+        if block.numel():
+            write(memoryview(block.reshape(-1).view(torch.uint8).numpy()))
+        del block
+    if total != expected:
+        raise AdntnError(f"Cannot store {name}: its blocks hold {total} bytes, not the {expected} of {announced}.")
 
 
 _MADV_DONTNEED = 4  # Linux

@@ -1,20 +1,22 @@
 """Expand a compressed directory back into an ordinary dense state_dict.
 
-A ``.safetensors`` output is streamed: its header is written from the shapes alone, then each
-tensor is read or generated, written and dropped, so the peak holds one layer's weight. A ``.pt``
-output goes through ``torch.save``, which needs the whole state_dict: one dense copy.
+Both outputs are streamed: a ``.safetensors`` header, or ``torch.save``'s pickle and zip records
+(:mod:`adntn.torchsave`), is written from the shapes alone, then each tensor is read or generated,
+written and dropped, so the peak holds one layer's weight.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .archive import DENSE_FILE, CompressedLayer, layer_paths, materialize, read_dense, read_layer, read_report
-from .checkpoint import SAFETENSORS_SUFFIX, atomic_write, safetensors_layout, save_state_dict, stream_safetensors
+from .checkpoint import SAFETENSORS_SUFFIX, atomic_write, safetensors_layout, stream_safetensors
 from .errors import AdntnError
+from .torchsave import stream_torch_save
 
 SUFFIXES = (".pt", ".pth", SAFETENSORS_SUFFIX)
 
@@ -45,8 +47,13 @@ def expanded_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return {key: state[key] for key in report["keys"]}
 
 
+def weight_blocks(layer: CompressedLayer) -> Iterable[torch.Tensor]:
+    """The generated weight of ``layer`` as ``expand`` writes it, in row blocks (for now one)."""
+    return [materialize(layer.generator, layer.dtype)]
+
+
 def _stream(directory: Path, report: dict, output: Path) -> None:
-    """Write the expanded state_dict to ``output`` (.safetensors) one tensor at a time."""
+    """Write the expanded state_dict to ``output`` (.safetensors, .pt or .pth) one tensor at a time."""
     layers = {layer.weight_key: layer for layer in _read_layers(directory, report)}
     biases = {layer.bias_key: layer.bias for layer in layers.values() if layer.bias is not None}
     path = Path(directory) / DENSE_FILE
@@ -56,14 +63,18 @@ def _stream(directory: Path, report: dict, output: Path) -> None:
             layout.update({key: (layer.dtype, layer.generator.spec.shape) for key, layer in layers.items()})
             layout.update({key: (bias.dtype, tuple(bias.shape)) for key, bias in biases.items()})
             _check_complete(directory, report, layout)
+            layout = {key: layout[key] for key in report["keys"]}  # the original checkpoint's order
 
-            def produce(key: str) -> torch.Tensor:
+            def produce(key: str) -> torch.Tensor | Iterable[torch.Tensor]:
                 if key in layers:
-                    return materialize(layers[key].generator, layers[key].dtype)
+                    return weight_blocks(layers[key])
                 return biases[key] if key in biases else dense.get_tensor(key)
 
-            metadata = report["source"].get("metadata") or None  # mean, std, ... for `adntn eval`
-            atomic_write(output, lambda temporary: stream_safetensors(layout, produce, temporary, metadata))
+            if output.suffix == SAFETENSORS_SUFFIX:
+                metadata = report["source"].get("metadata") or None  # mean, std, ... for `adntn eval`
+                atomic_write(output, lambda temporary: stream_safetensors(layout, produce, temporary, metadata))
+            else:
+                atomic_write(output, lambda temporary: stream_torch_save(layout, produce, temporary))
     except (OSError, SafetensorError) as error:
         raise AdntnError(f"{path} is missing or corrupt ({type(error).__name__}).") from None
 
@@ -75,8 +86,5 @@ def expand(directory: Path, output: Path, *, force: bool = False) -> Path:
         raise AdntnError(f"The output must end in {', '.join(SUFFIXES)}, not '{output.suffix or output.name}'.")
     if output.exists() and not force:
         raise AdntnError(f"{output} already exists; pass --force to replace it.")
-    if output.suffix == SAFETENSORS_SUFFIX:
-        _stream(Path(directory), read_report(directory), output)
-    else:
-        save_state_dict(expanded_state_dict(directory), output)
+    _stream(Path(directory), read_report(directory), output)
     return output
