@@ -509,3 +509,24 @@ def test_mera_slices_of_leg_0_give_the_whole_distance_and_gradient(n_legs: int, 
     assert math.isclose(value, float(expected), rel_tol=1e-5)
     for p, g in zip(net.parameters(), expected_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
+@pytest.mark.parametrize("shape", [(64, 48), (50, 30), (16, 4, 3, 3)])
+def test_row_blocks_are_the_weight_in_order(arch: str, shape: tuple) -> None:
+    """Blocks of whole rows that concatenate to the weight; a block is still intact while the
+    next one is made (the writer's contract)."""
+    torch.manual_seed(0)
+    net = build(make_spec(arch, shape, 4))
+    perturb_mixers(net)
+    with torch.no_grad():
+        expected = net()
+        previous, copies = None, []
+        for block in net.row_blocks():
+            assert block.shape[1:] == expected.shape[1:]
+            if previous is not None:
+                torch.testing.assert_close(previous[0], copies[-1])
+            copies.append(block.clone())
+            previous = (block,)
+    torch.testing.assert_close(torch.cat(copies), expected, rtol=1e-6, atol=1e-7)
+    assert arch in ("mera", "svd") or shape == (50, 30) or len(copies) > 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,14 @@ class CompressedLayer:
 def materialize(generator: Generator, dtype: torch.dtype) -> torch.Tensor:
     """The generated weight as ``expand`` writes it (float32 math, cast to the original dtype)."""
     return generator().detach().to(dtype).contiguous()
+
+
+@torch.no_grad()
+def materialize_rows(generator: Generator, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """``materialize`` in blocks of whole rows (``Generator.row_blocks``): the same values, without
+    holding the whole weight. A block may be a reused buffer (valid until the next-but-one)."""
+    for block in generator.row_blocks():
+        yield block.detach().to(dtype)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

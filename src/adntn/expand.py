@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .archive import DENSE_FILE, CompressedLayer, layer_paths, materialize, read_dense, read_layer, read_report
+from .archive import DENSE_FILE, CompressedLayer, layer_paths, materialize, materialize_rows, read_dense, read_layer, read_report
 from .checkpoint import SAFETENSORS_SUFFIX, atomic_write, safetensors_layout, stream_safetensors
 from .errors import AdntnError
 from .torchsave import stream_torch_save
@@ -48,8 +48,9 @@ def expanded_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def weight_blocks(layer: CompressedLayer) -> Iterable[torch.Tensor]:
-    """The generated weight of ``layer`` as ``expand`` writes it, in row blocks (for now one)."""
-    return [materialize(layer.generator, layer.dtype)]
+    """The generated weight of ``layer`` as ``expand`` writes it, in blocks of whole rows (the
+    tree generators write each into a reused buffer: no full-size allocation)."""
+    return materialize_rows(layer.generator, layer.dtype)
 
 
 def _stream(directory: Path, report: dict, output: Path) -> None:

@@ -22,6 +22,7 @@ SVD with every U_k = I (P = 0), so its initial error equals the TTN's.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 
 from ..spec import GeneratorSpec
 from .base import Disentangler, Generator, contraction
-from .ttn import TTN, crop_matrix, digits_first, direct_output, halves_product
+from .ttn import TTN, crop_matrix, digits_first, direct_output, halves_product, halves_rows, unpadded
 
 
 def boundary_pairs(n_legs: int) -> range:
@@ -150,13 +151,51 @@ class ATTN(Generator):
         half = self.spec.n_legs // 2
         product = halves_product(left, right, self.spec, half, direct_output(out, self.spec))
         if middle is not None:
-            coeff = self._middle_coefficients(left, right, middle.q)
-            rows, cols = self.spec.out_dims, self.spec.in_dims
-            p = middle.p.reshape(rows[half - 1], cols[half - 1], rows[half], cols[half], -1).permute(4, 0, 2, 1, 3)
-            c = digits_first(coeff, rows[:half - 1], cols[:half - 1])  # (ox, ix, r, y)
-            c = digits_first(c.permute(3, 0, 1, 2), rows[half + 1:], cols[half + 1:])  # (oy, iy, ox, ix, r)
-            product = _AddMiddle.apply(product, p.flatten(1, 2).flatten(2, 3), c.permute(4, 2, 0, 3, 1))
+            p, c = self._middle_terms(left, right, middle)
+            product = _AddMiddle.apply(product, p.flatten(1, 2).flatten(2, 3), c)
         return crop_matrix(product, self.spec, out)
+
+    def row_blocks(self) -> Iterator[torch.Tensor]:
+        if not unpadded(self.spec):
+            yield self()
+            return
+        left, right, middle = self._messages()
+        for block in self._rows(left, right, middle):
+            yield block.view(-1, *self.spec.shape[1:])
+
+    def _middle_terms(self, left: torch.Tensor, right: torch.Tensor, middle: Disentangler
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The middle correction sum_r p[r, (o_u, o_v), (i_u, i_v)] c[r, x, y, i, j] in the weight's
+        digits: p (r, o_u, o_v, i_u, i_v) and c (r, x, y, i, j), with x, i the row and column digits
+        of legs 1..K/2-2 and y, j those of legs K/2+2..K."""
+        half = self.spec.n_legs // 2
+        coeff = self._middle_coefficients(left, right, middle.q)
+        rows, cols = self.spec.out_dims, self.spec.in_dims
+        p = middle.p.reshape(rows[half - 1], cols[half - 1], rows[half], cols[half], -1).permute(4, 0, 2, 1, 3)
+        c = digits_first(coeff, rows[:half - 1], cols[:half - 1])  # (ox, ix, r, y)
+        c = digits_first(c.permute(3, 0, 1, 2), rows[half + 1:], cols[half + 1:])  # (oy, iy, ox, ix, r)
+        return p, c.permute(4, 2, 0, 3, 1)
+
+    def _rows(self, left: torch.Tensor, right: torch.Tensor, middle: Disentangler | None
+              ) -> Iterator[torch.Tensor]:
+        """Without autograd: the TTN's row blocks (``halves_rows``), each with its share of the
+        middle correction. Block (X, Y, I, J) with X = (x, o_u), Y = (o_v, y), I = (i, i_u),
+        J = (i_v, j) gets p[:, o_u] (o_v, i_u, i_v) (x) c[:, x] (y, i, j). (For the whole weight,
+        one such pass over it all is faster: 77 against 108 ms for VGG-16's fc6 at 50,000x.)"""
+        half = self.spec.n_legs // 2
+        blocks = halves_rows(left, right, self.spec, half)
+        if middle is None:
+            yield from (block for _, block in blocks)
+            return
+        p, c = self._middle_terms(left, right, middle)
+        _, o_u, o_v, i_u, i_v = p.shape
+        _, _, y, i, j = c.shape
+        for row, block in blocks:
+            x, u = divmod(row, o_u)
+            grid = block.view(o_v, y, i, i_u, i_v, j)
+            for p_r, c_r in zip(p[:, u], c[:, x]):
+                grid.addcmul_(p_r.reshape(o_v, 1, 1, i_u, i_v, 1), c_r.reshape(1, y, i, 1, 1, j))
+            yield block
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||Y - T - E||^2 with T = L M^T and E = P C, from the messages and one pass over Y:

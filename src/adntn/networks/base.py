@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import opt_einsum
@@ -142,6 +142,12 @@ class Generator(nn.Module):
         that shape) when given, which the tree generators do without allocating N values."""
         weight = legs_to_weight(self.legs(), self.spec.out_dims, self.spec.in_dims, self.spec.shape)
         return weight if out is None else out.copy_(weight)
+
+    def row_blocks(self) -> Iterator[torch.Tensor]:
+        """The weight in blocks of whole rows, in order, without autograd: for writing it out
+        without holding it. A block may be a reused buffer, valid until the next-but-one block is
+        asked for. By default one block, the whole weight."""
+        yield self()
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||T - G||_F^2 for a target in leg form; subclasses may avoid materialising G."""

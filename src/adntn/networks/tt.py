@@ -14,6 +14,7 @@ that this GEMM writes the weight matrix directly (``ttn.halves_product``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -21,7 +22,8 @@ from torch import nn
 from ..errors import AdntnError
 from ..spec import GeneratorSpec
 from .base import Generator
-from .ttn import BilinearForm, crop_matrix, direct_output, halves_product, top_singular_vectors
+from .ttn import (BilinearForm, crop_matrix, direct_output, halves_product, halves_rows, top_singular_vectors,
+                  unpadded)
 
 
 def tt_ranks(spec: GeneratorSpec) -> list[int]:
@@ -98,6 +100,14 @@ class TT(Generator):
         left, right = self._halves()
         product = halves_product(left, right.T, self.spec, self.split, direct_output(out, self.spec))
         return crop_matrix(product, self.spec, out)
+
+    def row_blocks(self) -> Iterator[torch.Tensor]:
+        if not unpadded(self.spec):
+            yield self()
+            return
+        left, right = self._halves()
+        for _, block in halves_rows(left, right.T, self.spec, self.split):
+            yield block.view(-1, *self.spec.shape[1:])
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||Y - L R||^2 = ||Y||^2 - 2 tr(L^T Y R^T) + <L^T L, R R^T> at the split: no N-sized tensor."""

@@ -18,6 +18,7 @@ the final batched GEMM writes the (rows, cols) weight matrix directly (see ``hal
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -57,6 +58,14 @@ def digits_first(tensor: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple
     return split.reshape(math.prod(out_dims), math.prod(in_dims), *rest)
 
 
+def _regrouped(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec, m: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """left (P, chi) -> (x, i, chi) and right (Q, chi) -> (y, chi, j) (small copies; see below)."""
+    left = digits_first(left, spec.out_dims[:m], spec.in_dims[:m])
+    right = digits_first(right, spec.out_dims[m:], spec.in_dims[m:]).transpose(1, 2)
+    return left, right
+
+
 def halves_product(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec, m: int,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight whose leg form is sum_b left[P, b] right[Q, b], as W[x, y, i, j]: row-major, so
@@ -64,23 +73,42 @@ def halves_product(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec,
 
     left (P, chi) has rows over legs 1..m, (o_1, i_1, ..., o_m, i_m) row-major; right (Q, chi) over
     legs m+1..K. Regrouped (small copies) as left (x, i, chi), x = (o_1..o_m), i = (i_1..i_m), and
-    right (y, j, chi), the batched GEMM W[x, y, i, j] = sum_b left[x, i, b] right[y, j, b] writes
+    right (y, chi, j), the batched GEMM W[x, y, i, j] = sum_b left[x, i, b] right[y, b, j] writes
     the matrix directly: no N-sized permutation. With autograd, broadcasting copies N*chi/j +
-    N*chi/i values; without (expand, evaluation), each x's rows W[x] (a contiguous (y, i, j) block)
-    are one batched GEMM with left[x] broadcast, written in place: the result is the only large
-    tensor, and it is ``out`` (rows*cols contiguous values, touched before) when given.
+    N*chi/i values; without (expand, evaluation), the rows are written block by block
+    (``halves_rows``): the result is the only large tensor, and it is ``out`` (rows*cols
+    contiguous values) when given.
     """
-    left = digits_first(left, spec.out_dims[:m], spec.in_dims[:m]).unsqueeze(1)  # (x, 1, i, chi)
-    right = digits_first(right, spec.out_dims[m:], spec.in_dims[m:]).transpose(1, 2).unsqueeze(0)  # (1, y, chi, j)
     if torch.is_grad_enabled() and (left.requires_grad or right.requires_grad):
-        product = torch.matmul(left, right)
+        left, right = _regrouped(left, right, spec, m)
+        product = torch.matmul(left.unsqueeze(1), right.unsqueeze(0))
         return product if out is None else out.view_as(product).copy_(product)
-    (x, _, i, chi), (_, y, _, j) = left.shape, right.shape
+    x, y = math.prod(spec.out_dims[:m]), math.prod(spec.out_dims[m:])
+    i, j = math.prod(spec.in_dims[:m]), math.prod(spec.in_dims[m:])
     out = left.new_empty(x, y, i, j) if out is None else out.view(x, y, i, j)
-    right = right[0].contiguous()  # (y, chi, j)
-    for row in range(x):
-        torch.bmm(left[row, 0].expand(y, i, chi), right, out=out[row])
+    for _ in halves_rows(left, right, spec, m, out):
+        pass
     return out
+
+
+def halves_rows(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec, m: int,
+                out: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """``halves_product`` without autograd, block by block: for each x, (x, W[x]) with W[x] the
+    y*i*j contiguous values of rows x*y .. (x+1)*y - 1 of the padded matrix, (y, i, j), as one
+    batched GEMM with left[x] broadcast. Written into ``out`` viewed as (x, y, i, j) when given,
+    else into two buffers in turn: a block stays valid until the next-but-one is asked for.
+    """
+    left, right = _regrouped(left, right, spec, m)
+    (x, i, chi), (y, _, j) = left.shape, right.shape
+    right = right.contiguous()
+    if out is not None:
+        blocks = out.view(x, y, i, j)
+    else:
+        buffers = [left.new_empty(y, i, j) for _ in range(min(2, x))]
+    for row in range(x):
+        block = blocks[row] if out is not None else buffers[row % 2]
+        torch.bmm(left[row].expand(y, i, chi), right, out=block)
+        yield row, block
 
 
 def crop_matrix(matrix: torch.Tensor, spec: GeneratorSpec, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,7 +127,12 @@ def direct_output(out: torch.Tensor | None, spec: GeneratorSpec) -> torch.Tensor
         return None
     if tuple(out.shape) != tuple(spec.shape) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous tensor of shape {tuple(spec.shape)}, not {tuple(out.shape)}")
-    return out if (spec.rows, spec.cols) == tuple(spec.matrix_shape) else None
+    return out if unpadded(spec) else None
+
+
+def unpadded(spec: GeneratorSpec) -> bool:
+    """Whether the padded (rows, cols) matrix is the weight matrix itself."""
+    return (spec.rows, spec.cols) == tuple(spec.matrix_shape)
 
 
 def _around(state: torch.Tensor, axis: int) -> torch.Tensor:
@@ -225,6 +258,14 @@ class TTN(Generator):
         product = halves_product(left @ self.root, right, self.spec, self.spec.n_legs // 2,
                                  direct_output(out, self.spec))
         return crop_matrix(product, self.spec, out)
+
+    def row_blocks(self) -> Iterator[torch.Tensor]:
+        if not unpadded(self.spec):
+            yield self()
+            return
+        left, right = self.top_messages()
+        for _, block in halves_rows(left @ self.root, right, self.spec, self.spec.n_legs // 2):
+            yield block.view(-1, *self.spec.shape[1:])
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||Y - L R R'^T||^2 = ||Y||^2 - 2<L^T Y R', R> + <L^T L R R'^T R', R>, no N-sized tensor."""
