@@ -6,9 +6,10 @@ For each arch and per-layer ratio, in a fresh process each:
   library call behind ``adntn compress``): wall time and peak RSS of the process;
 * expand    the compressed directory to a ``.pt`` state_dict (``adntn.expand.expand``): wall time,
   against ``torch.save`` of the same dense state_dict to the same folder, timed in another process;
-* forward   one ``gen()`` of fc6's generator (no grad): median time, against the floor
-  N*4 bytes / write bandwidth, the bandwidth measured in the same process (best ``fill_`` of an
-  already-touched float32 buffer of N entries).
+* forward   one ``gen(out=buffer)`` of fc6's generator (no grad) into an already-touched buffer:
+  median time, against the floor N*4 bytes / write bandwidth, the bandwidth measured in the same
+  process (best ``fill_`` of an already-touched float32 buffer of N entries). Also ``gen()``,
+  which returns a fresh tensor, against a fresh allocation + fill (both pay first-touch faults).
 
 The checkpoint is ``torchvision.models.vgg16(weights=None)`` with ``torch.manual_seed(0)``: random
 initialisation, for timing only (weight errors are meaningless). It is built once in the work
@@ -47,7 +48,7 @@ COMPRESS_TARGET_S = 300.0  # compress fc6+fc7, weight-space stage, per arch
 EXPAND_TARGET = 1.5        # expand <= 1.5 x torch.save of the same state_dict
 FORWARD_TARGET = 5.0       # fc6 generator forward <= 5 x bandwidth floor
 
-REPEATS = 3               # expand and torch.save repeats (median)
+REPEATS = 5               # expand and torch.save repeats (median)
 FORWARD_REPEATS = 5
 FORWARD_WARMUP = 2
 BANDWIDTH_REPEATS = 5
@@ -207,6 +208,8 @@ def child_expand(args: dict) -> dict:
     times, cpus = [], []
     peak_first = None
     for _ in range(args["repeats"]):
+        output.unlink(missing_ok=True)  # as for torch.save below: a new file, no old one to replace
+        os.sync()  # and no writeback of the previous repeat in the timed region
         start, cpu = time.perf_counter(), cpu_seconds()
         expand(Path(args["directory"]), output, force=True)
         times.append(time.perf_counter() - start)
@@ -225,10 +228,12 @@ def child_save(args: dict) -> dict:
     target = Path(args["output"])
     plain, synced = [], []
     for _ in range(args["repeats"]):
+        os.sync()
         start = time.perf_counter()
         torch.save(state, target)
         plain.append(time.perf_counter() - start)
         target.unlink()
+        os.sync()
         start = time.perf_counter()
         torch.save(state, target)
         with open(target, "rb") as handle:
@@ -249,16 +254,21 @@ def child_forward(args: dict) -> dict:
     layer = read_layer(directory / LAYER_DIR / f"{row['name']}.safetensors")
     generator = layer.generator.eval()
     numel = generator.spec.dense_params
-    with torch.no_grad():
+
+    def median_seconds(call) -> list[float]:
         for _ in range(FORWARD_WARMUP):
-            weight = generator()
-            del weight
+            call()
         times = []
         for _ in range(FORWARD_REPEATS):
             start = time.perf_counter()
-            weight = generator()
+            call()
             times.append(time.perf_counter() - start)
-            del weight
+        return times
+
+    with torch.no_grad():
+        out = torch.zeros(generator.spec.shape)  # touched once, reused: as a runtime layer would
+        times = median_seconds(lambda: generator(out=out))
+        fresh_times = median_seconds(lambda: generator())
     # The floor: writing N float32 values once. Best of a few fill_ of an already-touched buffer
     # (pure write bandwidth), plus, for reference, a fresh allocation + fill (adds first-touch page faults).
     buffer = torch.empty(numel, dtype=torch.float32)
@@ -281,6 +291,8 @@ def child_forward(args: dict) -> dict:
         "numel": numel,
         "seconds": statistics.median(times),
         "all_seconds": times,
+        "fresh_seconds": statistics.median(fresh_times),
+        "all_fresh_seconds": fresh_times,
         "bandwidth_bytes_per_s": numel * 4 / floor,
         "floor_seconds": floor,
         "fresh_alloc_fill_seconds": min(fresh),
@@ -434,6 +446,9 @@ def evaluate(entry: dict, checkpoint_bytes: int) -> dict:
     if expand.get("ok") and save.get("ok"):
         ratio = expand["seconds"] / save["seconds"]
         checks["expand_vs_save"] = {"value": ratio, "target": EXPAND_TARGET, "pass": ratio <= EXPAND_TARGET}
+        if "fsync_seconds" in save:  # expand fsyncs before its rename: the like-for-like baseline
+            ratio = expand["seconds"] / save["fsync_seconds"]
+            checks["expand_vs_save_fsync"] = {"value": ratio, "target": EXPAND_TARGET, "pass": ratio <= EXPAND_TARGET}
     if forward.get("ok"):
         ratio = forward["seconds"] / forward["floor_seconds"]
         checks["forward_vs_floor"] = {"value": ratio, "target": FORWARD_TARGET, "pass": ratio <= FORWARD_TARGET}
@@ -460,14 +475,15 @@ def markdown(results: dict) -> str:
         f"expand <= {EXPAND_TARGET} x torch.save; fc6 forward <= {FORWARD_TARGET:.0f} x floor (N*4 B / write bandwidth).",
         "",
         "| arch | ratio | fc6 / fc7 achieved | compress s (cpu s) | | peak RSS GB (x ckpt) | | expand s "
-        "| torch.save s | expand / save | | fc6 forward ms | floor ms | forward / floor | | load 1m |",
-        "|---|---:|---|---:|---|---:|---|---:|---:|---:|---|---:|---:|---:|---|---:|",
+        "| torch.save s | expand / save | | + fsync s | expand / (save + fsync) | | fc6 forward ms | floor ms | forward / floor | | fresh / fresh floor ms "
+        "| load 1m |",
+        "|---|---:|---|---:|---|---:|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---|---:|---:|",
     ]
     for entry in results["runs"]:
         ratio = f"{entry['ratio']:,.0f}x"
         if entry.get("unreachable"):
             lines.append(f"| {entry['arch']} | {ratio} | unreachable: {entry['unreachable']} |"
-                         + " |" * 13)
+                         + " |" * 17)
             continue
         comp, exp, save, fwd = (entry.get(k) or {} for k in ("compress", "expand", "save", "forward"))
         checks = entry.get("checks", {})
@@ -489,14 +505,20 @@ def markdown(results: dict) -> str:
         ev = checks.get("expand_vs_save")
         fw = checks.get("forward_vs_floor")
         ev_text = "-" if ev is None else "%.2f" % ev["value"]
+        evf = checks.get("expand_vs_save_fsync")
+        evf_text = "-" if evf is None else "%.2f" % evf["value"]
+        fsync_s = f"{save['fsync_seconds']:.2f}" if save.get("ok") and "fsync_seconds" in save else "-"
         fw_text = "-" if fw is None else "%.1f" % fw["value"]
         fwd_ms = "%.0f" % (fwd["seconds"] * 1e3) if fwd.get("ok") else "-"
         floor_ms = "%.0f" % (fwd["floor_seconds"] * 1e3) if fwd.get("ok") else "-"
+        fresh_ms = ("%.0f / %.0f" % (fwd["fresh_seconds"] * 1e3, fwd["fresh_alloc_fill_seconds"] * 1e3)
+                    if fwd.get("ok") and "fresh_seconds" in fwd else "-")
         cells = [
             entry["arch"], ratio, achieved, comp_s, verdict(checks.get("compress_time", {}).get("pass")),
             rss, verdict(checks.get("compress_rss", {}).get("pass")),
             exp_s, save_s, ev_text, verdict(ev["pass"] if ev else None),
-            fwd_ms, floor_ms, fw_text, verdict(fw["pass"] if fw else None), load_range(entry),
+            fsync_s, evf_text, verdict(evf["pass"] if evf else None),
+            fwd_ms, floor_ms, fw_text, verdict(fw["pass"] if fw else None), fresh_ms, load_range(entry),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     breakdown = []
@@ -529,13 +551,16 @@ def markdown(results: dict) -> str:
         f"{gb(results.get('rss_after_import_bytes'))} GB after imports).",
         "- compress: `adntn.compress.compress_checkpoint` (what `adntn compress CKPT --layers fc6,fc7 --arch A "
         "--ratio R` runs), wall time from the call to the written directory (load, SVD init, fit, write).",
-        f"- expand: median of {REPEATS} `adntn.expand.expand(DIR, out.pt)` (reads, generates, `torch.save`s with "
-        f"fsync); torch.save: median of {REPEATS} plain `torch.save` of the expanded state_dict to the same folder "
-        "in a separate process (the JSON also has torch.save + fsync).",
-        f"- forward: median of {FORWARD_REPEATS} `gen()` under `torch.no_grad()` after {FORWARD_WARMUP} warm-up "
-        f"calls; floor = best of {BANDWIDTH_REPEATS} `fill_` of an already-touched float32 buffer of the same N "
-        "entries, measured in the same process (the JSON also has a fresh allocation + fill, which adds "
-        "first-touch page faults as a returned tensor does).",
+        "- expand and torch.save: each repeat starts after `os.sync()` (no writeback of the one before).",
+        f"- expand: median of {REPEATS} `adntn.expand.expand(DIR, out.pt)` to a new file (reads, generates in row "
+        "blocks, streams torch.save's format, fsyncs, renames); torch.save: median of "
+        f"{REPEATS} plain `torch.save` of the expanded state_dict to a new file in the same folder, in a separate "
+        "process, and of `torch.save` + fsync (expand's durability: the like-for-like baseline).",
+        f"- forward: median of {FORWARD_REPEATS} `gen(out=buffer)` under `torch.no_grad()` after {FORWARD_WARMUP} "
+        "warm-up calls, the buffer touched before; floor = best of "
+        f"{BANDWIDTH_REPEATS} `fill_` of an already-touched float32 buffer of the same N entries, measured in the "
+        "same process. 'fresh' is `gen()`, which returns a new tensor, against a fresh allocation + fill of N "
+        "values: both pay the first-touch page faults.",
         "- A compress that exceeds the per-child timeout is killed and recorded as '> T (timeout)'; the archive "
         "used to time expand and forward is then made with `--steps 0` (same generator structure, fit skipped), "
         "and its peak RSS is shown, marked '(--steps 0 run)'.",
