@@ -97,8 +97,7 @@ def child_build(args: dict) -> dict:
             "params": sum(t.numel() for t in state.values())}
 
 
-STAGES = ("load_checkpoint", "check_finite", "fit_target", "from_target", "fit", "materialize",
-          "relative_error", "write_archive")
+STAGES = ("load_checkpoint", "check_finite", "fit_target", "from_target", "fit", "relative_error", "write_archive")
 CLASS_STAGES = ("fit_target", "from_target")  # classmethods of the generator class
 
 

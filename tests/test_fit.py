@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from adntn.budget import spec_for_bond_dim
@@ -83,3 +84,14 @@ def test_relative_error_in_chunks_equals_the_direct_formula():
     a, b = torch.randn(1000, 7, 3), torch.randn(1000, 7, 3)
     direct = float((a.double() - b.double()).norm() / a.double().norm())
     assert abs(relative_error(a, b, chunk_rows=64) - direct) < 1e-12
+
+
+def test_relative_error_of_row_blocks_equals_that_of_the_whole() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(50, 3, 2), torch.randn(50, 3, 2)
+    whole = relative_error(a, b, chunk_rows=7)
+    assert abs(relative_error(a, iter(b.split(11)), chunk_rows=7) - whole) < 1e-12
+    with pytest.raises(ValueError, match="49 rows, not 50"):
+        relative_error(a, b[:49].split(11))
+    with pytest.raises(ValueError, match="more rows"):
+        relative_error(a[:40], b.split(11))

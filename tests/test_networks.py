@@ -93,7 +93,7 @@ def test_counts_shapes_and_forward_matches_legs(spec: GeneratorSpec) -> None:
 
 
 @pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
-@pytest.mark.parametrize("shape", [(64, 48), (50, 30)])
+@pytest.mark.parametrize("shape", [(64, 48), (53, 30)])
 def test_inference_forward_and_out_equal_the_autograd_forward(arch: str, shape: tuple, ) -> None:
     """Without autograd the tree generators write the weight by their own schedule, into ``out``
     when given (the same storage comes back): the same values as the autograd forward."""
@@ -512,7 +512,7 @@ def test_mera_slices_of_leg_0_give_the_whole_distance_and_gradient(n_legs: int, 
 
 
 @pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
-@pytest.mark.parametrize("shape", [(64, 48), (50, 30), (16, 4, 3, 3)])
+@pytest.mark.parametrize("shape", [(64, 48), (53, 30), (16, 4, 3, 3)])
 def test_row_blocks_are_the_weight_in_order(arch: str, shape: tuple) -> None:
     """Blocks of whole rows that concatenate to the weight; a block is still intact while the
     next one is made (the writer's contract)."""
@@ -529,4 +529,4 @@ def test_row_blocks_are_the_weight_in_order(arch: str, shape: tuple) -> None:
             copies.append(block.clone())
             previous = (block,)
     torch.testing.assert_close(torch.cat(copies), expected, rtol=1e-6, atol=1e-7)
-    assert arch in ("mera", "svd") or shape == (50, 30) or len(copies) > 1
+    assert (len(copies) > 1) == (arch == "mera" or (arch != "svd" and shape != (53, 30)))

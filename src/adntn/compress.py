@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .architectures import LayerInfo, ModelInfo, detect_model, resolve_layers
-from .archive import CompressedLayer, check_destination, materialize, write_archive
+from .archive import CompressedLayer, check_destination, materialize_rows, write_archive
 from .budget import spec_for_bond_dim, spec_for_ratio
 from .checkpoint import check_finite, file_sha256, load_state_dict, release_pages
 from .errors import AdntnError
@@ -195,7 +195,7 @@ def compress_checkpoint(checkpoint: Path, layer_names: list[str], settings: FitS
 
     for item, row, layer in zip(compressed, rows, layers):
         weight = loaded.state[layer.weight_key]
-        row["weight_rel_error"] = relative_error(weight, materialize(item.generator, item.dtype))
+        row["weight_rel_error"] = relative_error(weight, materialize_rows(item.generator, item.dtype))
         row["bias_params"] = 0 if item.bias is None else item.bias.numel()
         if task is None and row["weight_rel_error"] > DATA_FREE_WARNING:
             progress.note(

@@ -6,12 +6,12 @@ a perfect fit. ``fit.fit`` minimises any of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.nn import functional as F
 
-from .checkpoint import row_blocks
+from .checkpoint import release_pages
 from .networks import Generator
 
 Objective = Callable[[Generator], torch.Tensor]
@@ -83,16 +83,28 @@ class ActivationObjective:
 
 
 @torch.no_grad()
-def relative_error(reference: torch.Tensor, approximation: torch.Tensor, chunk_rows: int = 64) -> float:
+def relative_error(reference: torch.Tensor, approximation: torch.Tensor | Iterable[torch.Tensor],
+                   chunk_rows: int = 64) -> float:
     """||A - B||_F / ||A||_F, accumulated in float64 over row chunks (no full float64 copies).
 
-    ``reference`` is read with ``row_blocks``: a mapped checkpoint tensor does not stay resident.
+    ``approximation`` is a tensor or its blocks of whole rows in order (``Generator.row_blocks``:
+    B need never exist whole). Each chunk of ``reference`` read is released (``release_pages``),
+    so a mapped checkpoint tensor does not stay resident.
     """
-    reference, approximation = reference.reshape(reference.shape[0], -1), approximation.reshape(reference.shape[0], -1)
+    reference = reference.reshape(reference.shape[0], -1)
+    blocks = [approximation] if isinstance(approximation, torch.Tensor) else approximation
     error_sq = norm_sq = 0.0
-    chunks = row_blocks(reference, chunk_rows * reference.shape[1])
-    for a, b in zip(chunks, approximation.split(max(1, chunk_rows))):
-        a, b = a.double(), b.double()
-        error_sq += float((a - b).pow(2).sum())
-        norm_sq += float(a.pow(2).sum())
+    start = 0
+    for block in blocks:
+        for piece in block.reshape(-1, reference.shape[1]).split(max(1, chunk_rows)):
+            rows = reference[start:start + piece.shape[0]]
+            if rows.shape != piece.shape:
+                raise ValueError(f"the approximation has more rows than the reference ({reference.shape[0]})")
+            a, b = rows.double(), piece.double()
+            error_sq += float((a - b).pow(2).sum())
+            norm_sq += float(a.pow(2).sum())
+            release_pages(rows)
+            start += piece.shape[0]
+    if start != reference.shape[0]:
+        raise ValueError(f"the approximation has {start} rows, not {reference.shape[0]}")
     return (error_sq / max(norm_sq, 1e-300)) ** 0.5

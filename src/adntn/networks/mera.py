@@ -27,6 +27,7 @@ this is the linear TTN of the same cores, so ``from_weight`` uses the TTN's hier
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -79,6 +80,12 @@ def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int]) 
         else:
             state = matrix @ matrices[g].T if forward else matrices[g] @ matrix
     return state.reshape(-1)
+
+
+def _slices(size: int, total: int) -> list[slice]:
+    """Slices of range(size) covering about SLICE_VALUES of ``total`` entries each."""
+    step = max(1, size * SLICE_VALUES // max(1, total))
+    return [slice(start, min(start + step, size)) for start in range(0, size, step)]
 
 
 class MERA(Generator):
@@ -175,9 +182,29 @@ class MERA(Generator):
 
     def row_slices(self) -> list[slice]:
         """Slices of leg 0 whose leg tensors hold about SLICE_VALUES entries each."""
-        first = self.spec.leg_dims[0]
-        step = max(1, first * SLICE_VALUES // self.spec.dense_params)
-        return [slice(start, min(start + step, first)) for start in range(0, first, step)]
+        return _slices(self.spec.leg_dims[0], self.spec.dense_params)
+
+    def _state_slices(self) -> list[slice]:
+        """Slices of bond 0 whose states above the leaves hold about SLICE_VALUES entries each."""
+        return _slices(self.bonds[0][0], math.prod(self.bonds[0]))
+
+    def row_blocks(self) -> Iterator[torch.Tensor]:
+        """One block of rows per value of the first row digit o_1 (legs[o_1 i_1 + i] for all i),
+        each computed alone and put in weight order: the temporaries are 1/o_1 of the weight's.
+        (``forward`` stays whole: the permutation into weight order dominates either way, and
+        in one piece it is faster, 490 against 580 ms for VGG-16's fc6 at 50,000x.)"""
+        spec = self.spec
+        out_rows, cols = spec.matrix_shape
+        width, rows_per_block = spec.in_dims[0], math.prod(spec.out_dims[1:])
+        k = spec.n_legs
+        digits = [width] + [d for pair in zip(spec.out_dims[1:], spec.in_dims[1:]) for d in pair]
+        for digit in range(spec.out_dims[0]):
+            first_row = digit * rows_per_block
+            if first_row >= out_rows:
+                break
+            legs = self.legs(slice(digit * width, (digit + 1) * width)).reshape(digits)
+            block = legs.permute(*range(1, 2 * k - 1, 2), 0, *range(2, 2 * k - 1, 2)).reshape(rows_per_block, -1)
+            yield block[:out_rows - first_row, :cols].reshape(-1, *spec.shape[1:])
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||T - G||^2 summed over slices of leg 0 (``row_slices``): the temporaries are slice-sized."""
@@ -212,11 +239,15 @@ class MERA(Generator):
             mine.copy_(fitted)
         net.root.copy_(tree.root)
         if len(net.activations):
-            captured: list[torch.Tensor] = []
             gained = net.activations
             net.activations = nn.ModuleList()
-            net._state(capture=captured)
+            largest: list[list[torch.Tensor]] = [[] for _ in range(net.levels - 1)]
+            for rows in net._state_slices():  # the bottom layer's state is as large as the weight
+                captured: list[torch.Tensor] = []
+                net._state(capture=captured, rows=rows)
+                for maxima, z in zip(largest, captured):
+                    maxima.append(z.abs().amax())
             net.activations = gained
-            for h, z in zip(range(net.levels - 1, 0, -1), captured):
-                net.activations[h - 1].calibrate(z)
+            for h, maxima in zip(range(net.levels - 1, 0, -1), largest):
+                net.activations[h - 1].calibrate(torch.stack(maxima))
         return net
