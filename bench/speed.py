@@ -582,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: ttn at 2000x with --steps 5")
     parser.add_argument("--resume", action="store_true",
                         help="keep the finished rows of an existing --out file and run only the others")
+    parser.add_argument("--redo", default="", help="with --resume: comma-separated archs whose rows are run again")
     parser.add_argument("--keep", action="store_true", help="keep compressed directories and expanded files")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -639,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         previous = json.loads(out_json.read_text())
         if previous.get("settings_note") != results["settings_note"]:
             parser.error(f"--resume: {out_json} was run with other settings ({previous.get('settings_note')})")
-        done = {(e["arch"], e["ratio"]): e for e in previous.get("runs", []) if "checks" in e}
+        redo = {a.strip() for a in options.redo.split(",") if a.strip()}
+        done = {(e["arch"], e["ratio"]): e for e in previous.get("runs", []) if "checks" in e and e["arch"] not in redo}
         # A row cut off after its compress timed out keeps that result (only the --steps 0 archive is redone).
         partial = {(e["arch"], e["ratio"]): e["compress"] for e in previous.get("runs", [])
                    if "checks" not in e and (e.get("compress") or {}).get("timeout")}

@@ -11,6 +11,7 @@ forms it: ||Y - U V^T||^2 = ||Y||^2 - 2 <U, Y V> + <U^T U, V^T V>.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from .base import Generator
 EXACT_SVD_MAX_SIDE = 1024  # a full float64 SVD when the smaller side is at most this
 LOWRANK_OVERSAMPLE = 10
 LOWRANK_POWER_ITERATIONS = 4
+ROW_BLOCK_VALUES = 1 << 22  # entries per block of row_blocks
 
 
 def svd_rank(spec: GeneratorSpec) -> int:
@@ -55,6 +57,12 @@ class SVD(Generator):
         if torch.is_grad_enabled() and (self.u.requires_grad or self.v.requires_grad):
             return out.copy_((self.u @ self.v.T).reshape(self.spec.shape))
         return torch.mm(self.u, self.v.T, out=out.view(self.spec.rows, self.spec.cols)).view(self.spec.shape)
+
+    def row_blocks(self) -> Iterator[torch.Tensor]:
+        """Rows of U V^T, ROW_BLOCK_VALUES entries at a time."""
+        rows = max(1, ROW_BLOCK_VALUES // self.spec.cols)
+        for block in self.u.split(rows):
+            yield (block @ self.v.T).reshape(-1, *self.spec.shape[1:])
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         target = target_legs.reshape(self.spec.rows, self.spec.cols)
