@@ -299,3 +299,23 @@ def test_failed_pt_expand_keeps_the_old_file(compressed, tmp_path, monkeypatch):
         expand_module.expand(compressed, out, force=True)
     assert out.read_bytes() == b"precious"
     assert [path.name for path in tmp_path.iterdir()] == ["dense.pt"]
+
+
+def test_unknown_target_dtype(checkpoint, tmp_path):
+    _fails(["compress", checkpoint, "--layers", "fc6", "--ratio", "20", "--target-dtype", "float16",
+            "--out", tmp_path / "o"], "--target-dtype must be one of float32, bfloat16", tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
+def test_bfloat16_target_fits_as_well_and_is_reported(checkpoint, tmp_path, arch):
+    """A bfloat16 copy of the weight (rounding 2^-9) gives the same fit to about that precision."""
+    errors = {}
+    for dtype in ("float32", "bfloat16"):
+        result = adntn("compress", checkpoint, "--layers", "fc6,conv5_2", "--arch", arch, "--ratio", "20",
+                       "--steps", "20", "--target-dtype", dtype, "--out", tmp_path / dtype, "--json")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["settings"]["target_dtype"] == dtype
+        errors[dtype] = [layer["weight_rel_error"] for layer in report["layers"]]
+    for full, half in zip(errors["float32"], errors["bfloat16"]):
+        assert abs(full - half) < 0.01 * full + 1e-3

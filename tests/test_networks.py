@@ -533,3 +533,34 @@ def test_row_blocks_are_the_weight_in_order(arch: str, shape: tuple, monkeypatch
             previous = (block,)
     torch.testing.assert_close(torch.cat(copies), expected, rtol=1e-6, atol=1e-7)
     assert (len(copies) > 1) == (arch in ("mera", "svd") or shape != (53, 30))
+
+
+@pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
+def test_a_bfloat16_target_is_read_in_float32_blocks(arch: str, monkeypatch) -> None:
+    """Init, distance and gradients from a bfloat16 target equal those from its float32 values,
+    whatever the blocks it is read in."""
+    from adntn.networks import target as target_module
+
+    monkeypatch.setattr(target_module, "TARGET_BLOCK_VALUES", 97)
+    torch.manual_seed(0)
+    spec = make_spec(arch, (64, 48), 4, bond=3)
+    cls = GENERATORS[arch]
+    half = cls.fit_target(spec, torch.randn(64, 48), dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    full = half.float()
+    nets = []
+    for t in (half, full):
+        torch.manual_seed(1)  # the same random disentangler factors Q
+        nets.append(cls.from_target(spec, t))
+    for a, b in zip(*(net.parameters() for net in nets)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    perturb_mixers(nets[0])
+    nets[1].load_state_dict(nets[0].state_dict())
+    values = []
+    for net, t in zip(nets, (half, full)):
+        norm_sq = t.float().pow(2).sum()
+        value = net.accumulate_squared_distance(t, norm_sq, 1 / norm_sq)
+        values.append(value)
+    assert math.isclose(values[0], values[1], rel_tol=1e-4)
+    for a, b in zip(*(net.parameters() for net in nets)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-6)

@@ -126,6 +126,10 @@ def compress(
     lr: Annotated[float, typer.Option(help="Learning rate of the weight-space fit.")] = 1e-2,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same cores).")] = 0,
     device: Annotated[str, typer.Option(help="Where to fit and fine-tune: cpu, cuda or cuda:N.")] = "cpu",
+    target_dtype: Annotated[str, typer.Option(
+        "--target-dtype",
+        help="dtype of the weight copy the weight-space fit reads: float32, or bfloat16 (half the "
+             "memory; rounding 2^-9, far below the fit errors at these ratios).")] = "float32",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default CHECKPOINT-STEM.adntn).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     model: ModelOption = None,
@@ -156,7 +160,8 @@ def compress(
     names = _names(layers)
     common_ratio, layer_ratios = parse_ratio(ratio) if ratio is not None else (None, {})
     settings = FitSettings(arch=arch, ratio=common_ratio, layer_ratios=layer_ratios, bond_dim=bond_dim,
-                           activation=activation, steps=steps, lr=lr, seed=seed, device=device)
+                           activation=activation, steps=steps, lr=lr, seed=seed, device=device,
+                           target_dtype=target_dtype)
     task = None
     if data is not None:
         finetune = FinetuneConfig(epochs=epochs, lr=finetune_lr, batch_size=batch_size, temperature=temperature,

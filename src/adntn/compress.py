@@ -31,6 +31,7 @@ from .progress import Progress
 from .spec import ARCHS, FORMAT_VERSION
 
 DEFAULT_RATIO = 2000.0
+TARGET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --target-dtype
 DATA_FREE_WARNING = 0.5  # relative weight error above which a data-free layer is unlikely to work
 BIAS_POLICY = "dense: each compressed layer keeps its bias as stored values (bias_params), not counted in core_params"
 
@@ -48,6 +49,7 @@ class FitSettings:
     lr: float = 1e-2
     seed: int = 0
     device: str = "cpu"
+    target_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         resolve_device(self.device)
@@ -61,6 +63,8 @@ class FitSettings:
             raise AdntnError(f"--steps must be 0 or more, not {self.steps}.")
         if not self.lr > 0:
             raise AdntnError(f"--lr must be positive, not {self.lr}.")
+        if self.target_dtype not in TARGET_DTYPES:
+            raise AdntnError(f"--target-dtype must be one of {', '.join(TARGET_DTYPES)}, not '{self.target_dtype}'.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,7 +130,7 @@ def fit_weight_space(weight: torch.Tensor, layer: LayerInfo, settings: FitSettin
     start = time.perf_counter()
     cls = generator_class(spec)
     # the one full-size copy: the target, built from a mapped checkpoint block by block
-    target = cls.fit_target(spec, weight, after_block=release_pages)
+    target = cls.fit_target(spec, weight, after_block=release_pages, dtype=TARGET_DTYPES[settings.target_dtype])
     generator = cls.from_target(spec, target)
     advance = progress.task(f"fit {layer.alias or layer.module} ({spec.arch})", settings.steps)
     device = resolve_device(settings.device)

@@ -30,7 +30,8 @@ from torch import nn
 
 from ..spec import GeneratorSpec
 from .base import Disentangler, Generator, contraction
-from .ttn import TTN, crop_matrix, digits_first, direct_output, halves_product, halves_rows, unpadded
+from .target import BatchedTargetProduct, is_narrow
+from .ttn import TTN, BilinearForm, crop_matrix, digits_first, direct_output, halves_product, halves_rows, unpadded
 
 
 def boundary_pairs(n_legs: int) -> range:
@@ -203,14 +204,18 @@ class ATTN(Generator):
         C_P being C with P in place of Q (so <T, E> = <C_P, C>)."""
         left, right, middle = self._messages()
         target = target_legs.reshape(left.shape[0], right.shape[0])
-        cross = ((left.T @ target) * right.T).sum()
+        cross = (((left.T @ target) * right.T).sum() if not is_narrow(target)
+                 else BilinearForm.apply(left, target, right).diagonal().sum())
         gram = ((left.T @ left) * (right.T @ right)).sum()
         if middle is not None:
             x, joint, y = self._middle_shape()
             coeff = self._middle_coefficients(left, right, middle.q)
             along_p = self._middle_coefficients(left, right, middle.p)
-            target_p = torch.bmm(middle.p.T.expand(x, -1, -1), target.reshape(x, joint, y))
-            cross = cross + (target_p * coeff).sum()
+            if not is_narrow(target):
+                target_p = torch.bmm(middle.p.T.expand(x, -1, -1), target.reshape(x, joint, y))
+                cross = cross + (target_p * coeff).sum()
+            else:  # <P^T Y_x, C_x> summed over x = <P, sum_x Y_x C_x^T>
+                cross = cross + (middle.p * BatchedTargetProduct.apply(target.reshape(x, joint, y), coeff)).sum()
             coeff_gram = torch.einsum("xry,xsy->rs", coeff, coeff)
             gram = gram + 2 * (along_p * coeff).sum() + ((middle.p.T @ middle.p) * coeff_gram).sum()
         return target_norm_sq - 2 * cross + gram

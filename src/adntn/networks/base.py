@@ -117,10 +117,12 @@ class Generator(nn.Module):
 
     @classmethod
     def fit_target(cls, spec: GeneratorSpec, weight: torch.Tensor, *,
-                   after_block: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """``weight`` in the form this generator is fitted against, in float32: the leg tensor
-        (``spec.leg_dims``, built in row blocks; ``after_block`` as in ``weight_to_legs``)."""
-        return weight_to_legs(weight.detach(), spec.out_dims, spec.in_dims, dtype=torch.float32,
+                   after_block: Callable[[torch.Tensor], None] | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``weight`` in the form this generator is fitted against, in ``dtype`` (float32, or
+        bfloat16: read in float32 blocks, see ``target``): the leg tensor (``spec.leg_dims``,
+        built in row blocks; ``after_block`` as in ``weight_to_legs``)."""
+        return weight_to_legs(weight.detach(), spec.out_dims, spec.in_dims, dtype=dtype,
                               after_block=after_block)
 
     @classmethod

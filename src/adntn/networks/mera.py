@@ -208,7 +208,7 @@ class MERA(Generator):
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||T - G||^2 summed over slices of leg 0 (``row_slices``): the temporaries are slice-sized."""
-        return sum((self.legs(rows) - target_legs[rows]).pow(2).sum() for rows in self.row_slices())
+        return sum((self.legs(rows) - target_legs[rows].float()).pow(2).sum() for rows in self.row_slices())
 
     def accumulate_squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor,
                                     scale: torch.Tensor) -> float:
@@ -216,7 +216,7 @@ class MERA(Generator):
         slice is built, so the autograd graph holds one slice (same gradient as the whole)."""
         total = 0.0
         for rows in self.row_slices():
-            part = (self.legs(rows) - target_legs[rows]).pow(2).sum() * scale
+            part = (self.legs(rows) - target_legs[rows].float()).pow(2).sum() * scale
             part.backward()
             total += float(part.detach())
         return total

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import AdntnError
 from ..spec import GeneratorSpec
 from .base import Generator
+from .target import target_matmul
 
 EXACT_SVD_MAX_SIDE = 1024  # a full float64 SVD when the smaller side is at most this
 LOWRANK_OVERSAMPLE = 10
@@ -66,14 +67,16 @@ class SVD(Generator):
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         target = target_legs.reshape(self.spec.rows, self.spec.cols)
-        cross = (self.u * (target @ self.v)).sum()
+        cross = (self.u * target_matmul(target, self.v)).sum()
         gram = ((self.u.T @ self.u) * (self.v.T @ self.v)).sum()
         return target_norm_sq - 2 * cross + gram
 
     @classmethod
-    def fit_target(cls, spec: GeneratorSpec, weight: torch.Tensor, *, after_block=None) -> torch.Tensor:
-        """The (rows, cols) weight matrix as it is (a view; no copy for a float32 weight)."""
-        return weight.detach().reshape(spec.rows, spec.cols).float()
+    def fit_target(cls, spec: GeneratorSpec, weight: torch.Tensor, *, after_block=None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (rows, cols) weight matrix as it is (a view; no copy for a float32 weight and
+        ``dtype``)."""
+        return weight.detach().reshape(spec.rows, spec.cols).to(dtype)
 
     @classmethod
     @torch.no_grad()

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..spec import GeneratorSpec
 from .base import Generator, activation_sites, contraction
+from .target import float_blocks, is_narrow, target_matmul, target_tmatmul
 
 
 def tree_bonds(spec: GeneratorSpec) -> list[list[int]]:
@@ -147,16 +148,22 @@ def top_singular_vectors(state: torch.Tensor, axis: int, rank: int) -> torch.Ten
     never formed (it would be a permuted copy of ``state``).
     """
     view = _around(state.contiguous(), axis)
-    gram = torch.bmm(view, view.transpose(1, 2)).sum(0).double()
+    gram = sum(torch.bmm(block, block.transpose(1, 2)).sum(0) for _, block in float_blocks(view)).double()
     _, vectors = torch.linalg.eigh(gram)
-    return vectors[:, -rank:].flip(1).to(state.dtype)
+    return vectors[:, -rank:].flip(1).to(torch.float32 if is_narrow(state) else state.dtype)
 
 
 def _project(state: torch.Tensor, axis: int, basis: torch.Tensor) -> torch.Tensor:
     """Contract leg ``axis`` of ``state`` with ``basis`` (dim x rank), keeping the leg order:
-    one batched GEMM basis^T V_a on the (before, dim, after) view, written contiguous."""
+    one batched GEMM basis^T V_a on the (before, dim, after) view, written contiguous in float32
+    (block by block for a narrower ``state``)."""
     view = _around(state.contiguous(), axis)
-    projected = torch.bmm(basis.T.expand(view.shape[0], -1, -1), view)
+    if not is_narrow(view):
+        projected = torch.bmm(basis.T.expand(view.shape[0], -1, -1), view)
+    else:
+        projected = view.new_empty(view.shape[0], basis.shape[1], view.shape[2], dtype=torch.float32)
+        for (rows, cols), block in float_blocks(view):
+            projected[rows, :, cols] = torch.bmm(basis.T.expand(block.shape[0], -1, -1), block)
     return projected.reshape(*state.shape[:axis], basis.shape[1], *state.shape[axis + 1:])
 
 
@@ -165,18 +172,19 @@ class BilinearForm(torch.autograd.Function):
 
     Both gradients keep Y in its stored orientation: dL = Y (M G^T) and dM = ((L G)^T Y)^T.
     A product with Y^T as the left operand (autograd's choice for dM) runs up to 20x slower.
+    A bfloat16 Y is read in float32 blocks (``target``).
     """
 
     @staticmethod
     def forward(ctx, left: torch.Tensor, target: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(left, target, right)
-        return left.T @ (target @ right)
+        return left.T @ target_matmul(target, right)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         left, target, right = ctx.saved_tensors
-        grad_left = target @ (right @ grad.T) if ctx.needs_input_grad[0] else None
-        grad_right = ((left @ grad).T @ target).T if ctx.needs_input_grad[2] else None
+        grad_left = target_matmul(target, right @ grad.T) if ctx.needs_input_grad[0] else None
+        grad_right = target_tmatmul(left @ grad, target).T if ctx.needs_input_grad[2] else None
         return grad_left, None, grad_right
 
 
