@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from .checkpoint import release_pages
 from .networks import Generator
+from .networks.target import TARGET_BLOCK_VALUES, is_narrow
 
 Objective = Callable[[Generator], torch.Tensor]
 
@@ -26,7 +27,11 @@ class WeightObjective:
 
     def __init__(self, target: torch.Tensor) -> None:
         self.target = target
-        self.norm_sq = torch.linalg.vector_norm(target).square()  # no N-sized temporary
+        if is_narrow(target):  # in float64 over float32 blocks: the loss cancels against it
+            flat = target.reshape(-1)
+            self.norm_sq = sum(block.double().square().sum() for block in flat.split(TARGET_BLOCK_VALUES)).float()
+        else:
+            self.norm_sq = torch.linalg.vector_norm(target).square()  # no N-sized temporary
 
     @classmethod
     def for_weight(cls, weight: torch.Tensor, generator: Generator) -> WeightObjective:

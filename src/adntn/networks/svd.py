@@ -19,7 +19,8 @@ from torch import nn
 from ..errors import AdntnError
 from ..spec import GeneratorSpec
 from .base import Generator
-from .target import target_matmul
+from .target import is_narrow
+from .ttn import BilinearForm
 
 EXACT_SVD_MAX_SIDE = 1024  # a full float64 SVD when the smaller side is at most this
 LOWRANK_OVERSAMPLE = 10
@@ -67,7 +68,8 @@ class SVD(Generator):
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         target = target_legs.reshape(self.spec.rows, self.spec.cols)
-        cross = (self.u * target_matmul(target, self.v)).sum()
+        cross = ((self.u * (target @ self.v)).sum() if not is_narrow(target)
+                 else BilinearForm.apply(self.u, target, self.v).diagonal().sum())
         gram = ((self.u.T @ self.u) * (self.v.T @ self.v)).sum()
         return target_norm_sq - 2 * cross + gram
 

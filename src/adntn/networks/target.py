@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-TARGET_BLOCK_VALUES = 1 << 22  # entries of a float32 block of a narrower target
+TARGET_BLOCK_VALUES = 1 << 18  # entries of a float32 block of a narrower target (1 MiB: stays in cache)
 NARROW = (torch.bfloat16, torch.float16)
 
 
@@ -24,29 +24,27 @@ def is_narrow(tensor: torch.Tensor) -> bool:
 
 def float_blocks(view: torch.Tensor) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
     """Float32 blocks of a narrow ``view`` (before, dim, after) with their (before, after) index
-    slices, blocks along before, then along after; any other view whole, as it is."""
+    slices, blocks along before, then along after; any other view whole, as it is. The blocks
+    share one buffer: each is valid until the next is asked for (never save one for autograd)."""
     if not is_narrow(view):
         yield (slice(None), slice(None)), view
         return
     before, dim, after = view.shape
     along_after = after if dim * after <= TARGET_BLOCK_VALUES else max(1, TARGET_BLOCK_VALUES // max(1, dim))
     along_before = max(1, TARGET_BLOCK_VALUES // max(1, dim * along_after))
+    buffer = torch.empty(min(before, along_before) * dim * min(after, along_after), device=view.device)
     for first in range(0, before, along_before):
         for start in range(0, after, along_after):
             rows, cols = slice(first, first + along_before), slice(start, start + along_after)
-            yield (rows, cols), view[rows, :, cols].float()
+            source = view[rows, :, cols]
+            yield (rows, cols), buffer[:source.numel()].view(source.shape).copy_(source)
 
 
 def float_rows(target: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
     """Float32 blocks of whole rows of a narrow 2-D ``target`` with their row slices (any other
-    target whole, as it is)."""
-    if not is_narrow(target):
-        yield slice(None), target
-        return
-    step = max(1, TARGET_BLOCK_VALUES // max(1, target.shape[1]))
-    for start in range(0, target.shape[0], step):
-        rows = slice(start, start + step)
-        yield rows, target[rows].float()
+    target whole, as it is); one shared buffer, as in ``float_blocks``."""
+    for (rows, _), block in float_blocks(target.unsqueeze(2) if is_narrow(target) else target[None]):
+        yield rows, (block[:, :, 0] if is_narrow(target) else block[0])
 
 
 def target_matmul(target: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:

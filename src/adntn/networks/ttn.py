@@ -141,6 +141,16 @@ def _around(state: torch.Tensor, axis: int) -> torch.Tensor:
     return state.reshape(math.prod(state.shape[:axis]), state.shape[axis], -1)
 
 
+def _gram(view: torch.Tensor) -> torch.Tensor:
+    """sum_a V_a V_a^T for V (before, dim, after), through the smaller temporary: the batched
+    products (before, dim, dim) when dim <= after, else one GEMM on the unfolding (a copy of V)."""
+    before, dim, after = view.shape
+    if dim <= after:
+        return torch.bmm(view, view.transpose(1, 2)).sum(0)
+    unfolding = view.transpose(0, 1).reshape(dim, before * after)
+    return unfolding @ unfolding.T
+
+
 def top_singular_vectors(state: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
     """Leading left singular vectors (dim x rank) of the unfolding of ``state`` along ``axis``.
 
@@ -148,7 +158,7 @@ def top_singular_vectors(state: torch.Tensor, axis: int, rank: int) -> torch.Ten
     never formed (it would be a permuted copy of ``state``).
     """
     view = _around(state.contiguous(), axis)
-    gram = sum(torch.bmm(block, block.transpose(1, 2)).sum(0) for _, block in float_blocks(view)).double()
+    gram = sum(_gram(block) for _, block in float_blocks(view)).double()
     _, vectors = torch.linalg.eigh(gram)
     return vectors[:, -rank:].flip(1).to(torch.float32 if is_narrow(state) else state.dtype)
 
