@@ -23,7 +23,7 @@ from ..errors import AdntnError
 from ..spec import GeneratorSpec
 from .base import Generator
 from .target import is_narrow
-from .ttn import (BilinearForm, _project, crop_matrix, direct_output, halves_product, halves_rows, top_singular_vectors,
+from .ttn import (BilinearForm, crop_matrix, direct_output, halves_product, halves_rows, project, top_singular_vectors,
                   unpadded)
 
 
@@ -129,6 +129,6 @@ class TT(Generator):
             unfolding = rest.reshape(r * d, -1)
             basis = top_singular_vectors(unfolding, 0, s)
             core.copy_(basis.reshape(r, d, s))
-            rest = _project(unfolding, 0, basis) if is_narrow(unfolding) else basis.T @ unfolding
+            rest = project(unfolding, 0, basis) if is_narrow(unfolding) else basis.T @ unfolding
         net.cores[-1].copy_(rest.reshape(net.cores[-1].shape))
         return net

@@ -127,7 +127,9 @@ def direct_output(out: torch.Tensor | None, spec: GeneratorSpec) -> torch.Tensor
     if out is None:
         return None
     if tuple(out.shape) != tuple(spec.shape) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous tensor of shape {tuple(spec.shape)}, not {tuple(out.shape)}")
+        layout = "contiguous" if out.is_contiguous() else "non-contiguous"
+        raise ValueError(f"out must be a contiguous tensor of shape {tuple(spec.shape)}, "
+                         f"not a {layout} one of shape {tuple(out.shape)}")
     return out if unpadded(spec) else None
 
 
@@ -154,8 +156,8 @@ def _gram(view: torch.Tensor) -> torch.Tensor:
 def top_singular_vectors(state: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
     """Leading left singular vectors (dim x rank) of the unfolding of ``state`` along ``axis``.
 
-    From the Gram matrix sum_a V_a V_a^T of the (before, dim, after) view V: the unfolding is
-    never formed (it would be a permuted copy of ``state``).
+    From the Gram matrix sum_a V_a V_a^T of the (before, dim, after) view V (``_gram``): the
+    unfolding, a permuted copy of ``state``, is formed only when that is the smaller temporary.
     """
     view = _around(state.contiguous(), axis)
     gram = sum(_gram(block) for _, block in float_blocks(view)).double()
@@ -163,7 +165,7 @@ def top_singular_vectors(state: torch.Tensor, axis: int, rank: int) -> torch.Ten
     return vectors[:, -rank:].flip(1).to(torch.float32 if is_narrow(state) else state.dtype)
 
 
-def _project(state: torch.Tensor, axis: int, basis: torch.Tensor) -> torch.Tensor:
+def project(state: torch.Tensor, axis: int, basis: torch.Tensor) -> torch.Tensor:
     """Contract leg ``axis`` of ``state`` with ``basis`` (dim x rank), keeping the leg order:
     one batched GEMM basis^T V_a on the (before, dim, after) view, written contiguous in float32
     (block by block for a narrower ``state``)."""
@@ -305,7 +307,7 @@ class TTN(Generator):
             if not identity:
                 basis = top_singular_vectors(state, k, net.bonds[0][k])
                 next(stored).copy_(basis)
-                state = _project(state, k, basis)
+                state = project(state, k, basis)
         cores = iter(net.nodes)
         for h in range(1, net.levels):
             merged = [net.bonds[h - 1][2 * j] * net.bonds[h - 1][2 * j + 1] for j in range(len(net.bonds[h]))]
@@ -313,7 +315,7 @@ class TTN(Generator):
             for j, c in enumerate(net.bonds[h]):
                 basis = top_singular_vectors(state, j, c)
                 next(cores).copy_(basis.reshape(net.bonds[h - 1][2 * j], net.bonds[h - 1][2 * j + 1], c))
-                state = _project(state, j, basis)
+                state = project(state, j, basis)
         net.root.copy_(state.reshape(net.root.shape))
         if len(net.activations):
             captured: list[torch.Tensor] = []
