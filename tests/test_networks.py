@@ -389,7 +389,10 @@ def test_tt_svd_is_exact_for_full_and_representable_ranks() -> None:
     full = make_spec("tt", (64, 48), 4, bond=4096)
     target = torch.randn(64, 48, generator=generator)
     with torch.no_grad():
-        assert rel(TT.from_weight(full, target)(), target) < 1e-5
+        net = TT.from_weight(full, target)
+        assert rel(net(), target) < 1e-5
+        first = net.cores[0]  # full rank r_1 = d_1: the identity, the leg carried as it is
+        assert torch.equal(first.reshape(first.shape[1], -1), torch.eye(first.shape[1]))
         low = make_spec("tt", (64, 48), 8, bond=3)
         torch.manual_seed(5)
         target = TT(low)()

@@ -122,11 +122,17 @@ class TT(Generator):
     @torch.no_grad()
     def from_target(cls, spec: GeneratorSpec, target: torch.Tensor) -> TT:
         """TT-SVD: for k = 1..K-1, keep the r_k leading left singular vectors of the unfolding
-        (r_k-1 d_k, rest) as G_k and carry their projection of it to the next leg."""
+        (r_k-1 d_k, rest) as G_k and carry their projection of it to the next leg. Where r_k is
+        the full r_k-1 d_k, the identity is an exact basis: G_k = I and the unfolding is carried
+        as it is (no projected copy; VGG-16's fc6 at 2,000x has r_1 = d_1)."""
         net = cls(spec)
         rest = target
         for core, r, d, s in zip(list(net.cores)[:-1], net.ranks, spec.leg_dims, net.ranks[1:]):
             unfolding = rest.reshape(r * d, -1)
+            if s == r * d:
+                core.copy_(torch.eye(s).reshape(r, d, s))
+                rest = unfolding
+                continue
             basis = top_singular_vectors(unfolding, 0, s)
             core.copy_(basis.reshape(r, d, s))
             rest = project(unfolding, 0, basis) if is_narrow(unfolding) else basis.T @ unfolding
