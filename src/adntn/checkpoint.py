@@ -8,6 +8,7 @@ message; no other exception escapes for bad input.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import math
@@ -362,9 +363,15 @@ def release_pages(tensor: torch.Tensor) -> None:
     start = -(-address // page) * page  # whole pages inside the tensor only
     stop = (address + tensor.numel() * tensor.element_size()) // page * page
     if stop > start and _private_file_mapping(start, stop):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(start, stop - start, _MADV_DONTNEED)
+        _madvise()(start, stop - start, _MADV_DONTNEED)
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise(addr, length, advice), looked up once."""
+    function = ctypes.CDLL(None, use_errno=True).madvise
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return function
 
 
 def row_blocks(tensor: torch.Tensor, values: int = 1 << 22) -> Iterator[torch.Tensor]:

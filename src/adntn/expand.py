@@ -2,7 +2,8 @@
 
 Both outputs are streamed: a ``.safetensors`` header, or ``torch.save``'s pickle and zip records
 (:mod:`adntn.torchsave`), is written from the shapes alone, then each tensor is read or generated,
-written and dropped, so the peak holds one layer's weight.
+written and dropped; a compressed layer's weight is generated in blocks of rows
+(``Generator.row_blocks``), so the peak holds one block, or one uncompressed tensor.
 """
 
 from __future__ import annotations

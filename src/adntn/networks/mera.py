@@ -40,7 +40,7 @@ from .ttn import TTN, add_tree_cores, tree_bonds
 
 
 Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
-SLICE_VALUES = 1 << 22  # entries per slice of leg 0 in the fit: ~16 MB tensors, reused from the heap
+SLICE_VALUES = 1 << 22  # entries per slice of leg 0 in the fit (~16 MB; a slice is at least one index)
 
 
 def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int]) -> torch.Tensor:
