@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from adntn.budget import smallest_spec, spec_for_ratio
-from adntn.compress import FitSettings, compress_checkpoint
-from adntn.distill import FinetuneConfig
+from adntn.networks.budget import smallest_spec, spec_for_ratio
+from adntn.pipeline.compress import FitSettings, compress_checkpoint
+from adntn.training.distill import FinetuneConfig
 from adntn.errors import AdntnError
 from adntn.progress import RichProgress
-from adntn.task import TaskSettings
+from adntn.pipeline.task import TaskSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {"fc6": (4096, 512), "fc7": (4096, 4096)}

@@ -109,7 +109,7 @@ def instrument_compress(timeline: list) -> None:
     """
     import functools
 
-    import adntn.compress as module
+    import adntn.pipeline.compress as module
 
     def hwm() -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -168,7 +168,7 @@ def file_progress(path: Path, timeline: list, start: float):
 
 
 def child_compress(args: dict) -> dict:
-    from adntn.compress import FitSettings, compress_checkpoint
+    from adntn.pipeline.compress import FitSettings, compress_checkpoint
 
     timeline: list = []
     instrument_compress(timeline)
@@ -200,7 +200,7 @@ def child_compress(args: dict) -> dict:
 
 
 def child_expand(args: dict) -> dict:
-    from adntn.expand import expand
+    from adntn.pipeline.expand import expand
 
     rss_import = current_rss_bytes()
     output = Path(args["output"])
@@ -246,7 +246,7 @@ def child_save(args: dict) -> dict:
 def child_forward(args: dict) -> dict:
     import torch
 
-    from adntn.archive import LAYER_DIR, read_layer, read_report
+    from adntn.io.archive import LAYER_DIR, read_layer, read_report
 
     directory = Path(args["directory"])
     row = next(r for r in read_report(directory)["layers"] if r["alias"] == args["layer"])
@@ -394,8 +394,8 @@ LAYER_SHAPES = {"fc6": (4096, 512 * 7 * 7), "fc7": (4096, 4096)}
 
 def budget_check(arch: str, ratio: float) -> str | None:
     """None when every layer can reach ``ratio`` with ``arch``, else the library's message."""
-    from adntn.budget import spec_for_ratio
-    from adntn.compress import FitSettings
+    from adntn.networks.budget import spec_for_ratio
+    from adntn.pipeline.compress import FitSettings
     from adntn.errors import AdntnError
 
     settings = FitSettings(arch=arch, ratio=ratio)

@@ -10,14 +10,14 @@ import torchvision
 from torch import nn
 from torchvision.models.vgg import VGG, make_layers
 
-from adntn.architectures import (
+from adntn.models.architectures import (
     MODEL_NAMES,
     build_model,
     describe,
     detect_model,
     resolve_layers,
 )
-from adntn.checkpoint import load_state_dict
+from adntn.io.checkpoint import load_state_dict
 from adntn.errors import AdntnError
 
 CIFAR_CHECKPOINT = Path("/work/shared/models/vgg16_bn_cifar10.safetensors")
@@ -336,6 +336,6 @@ def test_reference_cifar10_checkpoint() -> None:
 def test_vgg_configs_are_torchvisions():
     from torchvision.models.vgg import cfgs
 
-    from adntn.architectures import VGG_CFGS
+    from adntn.models.architectures import VGG_CFGS
 
     assert VGG_CFGS == cfgs

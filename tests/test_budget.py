@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from adntn.budget import default_legs, smallest_spec, spec_for_bond_dim, spec_for_ratio
+from adntn.networks.budget import default_legs, smallest_spec, spec_for_bond_dim, spec_for_ratio
 from adntn.errors import AdntnError
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torchvision
 
-import adntn.checkpoint as checkpoint
-from adntn.checkpoint import check_finite, file_sha256, load_state_dict, save_state_dict
+import adntn.io.checkpoint as checkpoint
+from adntn.io.checkpoint import check_finite, file_sha256, load_state_dict, save_state_dict
 from adntn.errors import AdntnError
 
 RUNNING_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -310,7 +310,8 @@ def test_file_sha256_of_missing_file(tmp_path: Path) -> None:
 
 
 def test_stream_safetensors_refuses_a_tensor_unlike_its_layout(tmp_path: Path) -> None:
-    from adntn.checkpoint import atomic_write, stream_safetensors
+    from adntn.io.files import atomic_write
+    from adntn.io.safetensors import stream_safetensors
 
     path = tmp_path / "bad.safetensors"
     with pytest.raises(AdntnError, match="announced"):
@@ -344,39 +345,3 @@ def test_mmap_load_reads_legacy_torch_files_and_misaligned_safetensors(tmp_path:
     save_state_dict(odd, path)
     assert_same_tensors(load_state_dict(path, mmap=True)[0], odd)
     assert checkpoint._map_safetensors(path, {"a": (torch.uint8, (3,)), "b": (torch.float32, (5,))}) is None
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_release_pages_drops_a_mapped_tensor_and_keeps_its_values(tmp_path: Path, suffix: str) -> None:
-    path = tmp_path / f"big{suffix}"
-    values = torch.randn(4096, 4096)  # 64 MiB
-    save_state_dict({"w": values}, path)
-    mapped = load_state_dict(path, mmap=True)[0]["w"]
-    before = resident_kib()
-    assert torch.equal(mapped, values)  # reading maps the pages in
-    touched = resident_kib()
-    checkpoint.release_pages(mapped)
-    released = resident_kib()
-    assert touched - before > 48 * 1024
-    assert touched - released > 48 * 1024
-    assert torch.equal(mapped, values)  # read again from the file
-
-
-def test_release_pages_leaves_ordinary_memory_alone() -> None:
-    """Anonymous memory would read back as zeros after MADV_DONTNEED: it must never be touched."""
-    values = torch.randn(1 << 20)
-    copy = values.clone()
-    checkpoint.release_pages(values)
-    for block in checkpoint.row_blocks(values.reshape(1024, 1024), 1 << 12):
-        pass
-    assert torch.equal(values, copy)
-
-
-def test_row_blocks_cover_the_rows_in_order() -> None:
-    tensor = torch.arange(7 * 3).reshape(7, 3)
-    blocks = list(checkpoint.row_blocks(tensor, 6))
-    assert [tuple(b.shape) for b in blocks] == [(2, 3), (2, 3), (2, 3), (1, 3)]
-    assert torch.equal(torch.cat(blocks), tensor)
-    assert [b.item() for b in checkpoint.row_blocks(torch.tensor(5.0))] == [5.0]
-    assert torch.cat(list(checkpoint.row_blocks(torch.empty(0, 4)))).shape == (0, 4)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from adntn.archive import read_layer
-from adntn.architectures import build_model, detect_model
-from adntn.checkpoint import load_state_dict
+from adntn.io.archive import read_layer
+from adntn.models.architectures import build_model, detect_model
+from adntn.io.checkpoint import load_state_dict
 from adntn.cli import app
 from adntn.demo import small_vgg11
-from adntn.objectives import relative_error
+from adntn.training.objectives import relative_error
 
 runner = CliRunner()
 
@@ -256,8 +256,8 @@ def test_streamed_expand_equals_the_in_memory_state_dict(compressed, tmp_path, m
     saving the whole expanded state_dict at once, with at most one block alive at any time."""
     import weakref
 
-    from adntn import expand as expand_module
-    from adntn.checkpoint import save_state_dict
+    from adntn.pipeline import expand as expand_module
+    from adntn.io.checkpoint import save_state_dict
 
     alive, most, count = weakref.WeakSet(), [0], [0]
     weight_blocks = expand_module.weight_blocks
@@ -280,7 +280,7 @@ def test_streamed_expand_equals_the_in_memory_state_dict(compressed, tmp_path, m
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_expand_writes_weights_given_in_row_blocks(compressed, tmp_path, monkeypatch, suffix):
-    from adntn import expand as expand_module
+    from adntn.pipeline import expand as expand_module
 
     whole = expand_module.expand(compressed, tmp_path / f"whole{suffix}")
     blocks = expand_module.weight_blocks
@@ -289,7 +289,7 @@ def test_expand_writes_weights_given_in_row_blocks(compressed, tmp_path, monkeyp
 
 
 def test_failed_pt_expand_keeps_the_old_file(compressed, tmp_path, monkeypatch):
-    from adntn import expand as expand_module
+    from adntn.pipeline import expand as expand_module
     from adntn.errors import AdntnError
 
     monkeypatch.setattr(expand_module, "weight_blocks", lambda layer: [torch.zeros(1)])

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from adntn.data import IMAGENET_DEFAULTS, Preprocessing, check_classes, image_splits, resolve_preprocessing
+from adntn.data.images import IMAGENET_DEFAULTS, Preprocessing, check_classes, image_splits, resolve_preprocessing
 from adntn.errors import AdntnError
-from adntn.features import (cached_features, compute_features, feature_cache_key, record_inputs,
+from adntn.training.features import (cached_features, compute_features, feature_cache_key, record_inputs,
                             split_at_classifier)
 
 CLASSES = ("blue", "green", "red")

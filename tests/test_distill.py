@@ -14,16 +14,16 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from adntn.data import Preprocessing, image_splits, resolve_preprocessing
-from adntn.distill import (FinetuneConfig, distillation_loss, finetune, finetune_full, generated_parameters,
+from adntn.data.images import Preprocessing, image_splits, resolve_preprocessing
+from adntn.training.distill import (FinetuneConfig, distillation_loss, finetune, finetune_full, generated_parameters,
                            logits_of)
 from adntn.errors import AdntnError
-from adntn.evaluate import Accuracy, accuracy_of_logits, evaluate, tensor_batches
-from adntn.layers import GeneratedConv2d, GeneratedLinear, dense_weights, generated_from, swap_in
+from adntn.training.evaluate import Accuracy, accuracy_of_logits, evaluate, tensor_batches
+from adntn.models.layers import GeneratedConv2d, GeneratedLinear, dense_weights, generated_from, swap_in
 from adntn.networks.ttn import TTN
 from adntn.progress import Progress
-from adntn.spec import GeneratorSpec
-from adntn.tensorize import choose_leg_factors
+from adntn.core.spec import GeneratorSpec
+from adntn.core.tensorize import choose_leg_factors
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 

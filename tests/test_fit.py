@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from adntn.budget import spec_for_bond_dim
-from adntn.fit import fit
+from adntn.networks.budget import spec_for_bond_dim
+from adntn.training.fit import fit
 from adntn.networks.ttn import TTN
-from adntn.objectives import ActivationObjective, WeightObjective, relative_error
+from adntn.training.objectives import ActivationObjective, WeightObjective, relative_error
 
 
 def _low_rank_weight(rows=64, cols=48, bond=2, seed=0):

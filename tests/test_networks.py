@@ -23,8 +23,8 @@ from adntn.networks.mera import MERA
 from adntn.networks.svd import SVD
 from adntn.networks.tt import TT, tt_ranks
 from adntn.networks.ttn import TTN
-from adntn.spec import GeneratorSpec
-from adntn.tensorize import choose_leg_factors, legs_to_weight, weight_to_legs
+from adntn.core.spec import GeneratorSpec
+from adntn.core.tensorize import choose_leg_factors, legs_to_weight, weight_to_legs
 
 SHAPES = [(8, 3, 3, 3), (10, 64), (64, 48), (13, 34)]  # (13, 34): prime rows, padded
 TREES = ("ttn", "attn", "mera")
@@ -114,7 +114,7 @@ def test_inference_forward_and_out_equal_the_autograd_forward(arch: str, shape: 
 
 def test_materialize_runs_the_generator_without_autograd() -> None:
     """expand and the reported errors generate weights without a graph (the inference schedules)."""
-    from adntn.archive import materialize
+    from adntn.io.archive import materialize
 
     torch.manual_seed(0)
     net = build(make_spec("ttn", (64, 48), 4))
@@ -486,13 +486,11 @@ def test_attn_in_place_paths_have_the_reference_gradients(output: str) -> None:
 
 
 @pytest.mark.parametrize("n_legs, bond", [(2, 3), (4, 3), (4, 64), (8, 2), (8, 64)])
-def test_mera_slices_of_leg_0_give_the_whole_distance_and_gradient(n_legs: int, bond: int, monkeypatch) -> None:
+def test_mera_slices_of_leg_0_give_the_whole_distance_and_gradient(n_legs: int, bond: int, memory_policy) -> None:
     """Whether leg 0's leaf is an identity (bond 64: the first node core is sliced) or a matrix
     (its rows are sliced), the slices are the slices of the whole, and accumulating slice by
     slice gives the whole objective's gradient."""
-    from adntn.networks import mera
-
-    monkeypatch.setattr(mera, "SLICE_VALUES", 500)
+    memory_policy(block_bytes=4 * 500)
     torch.manual_seed(0)
     net = build(make_spec("mera", (96, 80), n_legs, bond=bond))
     perturb_mixers(net)
@@ -516,12 +514,10 @@ def test_mera_slices_of_leg_0_give_the_whole_distance_and_gradient(n_legs: int, 
 
 @pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
 @pytest.mark.parametrize("shape", [(64, 48), (53, 30), (16, 4, 3, 3)])
-def test_row_blocks_are_the_weight_in_order(arch: str, shape: tuple, monkeypatch) -> None:
+def test_row_blocks_are_the_weight_in_order(arch: str, shape: tuple, memory_policy) -> None:
     """Blocks of whole rows that concatenate to the weight; a block is still intact while the
     next one is made (the writer's contract)."""
-    from adntn.networks import svd
-
-    monkeypatch.setattr(svd, "ROW_BLOCK_VALUES", 500)
+    memory_policy(block_bytes=4 * 500)
     torch.manual_seed(0)
     net = build(make_spec(arch, shape, 4))
     perturb_mixers(net)
@@ -539,12 +535,10 @@ def test_row_blocks_are_the_weight_in_order(arch: str, shape: tuple, monkeypatch
 
 
 @pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
-def test_a_bfloat16_target_is_read_in_float32_blocks(arch: str, monkeypatch) -> None:
+def test_a_bfloat16_target_is_read_in_float32_blocks(arch: str, memory_policy) -> None:
     """Init, distance and gradients from a bfloat16 target equal those from its float32 values,
     whatever the blocks it is read in."""
-    from adntn.networks import target as target_module
-
-    monkeypatch.setattr(target_module, "TARGET_BLOCK_VALUES", 97)
+    memory_policy(cache_bytes=4 * 97)
     torch.manual_seed(0)
     spec = make_spec(arch, (64, 48), 4, bond=3)
     cls = GENERATORS[arch]

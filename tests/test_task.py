@@ -105,7 +105,7 @@ def test_conv_layers_take_the_full_forward_pass(setup, tmp_path):
 def test_expanded_safetensors_keep_the_source_metadata(tmp_path):
     from safetensors import safe_open
 
-    from adntn.checkpoint import save_state_dict
+    from adntn.io.checkpoint import save_state_dict
 
     torch.manual_seed(0)
     source = tmp_path / "m.safetensors"

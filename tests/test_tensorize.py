@@ -3,7 +3,8 @@ import math
 import torch
 from hypothesis import given, settings, strategies as st
 
-from adntn.tensorize import (choose_leg_factors, legs_to_weight, max_legs, prime_factors,
+from adntn.memory import memory_policy
+from adntn.core.tensorize import (choose_leg_factors, legs_to_weight, max_legs, prime_factors,
                              smooth_ceiling, weight_to_legs)
 
 
@@ -58,7 +59,6 @@ def test_leg_k_pairs_row_digit_and_column_digit():
 def test_weight_to_legs_in_blocks_equals_one_permutation(out, cols, n_legs, block_values):
     """Whatever the block size: the same legs as one reshape-permute of the padded matrix, and
     ``after_block`` sees every row of the weight once, in order."""
-    import adntn.tensorize as tensorize
 
     torch.manual_seed(0)
     weight = torch.randn(out, cols, dtype=torch.float64)
@@ -69,12 +69,8 @@ def test_weight_to_legs_in_blocks_equals_one_permutation(out, cols, n_legs, bloc
     order = [axis for pair in zip(range(k), range(k, 2 * k)) for axis in pair]
     expected = padded.reshape(*out_dims, *in_dims).permute(*order).reshape([o * i for o, i in zip(out_dims, in_dims)])
     seen = []
-    original = tensorize.LEGS_BLOCK_VALUES
-    tensorize.LEGS_BLOCK_VALUES = block_values
-    try:
+    with memory_policy(block_bytes=4 * block_values):
         legs = weight_to_legs(weight, out_dims, in_dims, dtype=torch.float32, after_block=seen.append)
-    finally:
-        tensorize.LEGS_BLOCK_VALUES = original
     assert legs.dtype == torch.float32
     assert torch.equal(legs, expected.float())
     assert torch.equal(torch.cat(seen), weight)

@@ -11,11 +11,12 @@ import numpy
 import pytest
 import torch
 
-from adntn import torchsave
-from adntn.checkpoint import atomic_write, stream_safetensors
+from adntn.io import torchsave
+from adntn.io.files import atomic_write
+from adntn.io.safetensors import stream_safetensors
 from adntn.demo import small_vgg11
 from adntn.errors import AdntnError
-from adntn.torchsave import stream_torch_save
+from adntn.io.torchsave import stream_torch_save
 
 
 def varied_state() -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models.vgg import VGG, make_layers
 
-from .checkpoint import save_state_dict
+from adntn.io.checkpoint import save_state_dict
 
 WIDTH_CONFIG = [8, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 64, "M"]  # VGG-11 ('A') at 1/8 width
 HIDDEN = 256

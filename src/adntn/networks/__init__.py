@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ..spec import GeneratorSpec
-from .attn import ATTN
-from .base import Generator
-from .mera import MERA
-from .svd import SVD
-from .tt import TT
-from .ttn import TTN
+from adntn.core.spec import GeneratorSpec
+from adntn.networks.attn import ATTN
+from adntn.networks.base import Generator
+from adntn.networks.mera import MERA
+from adntn.networks.svd import SVD
+from adntn.networks.tt import TT
+from adntn.networks.ttn import TTN
 
 GENERATORS: dict[str, type[Generator]] = {cls.arch: cls for cls in (TTN, ATTN, MERA, TT, SVD)}
 

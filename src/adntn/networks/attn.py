@@ -28,10 +28,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..spec import GeneratorSpec
-from .base import Disentangler, Generator, contraction
-from .target import BatchedTargetProduct, is_narrow
-from .ttn import TTN, BilinearForm, crop_matrix, digits_first, direct_output, halves_product, halves_rows, unpadded
+from adntn.core.spec import GeneratorSpec
+from adntn.networks.base import Disentangler, Generator, contraction
+from adntn.networks.target import BatchedTargetProduct, is_narrow
+from adntn.networks.ttn import TTN, BilinearForm, crop_matrix, digits_first, direct_output, halves_product, halves_rows, unpadded
 
 
 def boundary_pairs(n_legs: int) -> range:

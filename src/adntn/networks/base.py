@@ -15,8 +15,8 @@ import opt_einsum
 import torch
 from torch import nn
 
-from ..spec import GeneratorSpec
-from ..tensorize import legs_to_weight, weight_to_legs
+from adntn.core.spec import GeneratorSpec
+from adntn.core.tensorize import legs_to_weight, weight_to_legs
 
 _SLOPE_AT_ZERO = {"tanh": 1.0, "gelu": 0.5, "relu": 1.0}
 _SIGMA = {"tanh": torch.tanh, "gelu": nn.functional.gelu, "relu": torch.relu}

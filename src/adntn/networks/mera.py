@@ -33,14 +33,14 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..spec import GeneratorSpec
-from .attn import boundary_pairs, mix_pair
-from .base import Disentangler, Generator, activation_sites, low_rank_update
-from .ttn import TTN, add_tree_cores, tree_bonds
+from adntn.core.spec import GeneratorSpec
+from adntn.memory import current_policy
+from adntn.networks.attn import boundary_pairs, mix_pair
+from adntn.networks.base import Disentangler, Generator, activation_sites, low_rank_update
+from adntn.networks.ttn import TTN, add_tree_cores, tree_bonds
 
 
 Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
-SLICE_VALUES = 1 << 22  # entries per slice of leg 0 in the fit (~16 MB; a slice is at least one index)
 
 
 def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int]) -> torch.Tensor:
@@ -83,8 +83,9 @@ def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int]) 
 
 
 def _slices(size: int, total: int) -> list[slice]:
-    """Slices of range(size) covering about SLICE_VALUES of ``total`` entries each."""
-    step = max(1, size * SLICE_VALUES // max(1, total))
+    """Slices of range(size) covering about one streamed block (``memory.current_policy``) of
+    ``total`` entries each (a slice is at least one index)."""
+    step = max(1, size * current_policy().block_values() // max(1, total))
     return [slice(start, min(start + step, size)) for start in range(0, size, step)]
 
 
@@ -181,11 +182,11 @@ class MERA(Generator):
         return _kron_apply(state, factors, in_dims).reshape(shape)
 
     def row_slices(self) -> list[slice]:
-        """Slices of leg 0 whose leg tensors hold about SLICE_VALUES entries each."""
+        """Slices of leg 0 whose leg tensors hold about one streamed block each."""
         return _slices(self.spec.leg_dims[0], self.spec.dense_params)
 
     def _state_slices(self) -> list[slice]:
-        """Slices of bond 0 whose states above the leaves hold about SLICE_VALUES entries each."""
+        """Slices of bond 0 whose states above the leaves hold about one streamed block each."""
         return _slices(self.bonds[0][0], math.prod(self.bonds[0]))
 
     def row_blocks(self) -> Iterator[torch.Tensor]:

@@ -16,16 +16,16 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..errors import AdntnError
-from ..spec import GeneratorSpec
-from .base import Generator
-from .target import is_narrow
-from .ttn import BilinearForm
+from adntn.errors import AdntnError
+from adntn.memory import current_policy
+from adntn.core.spec import GeneratorSpec
+from adntn.networks.base import Generator
+from adntn.networks.target import is_narrow
+from adntn.networks.ttn import BilinearForm
 
 EXACT_SVD_MAX_SIDE = 1024  # a full float64 SVD when the smaller side is at most this
 LOWRANK_OVERSAMPLE = 10
 LOWRANK_POWER_ITERATIONS = 4
-ROW_BLOCK_VALUES = 1 << 22  # entries per block of row_blocks
 
 
 def svd_rank(spec: GeneratorSpec) -> int:
@@ -61,8 +61,8 @@ class SVD(Generator):
         return torch.mm(self.u, self.v.T, out=out.view(self.spec.rows, self.spec.cols)).view(self.spec.shape)
 
     def row_blocks(self) -> Iterator[torch.Tensor]:
-        """Rows of U V^T, ROW_BLOCK_VALUES entries at a time."""
-        rows = max(1, ROW_BLOCK_VALUES // self.spec.cols)
+        """Rows of U V^T, one streamed block (``memory.current_policy``) at a time."""
+        rows = current_policy().block_rows(self.spec.cols)
         for block in self.u.split(rows):
             yield (block @ self.v.T).reshape(-1, *self.spec.shape[1:])
 

@@ -2,7 +2,7 @@
 
 A weight-space fit keeps one copy of the weight, its target (``Generator.fit_target``). In
 bfloat16 that copy is half the size; every product that reads it then takes float32 blocks of at
-most TARGET_BLOCK_VALUES entries, so the math stays float32 and no float32 copy of the whole
+most ``current_policy().cache_values()`` entries (1 MiB: they stay in cache), so the math stays float32 and no float32 copy of the whole
 target exists. A float32 target is used as it is, in one piece (the same operations as without
 this module). Wider targets (float64 in tests) are also used as they are.
 """
@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
-TARGET_BLOCK_VALUES = 1 << 18  # entries of a float32 block of a narrower target (1 MiB: stays in cache)
+from adntn.memory import current_policy
+
 NARROW = (torch.bfloat16, torch.float16)
 
 
@@ -30,8 +31,9 @@ def float_blocks(view: torch.Tensor) -> Iterator[tuple[tuple[slice, slice], torc
         yield (slice(None), slice(None)), view
         return
     before, dim, after = view.shape
-    along_after = after if dim * after <= TARGET_BLOCK_VALUES else max(1, TARGET_BLOCK_VALUES // max(1, dim))
-    along_before = max(1, TARGET_BLOCK_VALUES // max(1, dim * along_after))
+    values = current_policy().cache_values()
+    along_after = after if dim * after <= values else max(1, values // max(1, dim))
+    along_before = max(1, values // max(1, dim * along_after))
     buffer = torch.empty(min(before, along_before) * dim * min(after, along_after), device=view.device)
     for first in range(0, before, along_before):
         for start in range(0, after, along_after):

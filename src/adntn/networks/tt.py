@@ -19,11 +19,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..errors import AdntnError
-from ..spec import GeneratorSpec
-from .base import Generator
-from .target import is_narrow
-from .ttn import (BilinearForm, crop_matrix, direct_output, halves_product, halves_rows, project, top_singular_vectors,
+from adntn.errors import AdntnError
+from adntn.core.spec import GeneratorSpec
+from adntn.networks.base import Generator
+from adntn.networks.target import is_narrow
+from adntn.networks.ttn import (BilinearForm, crop_matrix, direct_output, halves_product, halves_rows, project, top_singular_vectors,
                   unpadded)
 
 

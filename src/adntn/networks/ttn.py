@@ -23,9 +23,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..spec import GeneratorSpec
-from .base import Generator, activation_sites, contraction
-from .target import float_blocks, is_narrow, target_matmul, target_tmatmul
+from adntn.core.spec import GeneratorSpec
+from adntn.networks.base import Generator, activation_sites, contraction
+from adntn.networks.target import float_blocks, is_narrow, target_matmul, target_tmatmul
 
 
 def tree_bonds(spec: GeneratorSpec) -> list[list[int]]:

@@ -43,9 +43,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import AdntnError
-from .layers import GeneratedLayer
-from .progress import Progress, Silent
+from adntn.errors import AdntnError
+from adntn.models.layers import GeneratedLayer
+from adntn.progress import Progress, Silent
 
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)

@@ -16,8 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .errors import AdntnError
+from adntn.version import __version__
+from adntn.errors import AdntnError
 
 app = typer.Typer(
     add_completion=False,
@@ -93,8 +93,8 @@ def inspect(
     as_json: JsonOption = False,
 ) -> None:
     """Show the detected model and its compressible layers."""
-    from .architectures import describe
-    from .compress import load_checkpoint
+    from adntn.models.architectures import describe
+    from adntn.pipeline.compress import load_checkpoint
 
     loaded = load_checkpoint(checkpoint, model=model, allow_pickle=allow_pickle)
     rows = describe(loaded.model)
@@ -151,11 +151,11 @@ def compress(
     as_json: JsonOption = False,
 ) -> None:
     """Replace each chosen layer's weight by a small tensor-network generator."""
-    from .compress import FitSettings, compress_checkpoint, parse_ratio
-    from .progress import RichProgress
-    from .report import render
-    from .distill import FinetuneConfig
-    from .task import TaskSettings
+    from adntn.pipeline.compress import FitSettings, compress_checkpoint, parse_ratio
+    from adntn.progress import RichProgress
+    from adntn.cli.render import render
+    from adntn.training.distill import FinetuneConfig
+    from adntn.pipeline.task import TaskSettings
 
     names = _names(layers)
     common_ratio, layer_ratios = parse_ratio(ratio) if ratio is not None else (None, {})
@@ -188,8 +188,8 @@ def report(
     as_json: JsonOption = False,
 ) -> None:
     """Show what compression gained and lost."""
-    from .archive import read_report
-    from .report import render
+    from adntn.io.archive import read_report
+    from adntn.cli.render import render
 
     content = read_report(directory)
     if as_json:
@@ -206,7 +206,7 @@ def expand(
     force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Rebuild a dense state_dict that loads into torchvision unchanged."""
-    from .expand import expand as expand_directory
+    from adntn.pipeline.expand import expand as expand_directory
 
     written = expand_directory(directory, output, force=force)
     typer.echo(f"wrote {written}", err=True)
@@ -223,10 +223,10 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """Measure top-1 and top-5 accuracy on the held-out split."""
-    from .archive import read_report
-    from .checkpoint import load_state_dict
-    from .expand import expanded_state_dict
-    from .task import evaluate_state
+    from adntn.io.archive import read_report
+    from adntn.io.checkpoint import load_state_dict
+    from adntn.pipeline.expand import expanded_state_dict
+    from adntn.pipeline.task import evaluate_state
 
     if source.is_dir():
         state, metadata = expanded_state_dict(source), read_report(source)["source"].get("metadata", {})

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from adntn.memory import current_policy
+
 SMOOTH_PRIME = 7  # dims whose prime factors are all <= this are used as they are
 
 
@@ -60,9 +62,6 @@ def choose_leg_factors(rows: int, cols: int, n_legs: int) -> tuple[tuple[int, ..
     return tuple(out_f[j] for j in order), tuple(in_f[j] for j in order)
 
 
-LEGS_BLOCK_VALUES = 1 << 22  # source entries copied per block by weight_to_legs
-
-
 def weight_to_legs(weight: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple[int, ...], *,
                    dtype: torch.dtype | None = None,
                    after_block: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -82,7 +81,8 @@ def weight_to_legs(weight: torch.Tensor, out_dims: tuple[int, ...], in_dims: tup
     digits = [d for pair in zip(out_dims, in_dims) for d in pair]
     grid = legs.view(digits).permute(*range(0, 2 * k, 2), *range(1, 2 * k, 2))  # (o_1..o_K, i_1..i_K)
     lead = 0
-    while lead < k and math.prod(out_dims[lead:]) * cols > LEGS_BLOCK_VALUES:
+    block_values = current_policy().block_values()  # source entries copied per block
+    while lead < k and math.prod(out_dims[lead:]) * cols > block_values:
         lead += 1
     block_rows = math.prod(out_dims[lead:])
     for index in itertools.product(*(range(o) for o in out_dims[:lead])):

@@ -18,17 +18,18 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .architectures import LayerInfo, ModelInfo, detect_model, resolve_layers
-from .archive import CompressedLayer, check_destination, materialize_rows, write_archive
-from .budget import spec_for_bond_dim, spec_for_ratio
-from .checkpoint import check_finite, file_sha256, load_state_dict, release_pages
-from .errors import AdntnError
-from .fit import fit
-from .networks import generator_class
-from .objectives import WeightObjective, relative_error
-from .progress import Progress
-from .spec import ARCHS, FORMAT_VERSION
+from adntn.version import __version__
+from adntn.models.architectures import LayerInfo, ModelInfo, detect_model, resolve_layers
+from adntn.io.archive import CompressedLayer, check_destination, materialize_rows, write_archive
+from adntn.networks.budget import spec_for_bond_dim, spec_for_ratio
+from adntn.io.checkpoint import check_finite, file_sha256, load_state_dict
+from adntn.memory import release_pages
+from adntn.errors import AdntnError
+from adntn.training.fit import fit
+from adntn.networks import generator_class
+from adntn.training.objectives import WeightObjective, relative_error
+from adntn.progress import Progress
+from adntn.core.spec import ARCHS, FORMAT_VERSION
 
 DEFAULT_RATIO = 2000.0
 TARGET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --target-dtype
@@ -180,7 +181,7 @@ def compress_checkpoint(checkpoint: Path, layer_names: list[str], settings: FitS
     for layer in layers:  # fail on an impossible budget or bad data before any fitting
         choose_spec(settings, layer)
     if task is not None:
-        from .task import open_data, run_task_stages
+        from adntn.pipeline.task import open_data, run_task_stages
 
         opened = open_data(task.data, task.config, loaded.metadata, loaded.model)
 

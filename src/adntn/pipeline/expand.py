@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .archive import DENSE_FILE, CompressedLayer, layer_paths, materialize, materialize_rows, read_dense, read_layer, read_report
-from .checkpoint import SAFETENSORS_SUFFIX, atomic_write, safetensors_layout, stream_safetensors
-from .errors import AdntnError
-from .torchsave import stream_torch_save
+from adntn.io.archive import DENSE_FILE, CompressedLayer, layer_paths, materialize, materialize_rows, read_dense, read_layer, read_report
+from adntn.io.files import atomic_write
+from adntn.io.safetensors import SAFETENSORS_SUFFIX, safetensors_layout, stream_safetensors
+from adntn.errors import AdntnError
+from adntn.io.torchsave import stream_torch_save
 
 SUFFIXES = (".pt", ".pth", SAFETENSORS_SUFFIX)
 

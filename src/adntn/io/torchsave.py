@@ -42,7 +42,7 @@ from typing import BinaryIO
 
 import torch
 
-from .checkpoint import write_blocks
+from adntn.io.files import write_blocks
 
 _SERIALIZATION_ID = ".data/serialization_id"
 _DESCRIPTOR = b"PK\x07\x08"  # data descriptor: signature, CRC-32, compressed and uncompressed size

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import AdntnError
+from adntn.errors import AdntnError
 
 VGG_CONFIGS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}  # torchvision cfg letters
 # torchvision.models.vgg.cfgs (a test pins the copy): recognising a checkpoint does not import

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .networks import Generator
-from .objectives import Objective
+from adntn.networks import Generator
+from adntn.training.objectives import Objective
 
 ProgressCallback = Callable[[int, float], None]
 

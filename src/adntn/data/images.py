@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from .errors import AdntnError
+from adntn.errors import AdntnError
 
 if sys.version_info >= (3, 11):
     import tomllib

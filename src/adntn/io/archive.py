@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import write_safetensors
-from .errors import AdntnError
-from .networks import Generator, build
-from .spec import FORMAT_VERSION, GeneratorSpec
+from adntn.io.safetensors import write_safetensors
+from adntn.errors import AdntnError
+from adntn.networks import Generator, build
+from adntn.core.spec import FORMAT_VERSION, GeneratorSpec
 
 REPORT_FILE = "report.json"
 DENSE_FILE = "dense.safetensors"

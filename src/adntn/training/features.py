@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data import Preprocessing
-from .errors import AdntnError
-from .progress import Progress, Silent
+from adntn.data.images import Preprocessing
+from adntn.errors import AdntnError
+from adntn.progress import Progress, Silent
 
 
 def split_at_classifier(model: nn.Module) -> tuple[nn.Module, nn.Sequential]:

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.nn import functional as F
 
-from .checkpoint import release_pages
-from .networks import Generator
-from .networks.target import TARGET_BLOCK_VALUES, is_narrow
+from adntn.memory import current_policy, release_pages
+from adntn.networks import Generator
+from adntn.networks.target import is_narrow
 
 Objective = Callable[[Generator], torch.Tensor]
 
@@ -29,7 +29,7 @@ class WeightObjective:
         self.target = target
         if is_narrow(target):  # in float64 over float32 blocks: the loss cancels against it
             flat = target.reshape(-1)
-            self.norm_sq = sum(block.double().square().sum() for block in flat.split(TARGET_BLOCK_VALUES)).float()
+            self.norm_sq = sum(block.double().square().sum() for block in flat.split(current_policy().cache_values())).float()
         else:
             self.norm_sq = torch.linalg.vector_norm(target).square()  # no N-sized temporary
 
@@ -89,14 +89,16 @@ class ActivationObjective:
 
 @torch.no_grad()
 def relative_error(reference: torch.Tensor, approximation: torch.Tensor | Iterable[torch.Tensor],
-                   chunk_rows: int = 64) -> float:
+                   chunk_rows: int | None = None) -> float:
     """||A - B||_F / ||A||_F, accumulated in float64 over row chunks (no full float64 copies).
 
     ``approximation`` is a tensor or its blocks of whole rows in order (``Generator.row_blocks``:
     B need never exist whole). Each chunk of ``reference`` read is released (``release_pages``),
-    so a mapped checkpoint tensor does not stay resident.
+    so a mapped checkpoint tensor does not stay resident. Chunks of ``chunk_rows`` rows (default:
+    a streamed block of float64 values, ``memory.current_policy``).
     """
     reference = reference.reshape(reference.shape[0], -1)
+    chunk_rows = current_policy().block_rows(reference.shape[1], itemsize=8) if chunk_rows is None else chunk_rows
     blocks = [approximation] if isinstance(approximation, torch.Tensor) else approximation
     error_sq = norm_sq = 0.0
     start = 0

@@ -21,17 +21,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import LayerInfo, ModelInfo, build_model, detect_model, resolve_layers
-from .archive import CompressedLayer
-from .data import Preprocessing, Splits, check_classes, image_loader, image_splits, resolve_preprocessing
-from .distill import FinetuneConfig, finetune, finetune_full, generated_parameters, logits_of
-from .evaluate import Accuracy, accuracy_of_logits, evaluate, tensor_batches
-from .features import cached_features, feature_cache_key, record_inputs, split_at_classifier
-from .fit import fit
-from .compress import resolve_device
-from .layers import generated_from, swap_in
-from .objectives import ActivationObjective
-from .progress import Progress
+from adntn.models.architectures import LayerInfo, ModelInfo, build_model, detect_model, resolve_layers
+from adntn.io.archive import CompressedLayer
+from adntn.data.images import Preprocessing, Splits, check_classes, image_loader, image_splits, resolve_preprocessing
+from adntn.training.distill import FinetuneConfig, finetune, finetune_full, generated_parameters, logits_of
+from adntn.training.evaluate import Accuracy, accuracy_of_logits, evaluate, tensor_batches
+from adntn.training.features import cached_features, feature_cache_key, record_inputs, split_at_classifier
+from adntn.training.fit import fit
+from adntn.pipeline.compress import resolve_device
+from adntn.models.layers import generated_from, swap_in
+from adntn.training.objectives import ActivationObjective
+from adntn.progress import Progress
 
 CONV_RECORD_SAMPLES = 32  # conv inputs are whole feature maps (64x224x224 floats = 12.8 MB each)
 COVARIANCE_RANK = 256  # input directions kept by the activation-space fit of a linear layer

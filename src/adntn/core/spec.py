@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from .errors import AdntnError
+from adntn.errors import AdntnError
 
 ARCHS = ("ttn", "attn", "mera", "tt", "svd")
 ACTIVATIONS = ("tanh", "gelu", "relu", "none")
@@ -91,7 +91,7 @@ class GeneratorSpec:
     @property
     def core_params(self) -> int:
         """Number of stored values that generate the weight (bias not included)."""
-        from .networks import core_params
+        from adntn.networks import core_params
 
         return core_params(self)
 

@@ -1,4 +1,4 @@
-"""Checkpoint I/O: read and write state_dicts as ``.safetensors`` or PyTorch pickles.
+"""Checkpoint I/O: read state_dicts from ``.safetensors`` or PyTorch pickles, and write them.
 
 Every failure a user can cause (missing, unreadable, corrupt or unsafe file, unwritable target,
 non-finite weights) is raised as an :class:`~adntn.errors.AdntnError` with a one-sentence
@@ -7,27 +7,24 @@ message; no other exception escapes for bad input.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import json
-import math
-import os
 import pickle
 import re
-import secrets
 import struct
 import sys
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import AdntnError
+from adntn.errors import AdntnError
+from adntn.io.files import atomic_write
+from adntn.io.safetensors import SAFETENSORS_SUFFIX, safetensors_layout, write_safetensors
+from adntn.memory import row_blocks
 
-SAFETENSORS_SUFFIX = ".safetensors"
 WRAPPER_KEYS = ("state_dict", "model")  # checkpoint dicts that wrap a state_dict under these keys
 DATA_PARALLEL_PREFIX = "module."
 _SHA256_CHUNK = 1 << 20
@@ -202,194 +199,6 @@ def save_state_dict(
         atomic_write(path, lambda temporary: torch.save(tensors, temporary))
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(temporary)`` on a hidden file beside ``path``, fsync it and move it over ``path``.
-
-    A failure (or an interrupt) removes the temporary file, so it never leaves a partial or
-    clobbered ``path``.
-
-    Raises:
-        AdntnError: the directory is missing or unwritable, or ``write`` fails.
-    """
-    path = Path(path)
-    directory = path.parent
-    if not directory.is_dir():
-        raise AdntnError(f"Cannot write {path}: {directory} is not an existing directory.")
-    temporary = directory / f".{path.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        # O_EXCL: never reuse an existing name; mode 0o666 lets the umask decide permissions.
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as error:
-        raise AdntnError(f"Cannot write {path}: {error.strerror or error}.") from None
-    try:
-        write(temporary)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, AdntnError):
-            raise
-        if isinstance(error, OSError):
-            raise AdntnError(f"Cannot write {path}: {error.strerror or error}.") from None
-        if isinstance(error, Exception):
-            raise AdntnError(f"Cannot write {path}: {error}.") from None
-        raise
-
-
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def safetensors_layout(handle) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """name -> (dtype, shape) of an open ``safe_open`` handle, read from the header alone."""
-    dtypes = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
-    layout = {}
-    for name in handle.keys():
-        view = handle.get_slice(name)
-        if view.get_dtype() not in dtypes:
-            raise AdntnError(f"Cannot read {name}: safetensors dtype {view.get_dtype()} is not supported.")
-        layout[name] = (dtypes[view.get_dtype()], tuple(view.get_shape()))
-    return layout
-
-
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write the safetensors format deterministically: same tensors and metadata, same bytes.
-
-    (The reference writer emits ``__metadata__`` in hash order, which differs between runs.)
-    """
-    layout = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()}
-    stream_safetensors(layout, tensors.__getitem__, path, metadata)
-
-
-def stream_safetensors(layout: Mapping[str, tuple[torch.dtype, Sequence[int]]],
-                       produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
-                       path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file whose tensors are made one at a time: ``produce(name)`` is called
-    once per name of ``layout`` (name -> (dtype, shape)), in sorted order, and its result (one
-    tensor, or row blocks: see :func:`write_blocks`) is written and dropped before the next, so at
-    most one of them is alive here.
-
-    Layout: u64 little-endian header size, a JSON header with sorted keys padded to 8 bytes,
-    then each tensor's little-endian bytes in key order.
-
-    Raises:
-        AdntnError: a dtype has no safetensors equivalent, or a produced tensor does not match.
-    """
-    header: dict[str, object] = {}
-    offset = 0
-    for name in sorted(layout):
-        dtype, shape = layout[name]
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise AdntnError(f"Cannot store {name}: dtype {dtype} has no safetensors equivalent.")
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        header["__metadata__"] = dict(sorted(metadata.items()))
-    encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for name in sorted(layout):
-            write_blocks(name, produce(name), *layout[name], handle.write)
-
-
-def write_blocks(name: str, produced: torch.Tensor | Iterable[torch.Tensor], dtype: torch.dtype,
-                 shape: Sequence[int], write: Callable[[memoryview], object]) -> None:
-    """Pass the row-major bytes of tensor ``name`` to ``write``, one block at a time.
-
-    ``produced`` is the tensor (``dtype``, ``shape``), or an iterable of row blocks of ``dtype``
-    whose bytes, concatenated in order, are the tensor's. Each block is written and dropped before
-    the next is asked for, so a producer may reuse a block's buffer for the block after next.
-
-    Raises:
-        AdntnError: the tensor, or a block's dtype or the blocks' total size, is not the announced one.
-    """
-    announced = f"the announced {dtype} {tuple(shape)}"
-    if isinstance(produced, torch.Tensor):
-        if (produced.dtype, tuple(produced.shape)) != (dtype, tuple(shape)):
-            raise AdntnError(f"Cannot store {name}: it came out as {produced.dtype} {tuple(produced.shape)}, "
-                             f"not {announced}.")
-        produced = (produced,)
-    expected, total = math.prod(shape) * dtype.itemsize, 0
-    for block in produced:
-        block = block.detach().cpu().contiguous()
-        if block.dtype != dtype:
-            raise AdntnError(f"Cannot store {name}: a block came out as {block.dtype}, not {announced}.")
-        total += block.numel() * dtype.itemsize
-        if total > expected:
-            raise AdntnError(f"Cannot store {name}: its blocks hold more than the {expected} bytes of {announced}.")
-        if block.numel():
-            write(memoryview(block.reshape(-1).view(torch.uint8).numpy()))
-        del block
-    if total != expected:
-        raise AdntnError(f"Cannot store {name}: its blocks hold {total} bytes, not the {expected} of {announced}.")
-
-
-_MADV_DONTNEED = 4  # Linux
-
-
-def _private_file_mapping(start: int, stop: int) -> bool:
-    """Whether the addresses [start, stop) lie in one private mapping of a file (/proc/self/maps)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split()
-                low, high = (int(value, 16) for value in fields[0].split("-"))
-                if low <= start and stop <= high:
-                    return fields[1].endswith("p") and fields[4] != "0" and len(fields) > 5
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
-
-
-def release_pages(tensor: torch.Tensor) -> None:
-    """Drop the resident pages of a tensor that views a file mapped by ``load_state_dict(mmap=True)``.
-
-    The values stay readable: the next read faults them in again from the file (the page cache).
-    So reading a mapped checkpoint block by block, releasing each block, keeps the process's
-    resident memory at one block. A no-op for any other tensor (anonymous memory would lose its
-    values), for non-contiguous tensors and off Linux. The tensor must never have been written to.
-    """
-    if not sys.platform.startswith("linux") or not tensor.is_contiguous() or tensor.device.type != "cpu":
-        return
-    page = os.sysconf("SC_PAGE_SIZE")
-    address = tensor.data_ptr()
-    start = -(-address // page) * page  # whole pages inside the tensor only
-    stop = (address + tensor.numel() * tensor.element_size()) // page * page
-    if stop > start and _private_file_mapping(start, stop):
-        _madvise()(start, stop - start, _MADV_DONTNEED)
-
-
-@functools.cache
-def _madvise():
-    """libc's madvise(addr, length, advice), looked up once."""
-    function = ctypes.CDLL(None, use_errno=True).madvise
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return function
-
-
-def row_blocks(tensor: torch.Tensor, values: int = 1 << 22) -> Iterator[torch.Tensor]:
-    """Blocks of whole rows (along dim 0) of about ``values`` entries each, each released with
-    :func:`release_pages` once the consumer asks for the next: a mapped tensor is read through
-    without staying resident. The blocks are views; a 0-d tensor is one block."""
-    if tensor.dim() == 0:
-        yield tensor
-        return
-    rows = max(1, values // max(1, math.prod(tensor.shape[1:])))
-    for block in tensor.split(rows):
-        yield block
-        release_pages(block)
-
-
-_FINITE_CHUNK = 1 << 22  # elements per isfinite pass
-
-
 def check_finite(tensors: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:
     """Raise :class:`AdntnError` naming the first of ``keys`` whose tensor has NaN or Inf values.
 
@@ -403,7 +212,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor], keys: Iterable[str]) -> No
         if tensor.is_floating_point() or tensor.is_complex():
             # in blocks: isfinite allocates a full-size temporary (|x|), 0.4 GB for VGG-16's fc6,
             # and a mapped checkpoint is read through without staying resident
-            if not all(bool(torch.isfinite(block).all()) for block in row_blocks(tensor, _FINITE_CHUNK)):
+            if not all(bool(torch.isfinite(block).all()) for block in row_blocks(tensor)):
                 raise AdntnError(
                     f"{key} contains NaN or Inf values; adntn cannot compress non-finite weights."
                 )

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import AdntnError
-from .networks import Generator
+from adntn.errors import AdntnError
+from adntn.networks import Generator
 
 
 class GeneratedLayer(nn.Module):

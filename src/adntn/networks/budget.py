@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from .errors import AdntnError
-from .spec import GeneratorSpec
-from .tensorize import choose_leg_factors, max_legs, smooth_ceiling
+from adntn.errors import AdntnError
+from adntn.core.spec import GeneratorSpec
+from adntn.core.tensorize import choose_leg_factors, max_legs, smooth_ceiling
 
 TREE_ARCHS = ("ttn", "attn", "mera")
 DEFAULT_MIX_RANK = 1
