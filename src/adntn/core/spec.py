@@ -1,8 +1,8 @@
 """The generator spec: the single source of truth for one compressed layer.
 
 A :class:`GeneratorSpec` says which tensor network generates a weight and how that weight is cut
-into legs. Construction (``adntn.networks.build``), parameter counting (``spec.core_params``), the
-safetensors metadata and the report are all derived from it.
+into legs. Construction (``adntn.networks.build``), parameter counting (``spec.core_params``, from
+the arch's registered class), the safetensors metadata and the report are all derived from it.
 
 Tensorisation: a weight of ``shape`` (out, in) or (out, in, kh, kw) is viewed as a matrix
 (out, in*kh*kw), zero-padded to (prod(out_dims), prod(in_dims)) and reshaped so that row digit
@@ -16,9 +16,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from adntn.core.registry import generator_class
 from adntn.errors import AdntnError
 
-ARCHS = ("ttn", "attn", "mera", "tt", "svd")
 ACTIVATIONS = ("tanh", "gelu", "relu", "none")
 FORMAT_VERSION = 1
 
@@ -28,7 +28,8 @@ class GeneratorSpec:
     """Structure of one generator.
 
     Attributes:
-        arch: ``ttn`` | ``attn`` | ``mera`` (ADNTN generators) or ``tt`` | ``svd`` (baselines).
+        arch: a registered generator (``core.registry.archs()``): ``ttn`` | ``attn`` | ``mera``
+            (ADNTN generators) or ``tt`` | ``svd`` (baselines).
         shape: the dense weight's shape, e.g. ``(4096, 25088)`` or ``(64, 3, 3, 3)``.
         out_dims: K factors of the padded row count (``svd``: ``(rows,)``).
         in_dims: K factors of the padded column count (``svd``: ``(cols,)``).
@@ -50,8 +51,7 @@ class GeneratorSpec:
     version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise AdntnError(f"Unknown arch '{self.arch}'; choose one of {', '.join(ARCHS)}.")
+        generator_class(self.arch)  # a registered arch, else the user's error
         if self.activation not in ACTIVATIONS:
             raise AdntnError(
                 f"Unknown activation '{self.activation}'; choose one of {', '.join(ACTIVATIONS)}."
@@ -91,9 +91,7 @@ class GeneratorSpec:
     @property
     def core_params(self) -> int:
         """Number of stored values that generate the weight (bias not included)."""
-        from adntn.networks import core_params
-
-        return core_params(self)
+        return generator_class(self.arch).param_count(self)
 
     @property
     def ratio(self) -> float:

@@ -2,6 +2,10 @@
 
 A generator is an ``nn.Module`` with no inputs: ``forward()`` returns the dense weight of
 ``spec.shape``; ``legs()`` returns the same values as a tensor of shape ``spec.leg_dims``.
+Each subclass that names an ``arch`` registers itself (``core.registry``) and states its rules as
+class methods: how many bond dims a spec has (``levels``), which leg counts it can use, how a spec
+is made from a shape and bonds (``make_spec``) and its parameter count (``param_count``); the
+budget solver (``networks.budget``) works from these alone.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import opt_einsum
 import torch
 from torch import nn
 
+from adntn.core.registry import register
 from adntn.core.spec import GeneratorSpec
-from adntn.core.tensorize import legs_to_weight, weight_to_legs
+from adntn.core.tensorize import choose_leg_factors, legs_to_weight, max_legs, smooth_ceiling, weight_to_legs
 
 _SLOPE_AT_ZERO = {"tanh": 1.0, "gelu": 0.5, "relu": 1.0}
 _SIGMA = {"tanh": torch.tanh, "gelu": nn.functional.gelu, "relu": torch.relu}
@@ -102,13 +107,51 @@ def contraction(equation: str, *shapes: tuple[int, ...]):
 
 
 class Generator(nn.Module):
-    """Base class: a tensor network that generates one weight tensor."""
+    """Base class: a tensor network that generates one weight tensor.
+
+    Class rules (override where an arch differs): ``mix_rank`` of its disentanglers (0: none),
+    ``linear_only`` (the activation is always ``none``), ``levels``, ``leg_counts``,
+    ``default_leg_count``, ``make_spec`` and ``param_count``.
+    """
 
     arch: ClassVar[str]
+    mix_rank: ClassVar[int] = 0
+    linear_only: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "arch" in cls.__dict__:
+            register(cls)
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__()
         self.spec = spec
+
+    @classmethod
+    def levels(cls, n_legs: int) -> int:
+        """How many bond dims a spec over ``n_legs`` legs has (one per tree level by default)."""
+        return int(math.log2(n_legs))
+
+    @classmethod
+    def leg_counts(cls, rows: int, cols: int) -> list[int]:
+        """The leg counts a (rows, cols) weight can be cut into: powers of two up to ``max_legs``."""
+        return [1 << e for e in range(1, int(math.log2(max_legs(rows, cols))) + 1)]
+
+    @classmethod
+    def default_leg_count(cls, rows: int, cols: int) -> int:
+        """About 2^3-sized legs: K = 2^round(log2(log2(N) / 3)), between 2 and ``max_legs``."""
+        n = smooth_ceiling(rows) * smooth_ceiling(cols)
+        k = 1 << max(1, round(math.log2(max(math.log2(n) / 3, 2))))
+        return max(2, min(k, max_legs(rows, cols)))
+
+    @classmethod
+    def make_spec(cls, shape: tuple[int, ...], bond_dims: tuple[int, ...], activation: str,
+                  n_legs: int) -> GeneratorSpec:
+        """The spec for ``shape`` cut into ``n_legs`` legs (``choose_leg_factors``), given bond dims."""
+        rows, cols = shape[0], math.prod(shape[1:])
+        out_dims, in_dims = choose_leg_factors(rows, cols, n_legs)
+        return GeneratorSpec(cls.arch, tuple(shape), out_dims, in_dims, tuple(bond_dims),
+                             activation="none" if cls.linear_only else activation, mix_rank=cls.mix_rank)
 
     @classmethod
     def param_count(cls, spec: GeneratorSpec) -> int:
@@ -132,7 +175,7 @@ class Generator(nn.Module):
 
     @classmethod
     def from_weight(cls, spec: GeneratorSpec, weight: torch.Tensor) -> Generator:
-        """A generator initialised to fit ``weight`` (better than random: an SVD-based fit)."""
+        """A generator initialised to fit ``weight``: ``from_target`` of its ``fit_target``."""
         return cls.from_target(spec, cls.fit_target(spec, weight))
 
     def legs(self) -> torch.Tensor:

@@ -91,6 +91,7 @@ def _slices(size: int, total: int) -> list[slice]:
 
 class MERA(Generator):
     arch = "mera"
+    mix_rank = 1
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)

@@ -21,7 +21,7 @@ from adntn.memory import current_policy
 from adntn.core.spec import GeneratorSpec
 from adntn.networks.base import Generator
 from adntn.networks.target import is_narrow
-from adntn.networks.ttn import BilinearForm
+from adntn.networks.halves import BilinearForm
 
 EXACT_SVD_MAX_SIDE = 1024  # a full float64 SVD when the smaller side is at most this
 LOWRANK_OVERSAMPLE = 10
@@ -38,6 +38,26 @@ def svd_rank(spec: GeneratorSpec) -> int:
 
 class SVD(Generator):
     arch = "svd"
+    linear_only = True
+
+    @classmethod
+    def levels(cls, n_legs: int) -> int:
+        return 1
+
+    @classmethod
+    def leg_counts(cls, rows: int, cols: int) -> list[int]:
+        return [1]
+
+    @classmethod
+    def default_leg_count(cls, rows: int, cols: int) -> int:
+        return 1
+
+    @classmethod
+    def make_spec(cls, shape: tuple[int, ...], bond_dims: tuple[int, ...], activation: str,
+                  n_legs: int = 1) -> GeneratorSpec:
+        """The matrix itself as one leg per side; ``bond_dims`` = (rank,)."""
+        rows, cols = shape[0], math.prod(shape[1:])
+        return GeneratorSpec("svd", tuple(shape), (rows,), (cols,), tuple(bond_dims), "none")
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)

@@ -7,24 +7,21 @@ bond_dims[k-1] capped by what its two sides can carry (``tt_ranks``). ``from_wei
 left-to-right truncated SVDs of the unfoldings, each from the small Gram matrix of its rows.
 
 The chain is contracted from both ends up to the split bond m that costs least, and the two halves
-are joined by one GEMM of N*r_m flops, the only N-sized tensor; ``forward`` regroups the halves so
-that this GEMM writes the weight matrix directly (``ttn.halves_product``).
+are joined by one GEMM of N*r_m flops, the only N-sized tensor; the weight, its row blocks and the
+distance to a target follow from the two halves (``halves.HalvesGenerator``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
 from adntn.errors import AdntnError
 from adntn.core.spec import GeneratorSpec
-from adntn.networks.base import Generator
+from adntn.networks.halves import HalvesGenerator
 from adntn.networks.target import is_narrow
-from adntn.networks.ttn import (BilinearForm, crop_matrix, direct_output, halves_product, halves_rows, project, top_singular_vectors,
-                  unpadded)
+from adntn.networks.ttn import project, top_singular_vectors
 
 
 def tt_ranks(spec: GeneratorSpec) -> list[int]:
@@ -65,8 +62,14 @@ def tt_split(ranks: list[int], dims: tuple[int, ...]) -> int:
     return min(range(1, len(dims)), key=lambda m: (cost(m), m))
 
 
-class TT(Generator):
+class TT(HalvesGenerator):
     arch = "tt"
+    linear_only = True
+
+    @classmethod
+    def levels(cls, n_legs: int) -> int:
+        """One bond between each pair of neighbouring legs."""
+        return n_legs - 1
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)
@@ -75,15 +78,19 @@ class TT(Generator):
             nn.Parameter(torch.randn(r, d, s) / math.sqrt(r * d))
             for r, d, s in zip(self.ranks, spec.leg_dims, self.ranks[1:])
         )
-        self.split = tt_split(self.ranks, spec.leg_dims)
+        self._split = tt_split(self.ranks, spec.leg_dims)
 
     @classmethod
     def param_count(cls, spec: GeneratorSpec) -> int:
         ranks = tt_ranks(spec)
         return sum(r * d * s for r, d, s in zip(ranks, spec.leg_dims, ranks[1:]))
 
-    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left (d_1...d_m, r_m), rows row-major over legs 1..m, and right (r_m, d_m+1...d_K)."""
+    @property
+    def split(self) -> int:
+        return self._split
+
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left (d_1...d_m, r_m), rows row-major over legs 1..m, and right (d_m+1...d_K, r_m)."""
         cores = list(self.cores)
         left = cores[0].reshape(-1, self.ranks[1])
         for core in cores[1:self.split]:
@@ -91,32 +98,7 @@ class TT(Generator):
         right = cores[-1].reshape(self.ranks[-2], -1)
         for core in reversed(cores[self.split:-1]):
             right = (core.reshape(-1, core.shape[2]) @ right).reshape(core.shape[0], -1)
-        return left, right
-
-    def legs(self) -> torch.Tensor:
-        left, right = self._halves()
-        return (left @ right).reshape(self.spec.leg_dims)
-
-    def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        left, right = self._halves()
-        product = halves_product(left, right.T, self.spec, self.split, direct_output(out, self.spec))
-        return crop_matrix(product, self.spec, out)
-
-    def row_blocks(self) -> Iterator[torch.Tensor]:
-        if not unpadded(self.spec):
-            yield self()
-            return
-        left, right = self._halves()
-        for _, block in halves_rows(left, right.T, self.spec, self.split):
-            yield block.view(-1, *self.spec.shape[1:])
-
-    def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
-        """||Y - L R||^2 = ||Y||^2 - 2 tr(L^T Y R^T) + <L^T L, R R^T> at the split: no N-sized tensor."""
-        left, right = self._halves()
-        target = target_legs.reshape(left.shape[0], right.shape[1])
-        cross = BilinearForm.apply(left, target, right.T).diagonal().sum()
-        gram = ((left.T @ left) * (right @ right.T)).sum()
-        return target_norm_sq - 2 * cross + gram
+        return left, right.T
 
     @classmethod
     @torch.no_grad()

@@ -11,21 +11,20 @@ sigma_h is a gain-normalised activation shared by the nodes of height h (see ``b
 ``activation='none'`` this is the linear hierarchical Tucker format, initialised exactly by the
 leaf-to-root hierarchical SVD.
 
-``forward`` never builds the leg tensor: it regroups the two small root messages instead, so that
-the final batched GEMM writes the (rows, cols) weight matrix directly (see ``halves_product``).
+The two halves at the root (``halves``: M_l R and M_r) give the weight, its row blocks and the
+distance to a target without the leg tensor (``halves.HalvesGenerator``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
 from adntn.core.spec import GeneratorSpec
-from adntn.networks.base import Generator, activation_sites, contraction
-from adntn.networks.target import float_blocks, is_narrow, target_matmul, target_tmatmul
+from adntn.networks.base import activation_sites, contraction
+from adntn.networks.halves import HalvesGenerator
+from adntn.networks.target import float_blocks, is_narrow
 
 
 def tree_bonds(spec: GeneratorSpec) -> list[list[int]]:
@@ -47,95 +46,6 @@ def tree_bonds(spec: GeneratorSpec) -> list[list[int]]:
             row.append(min(spec.bond_dims[h], inside, total // inside, below))
         bonds.append(row)
     return bonds
-
-
-def digits_first(tensor: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple[int, ...]) -> torch.Tensor:
-    """(P, ...) with rows (o_1, i_1, ..., o_m, i_m) row-major -> (prod o, prod i, ...)."""
-    m = len(out_dims)
-    digits = [d for pair in zip(out_dims, in_dims) for d in pair]
-    rest = tensor.shape[1:]
-    split = tensor.reshape(*digits, *rest).permute(
-        *range(0, 2 * m, 2), *range(1, 2 * m, 2), *range(2 * m, 2 * m + len(rest)))
-    return split.reshape(math.prod(out_dims), math.prod(in_dims), *rest)
-
-
-def _regrouped(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec, m: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """left (P, chi) -> (x, i, chi) and right (Q, chi) -> (y, chi, j) (small copies; see below)."""
-    left = digits_first(left, spec.out_dims[:m], spec.in_dims[:m])
-    right = digits_first(right, spec.out_dims[m:], spec.in_dims[m:]).transpose(1, 2)
-    return left, right
-
-
-def halves_product(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec, m: int,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight whose leg form is sum_b left[P, b] right[Q, b], as W[x, y, i, j]: row-major, so
-    a view of the padded (rows, cols) matrix.
-
-    left (P, chi) has rows over legs 1..m, (o_1, i_1, ..., o_m, i_m) row-major; right (Q, chi) over
-    legs m+1..K. Regrouped (small copies) as left (x, i, chi), x = (o_1..o_m), i = (i_1..i_m), and
-    right (y, chi, j), the batched GEMM W[x, y, i, j] = sum_b left[x, i, b] right[y, b, j] writes
-    the matrix directly: no N-sized permutation. With autograd, broadcasting copies N*chi/j +
-    N*chi/i values; without (expand, evaluation), the rows are written block by block
-    (``halves_rows``): the result is the only large tensor, and it is ``out`` (rows*cols
-    contiguous values) when given.
-    """
-    if torch.is_grad_enabled() and (left.requires_grad or right.requires_grad):
-        left, right = _regrouped(left, right, spec, m)
-        product = torch.matmul(left.unsqueeze(1), right.unsqueeze(0))
-        return product if out is None else out.view_as(product).copy_(product)
-    x, y = math.prod(spec.out_dims[:m]), math.prod(spec.out_dims[m:])
-    i, j = math.prod(spec.in_dims[:m]), math.prod(spec.in_dims[m:])
-    out = left.new_empty(x, y, i, j) if out is None else out.view(x, y, i, j)
-    for _ in halves_rows(left, right, spec, m, out):
-        pass
-    return out
-
-
-def halves_rows(left: torch.Tensor, right: torch.Tensor, spec: GeneratorSpec, m: int,
-                out: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """``halves_product`` without autograd, block by block: for each x, (x, W[x]) with W[x] the
-    y*i*j contiguous values of rows x*y .. (x+1)*y - 1 of the padded matrix, (y, i, j), as one
-    batched GEMM with left[x] broadcast. Written into ``out`` viewed as (x, y, i, j) when given,
-    else into two buffers in turn: a block stays valid until the next-but-one is asked for.
-    """
-    left, right = _regrouped(left, right, spec, m)
-    (x, i, chi), (y, _, j) = left.shape, right.shape
-    right = right.contiguous()
-    if out is not None:
-        blocks = out.view(x, y, i, j)
-    else:
-        buffers = [left.new_empty(y, i, j) for _ in range(min(2, x))]
-    for row in range(x):
-        block = blocks[row] if out is not None else buffers[row % 2]
-        torch.bmm(left[row].expand(y, i, chi), right, out=block)
-        yield row, block
-
-
-def crop_matrix(matrix: torch.Tensor, spec: GeneratorSpec, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight of ``spec.shape`` from the padded matrix (any shape that reshapes to (rows, cols)),
-    written into ``out`` when given (nothing to do when ``matrix`` already is ``out``)."""
-    if out is not None and matrix.data_ptr() == out.data_ptr() and matrix.numel() == out.numel():
-        return out
-    rows, cols = spec.matrix_shape
-    weight = matrix.reshape(spec.rows, spec.cols)[:rows, :cols].reshape(spec.shape)
-    return weight.contiguous() if out is None else out.copy_(weight)
-
-
-def direct_output(out: torch.Tensor | None, spec: GeneratorSpec) -> torch.Tensor | None:
-    """``out`` when the padded matrix can be written into it directly (no padding), else None."""
-    if out is None:
-        return None
-    if tuple(out.shape) != tuple(spec.shape) or not out.is_contiguous():
-        layout = "contiguous" if out.is_contiguous() else "non-contiguous"
-        raise ValueError(f"out must be a contiguous tensor of shape {tuple(spec.shape)}, "
-                         f"not a {layout} one of shape {tuple(out.shape)}")
-    return out if unpadded(spec) else None
-
-
-def unpadded(spec: GeneratorSpec) -> bool:
-    """Whether the padded (rows, cols) matrix is the weight matrix itself."""
-    return (spec.rows, spec.cols) == tuple(spec.matrix_shape)
 
 
 def _around(state: torch.Tensor, axis: int) -> torch.Tensor:
@@ -179,27 +89,6 @@ def project(state: torch.Tensor, axis: int, basis: torch.Tensor) -> torch.Tensor
     return projected.reshape(*state.shape[:axis], basis.shape[1], *state.shape[axis + 1:])
 
 
-class BilinearForm(torch.autograd.Function):
-    """L^T Y M for a large constant Y (P, Q) and thin L (P, a), M (Q, b): reads Y three times.
-
-    Both gradients keep Y in its stored orientation: dL = Y (M G^T) and dM = ((L G)^T Y)^T.
-    A product with Y^T as the left operand (autograd's choice for dM) runs up to 20x slower.
-    A bfloat16 Y is read in float32 blocks (``target``).
-    """
-
-    @staticmethod
-    def forward(ctx, left: torch.Tensor, target: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(left, target, right)
-        return left.T @ target_matmul(target, right)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        left, target, right = ctx.saved_tensors
-        grad_left = target_matmul(target, right @ grad.T) if ctx.needs_input_grad[0] else None
-        grad_right = target_tmatmul(left @ grad, target).T if ctx.needs_input_grad[2] else None
-        return grad_left, None, grad_right
-
-
 def add_tree_cores(module: nn.Module, spec: GeneratorSpec) -> None:
     """Give ``module`` the cores of the tree for ``spec`` (random, from torch's global RNG).
 
@@ -223,7 +112,7 @@ def add_tree_cores(module: nn.Module, spec: GeneratorSpec) -> None:
     module.root = nn.Parameter(torch.randn(a, b) / math.sqrt(a * b))
 
 
-class TTN(Generator):
+class TTN(HalvesGenerator):
     arch = "ttn"
 
     def __init__(self, spec: GeneratorSpec) -> None:
@@ -269,31 +158,10 @@ class TTN(Generator):
             messages = [self.activations[h - 1](z) for z in pre] if len(self.activations) else pre
         return messages[0], messages[1]
 
-    def legs(self) -> torch.Tensor:
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """M_l R (P_left, b) and M_r (P_right, b): legs = M_l R M_r^T."""
         left, right = self.top_messages()
-        return ((left @ self.root) @ right.T).reshape(self.spec.leg_dims)
-
-    def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        left, right = self.top_messages()
-        product = halves_product(left @ self.root, right, self.spec, self.spec.n_legs // 2,
-                                 direct_output(out, self.spec))
-        return crop_matrix(product, self.spec, out)
-
-    def row_blocks(self) -> Iterator[torch.Tensor]:
-        if not unpadded(self.spec):
-            yield self()
-            return
-        left, right = self.top_messages()
-        for _, block in halves_rows(left @ self.root, right, self.spec, self.spec.n_legs // 2):
-            yield block.view(-1, *self.spec.shape[1:])
-
-    def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
-        """||Y - L R R'^T||^2 = ||Y||^2 - 2<L^T Y R', R> + <L^T L R R'^T R', R>, no N-sized tensor."""
-        left, right = self.top_messages()
-        target = target_legs.reshape(left.shape[0], right.shape[0])
-        cross = (BilinearForm.apply(left, target, right) * self.root).sum()
-        gram = ((left.T @ left) @ self.root @ (right.T @ right) * self.root).sum()
-        return target_norm_sq - 2 * cross + gram
+        return left @ self.root, right
 
     @classmethod
     @torch.no_grad()
