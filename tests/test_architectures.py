@@ -91,7 +91,7 @@ def test_full_size_vgg16() -> None:
     assert info.features_size == 7
     assert [layer.alias for layer in info.layers] == VGG16_ALIASES
     assert info.conv_widths == (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
-    assert info.hidden_widths == (4096, 4096)
+    assert [layer.weight_shape[0] for layer in info.layers if layer.alias in ("fc6", "fc7")] == [4096, 4096]
     fc6 = info.layer("fc6")
     assert (fc6.module, fc6.kind, fc6.weight_shape) == ("classifier.0", "linear", (4096, 25088))
     assert info.layer("conv3_3").module == "features.14"
@@ -147,7 +147,7 @@ def test_reduced_width_vgg11(batch_norm: bool) -> None:
     info = detect_model(reference.state_dict())
     assert info.name == ("vgg11_bn" if batch_norm else "vgg11")
     assert info.conv_widths == (8, 16, 32, 32, 64, 64, 64, 64)
-    assert info.hidden_widths == (128, 128)
+    assert [layer.weight_shape[0] for layer in info.layers if layer.alias in ("fc6", "fc7")] == [128, 128]
     assert info.num_classes == 10
     assert info.features_size == 1
     assert [layer.alias for layer in info.layers] == VGG11_ALIASES

@@ -260,15 +260,15 @@ def test_streamed_expand_equals_the_in_memory_state_dict(compressed, tmp_path, m
     from adntn.io.checkpoint import save_state_dict
 
     alive, most, count = weakref.WeakSet(), [0], [0]
-    weight_blocks = expand_module.weight_blocks
+    weight_blocks = expand_module.materialize_rows
 
-    def counted(layer):
-        for block in weight_blocks(layer):
+    def counted(generator, dtype):
+        for block in weight_blocks(generator, dtype):
             alive.add(block)
             most[0], count[0] = max(most[0], len(alive)), count[0] + 1
             yield block
 
-    monkeypatch.setattr(expand_module, "weight_blocks", counted)
+    monkeypatch.setattr(expand_module, "materialize_rows", counted)
     streamed = tmp_path / f"streamed{suffix}"
     expand_module.expand(compressed, streamed)
     assert most[0] == 1 and count[0] > 2  # the small VGG's compressed layers come in several blocks
@@ -283,8 +283,9 @@ def test_expand_writes_weights_given_in_row_blocks(compressed, tmp_path, monkeyp
     from adntn.pipeline import expand as expand_module
 
     whole = expand_module.expand(compressed, tmp_path / f"whole{suffix}")
-    blocks = expand_module.weight_blocks
-    monkeypatch.setattr(expand_module, "weight_blocks", lambda layer: iter(torch.cat([b.clone() for b in blocks(layer)]).split(3)))
+    blocks = expand_module.materialize_rows
+    monkeypatch.setattr(expand_module, "materialize_rows",
+                        lambda generator, dtype: iter(torch.cat([b.clone() for b in blocks(generator, dtype)]).split(3)))
     assert _contents(expand_module.expand(compressed, tmp_path / f"blocks{suffix}")) == _contents(whole)
 
 
@@ -292,7 +293,7 @@ def test_failed_pt_expand_keeps_the_old_file(compressed, tmp_path, monkeypatch):
     from adntn.pipeline import expand as expand_module
     from adntn.errors import AdntnError
 
-    monkeypatch.setattr(expand_module, "weight_blocks", lambda layer: [torch.zeros(1)])
+    monkeypatch.setattr(expand_module, "materialize_rows", lambda generator, dtype: [torch.zeros(1)])
     out = tmp_path / "dense.pt"
     out.write_bytes(b"precious")
     with pytest.raises(AdntnError, match="its blocks hold 4 bytes"):
@@ -302,6 +303,7 @@ def test_failed_pt_expand_keeps_the_old_file(compressed, tmp_path, monkeypatch):
 
 
 def test_unknown_target_dtype(checkpoint, tmp_path):
+    assert "float32 | bfloat16" in " ".join(adntn("compress", "-h").stdout.split())  # --help lists the choices
     _fails(["compress", checkpoint, "--layers", "fc6", "--ratio", "20", "--target-dtype", "float16",
             "--out", tmp_path / "o"], "--target-dtype must be one of float32, bfloat16", tmp_path)
 

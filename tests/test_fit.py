@@ -20,7 +20,7 @@ def test_weight_objective_matches_direct_relative_error():
     spec = spec_for_bond_dim("ttn", tuple(weight.shape), 2, "tanh")
     net = TTN(spec)
     with torch.no_grad():
-        loss = WeightObjective.for_weight(weight, net)(net)
+        loss = WeightObjective(TTN.fit_target(net.spec, weight))(net)
     assert abs(float(loss) - relative_error(weight, net()) ** 2) < 1e-4
 
 
@@ -29,7 +29,7 @@ def test_fit_improves_and_never_ends_worse_than_it_started():
     weight = _low_rank_weight()
     spec = spec_for_bond_dim("ttn", tuple(weight.shape), 2, "tanh")
     net = TTN(spec)  # random start
-    result = fit(net, WeightObjective.for_weight(weight, net), steps=150, lr=3e-2)
+    result = fit(net, WeightObjective(TTN.fit_target(net.spec, weight)), steps=150, lr=3e-2)
     assert result.best_loss < 0.5 * result.initial_loss
     assert abs(relative_error(weight, net()) ** 2 - result.best_loss) < 1e-3
 
@@ -51,7 +51,7 @@ def test_activation_objective_only_sees_the_data_subspace():
     spec = spec_for_bond_dim("ttn", (16, 32), 64, "none")
     net = TTN.from_weight(spec, masked)
     assert float(ActivationObjective(weight, inputs)(net)) < 1e-8
-    assert float(WeightObjective.for_weight(weight, net)(net)) > 0.5
+    assert float(WeightObjective(TTN.fit_target(net.spec, weight))(net)) > 0.5
 
 
 def test_fit_is_reproducible_with_the_same_seed():
@@ -61,7 +61,7 @@ def test_fit_is_reproducible_with_the_same_seed():
     for _ in range(2):
         torch.manual_seed(7)
         net = TTN(spec)
-        fit(net, WeightObjective.for_weight(weight, net), steps=20, lr=1e-2)
+        fit(net, WeightObjective(TTN.fit_target(net.spec, weight)), steps=20, lr=1e-2)
         outputs.append(net())
     assert torch.equal(outputs[0], outputs[1])
 

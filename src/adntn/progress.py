@@ -1,13 +1,16 @@
 """Progress reporting without printing from the library.
 
 Library functions take a :class:`Progress` and call ``progress.task(description, total)`` to get an
-``advance(done, loss)`` callback. :class:`Silent` ignores everything; the CLI passes
+``advance(done, loss)`` callback, and wrap each pipeline stage in ``with progress.stage(name):``
+(its wall time reaches ``stage_done``). :class:`Silent` ignores everything; the CLI passes
 :class:`RichProgress`, which draws rich progress bars on stderr.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as _RichProgress, TextColumn, TimeElapsedColumn
@@ -23,6 +26,18 @@ class Progress:
 
     def note(self, message: str) -> None:
         """A sentence worth telling the user (e.g. a warning about the fit)."""
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the stage ``name`` run inside; ``stage_done`` hears of it when it ends."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_done(name, time.perf_counter() - start)
+
+    def stage_done(self, name: str, seconds: float) -> None:
+        """A stage ended after ``seconds`` (the speed benchmark records these)."""
 
 
 Silent = Progress

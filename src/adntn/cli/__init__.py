@@ -16,12 +16,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from adntn.version import __version__
+from adntn.core.registry import archs
+from adntn.core.spec import ACTIVATIONS
 from adntn.errors import AdntnError
+from adntn import networks  # noqa: F401  (registers the archs that --arch offers)
+from adntn.pipeline.options import TARGET_DTYPES
+from adntn.version import __version__
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Compress AlexNet/VGG layers into nonlinear tensor-network generators (TTN, aTTN, MERA).",
 )
 
@@ -94,14 +99,14 @@ def inspect(
 ) -> None:
     """Show the detected model and its compressible layers."""
     from adntn.models.architectures import describe
-    from adntn.pipeline.compress import load_checkpoint
+    from adntn.pipeline.source import read_source
 
-    loaded = load_checkpoint(checkpoint, model=model, allow_pickle=allow_pickle)
-    rows = describe(loaded.model)
+    info = read_source(checkpoint, model=model, allow_pickle=allow_pickle).info
+    rows = describe(info)
     if as_json:
-        _print_json({"model": loaded.model.name, "num_classes": loaded.model.num_classes, "layers": rows})
+        _print_json({"model": info.name, "num_classes": info.num_classes, "layers": rows})
         return
-    table = Table(title=f"{checkpoint.name}: {loaded.model.name}, {loaded.model.num_classes} classes")
+    table = Table(title=f"{checkpoint.name}: {info.name}, {info.num_classes} classes")
     for column in ("alias", "module", "kind", "weight shape", "params"):
         table.add_column(column, justify="right" if column == "params" else "left")
     for row in rows:
@@ -116,19 +121,21 @@ def compress(
     checkpoint: Annotated[Path, typer.Argument(help="A state_dict (.pt/.pth) or .safetensors file.")],
     layers: Annotated[str, typer.Option("--layers", "-l",
                                         help="Comma-separated layers: aliases (fc6, conv3_1) or modules (classifier.3).")],
-    arch: Annotated[str, typer.Option(help="Generator: ttn, attn, mera; baselines: tt, svd.")] = "ttn",
+    arch: Annotated[str, typer.Option(autocompletion=archs,
+                                      help=f"Generator: {' | '.join(archs())} (tt and svd are baselines).")] = "ttn",
     ratio: Annotated[Optional[str], typer.Option(
         help="Per-layer compression ratio dense/core params, e.g. 2000, or per layer: fc6=20000,fc7=80000 "
              "(default 2000 unless --bond-dim).")] = None,
     bond_dim: Annotated[Optional[int], typer.Option("--bond-dim", help="Uniform bond dimension instead of --ratio.")] = None,
-    activation: Annotated[str, typer.Option(help="Nonlinearity between levels: tanh, gelu, relu, none.")] = "tanh",
+    activation: Annotated[str, typer.Option(autocompletion=lambda: ACTIVATIONS,
+                                            help=f"Nonlinearity between levels: {' | '.join(ACTIVATIONS)}.")] = "tanh",
     steps: Annotated[int, typer.Option(help="Adam steps of the weight-space fit per layer.")] = 200,
     lr: Annotated[float, typer.Option(help="Learning rate of the weight-space fit.")] = 1e-2,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same cores).")] = 0,
     device: Annotated[str, typer.Option(help="Where to fit and fine-tune: cpu, cuda or cuda:N.")] = "cpu",
     target_dtype: Annotated[str, typer.Option(
-        "--target-dtype",
-        help="dtype of the weight copy the weight-space fit reads: float32, or bfloat16 (half the "
+        "--target-dtype", autocompletion=lambda: tuple(TARGET_DTYPES),
+        help=f"{' | '.join(TARGET_DTYPES)}: dtype of the weight copy the weight-space fit reads: float32, or bfloat16 (half the "
              "memory; rounding 2^-9, far below the fit errors at these ratios).")] = "float32",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default CHECKPOINT-STEM.adntn).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
@@ -151,29 +158,21 @@ def compress(
     as_json: JsonOption = False,
 ) -> None:
     """Replace each chosen layer's weight by a small tensor-network generator."""
-    from adntn.pipeline.compress import FitSettings, compress_checkpoint, parse_ratio
-    from adntn.progress import RichProgress
     from adntn.cli.render import render
-    from adntn.training.distill import FinetuneConfig
-    from adntn.pipeline.task import TaskSettings
+    from adntn.pipeline.compress import compress_to
+    from adntn.pipeline.options import CompressOptions, parse_ratio
+    from adntn.progress import RichProgress
 
-    names = _names(layers)
     common_ratio, layer_ratios = parse_ratio(ratio) if ratio is not None else (None, {})
-    settings = FitSettings(arch=arch, ratio=common_ratio, layer_ratios=layer_ratios, bond_dim=bond_dim,
-                           activation=activation, steps=steps, lr=lr, seed=seed, device=device,
-                           target_dtype=target_dtype)
-    task = None
-    if data is not None:
-        finetune = FinetuneConfig(epochs=epochs, lr=finetune_lr, batch_size=batch_size, temperature=temperature,
-                                  kd_weight=kd_weight, seed=seed, dropout=dropout)
-        task = TaskSettings(data=data, config=config, finetune=finetune, train=tuple(_names(train)),
-                            cache_dir=cache_dir)
-    elif config is not None or train:
-        _fail("--config and --train only apply with --data.")
+    options = CompressOptions(
+        arch=arch, ratio=common_ratio, layer_ratios=layer_ratios, bond_dim=bond_dim, activation=activation,
+        steps=steps, lr=lr, seed=seed, device=device, target_dtype=target_dtype, model=model,
+        allow_pickle=allow_pickle, data=data, config=config, epochs=epochs, finetune_lr=finetune_lr,
+        batch_size=batch_size, temperature=temperature, kd_weight=kd_weight, dropout=dropout,
+        train=tuple(_names(train)), cache_dir=cache_dir)
     out_dir = out or Path(f"{checkpoint.stem}.adntn")
     with RichProgress() as progress:
-        report = compress_checkpoint(checkpoint, names, settings, out_dir, model=model,
-                                     allow_pickle=allow_pickle, force=force, task=task, progress=progress)
+        report = compress_to(checkpoint, _names(layers), out_dir, force=force, options=options, progress=progress)
     if as_json:
         _print_json(report)
     else:
@@ -224,15 +223,18 @@ def evaluate(
 ) -> None:
     """Measure top-1 and top-5 accuracy on the held-out split."""
     from adntn.io.archive import read_report
-    from adntn.io.checkpoint import load_state_dict
-    from adntn.pipeline.expand import expanded_state_dict
-    from adntn.pipeline.task import evaluate_state
+    from adntn.pipeline.load import load
+    from adntn.pipeline.source import read_source
+    from adntn.pipeline.task import evaluate_model
 
-    if source.is_dir():
-        state, metadata = expanded_state_dict(source), read_report(source)["source"].get("metadata", {})
+    if source.is_dir():  # the compressed model itself, its generated layers in place
+        described = read_report(source)["source"]
+        network, metadata = load(source), described.get("metadata") or {}
+        name, num_classes = described["model"], described["num_classes"]
     else:
-        state, metadata = load_state_dict(source, allow_pickle=allow_pickle)
-    result = evaluate_state(state, metadata, data, config, model=model)
+        read = read_source(source, model=model, allow_pickle=allow_pickle, mmap=False)
+        network, metadata, name, num_classes = read.dense_model(), read.metadata, read.info.name, read.info.num_classes
+    result = {"model": name, **evaluate_model(network, metadata, num_classes, data, config)}
     if as_json:
         _print_json(result)
     else:

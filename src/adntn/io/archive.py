@@ -32,7 +32,7 @@ DENSE_FILE = "dense.safetensors"
 LAYER_DIR = "layers"
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompressedLayer:
     """One compressed layer: its generator, its dense bias, and the dtype of the original weight."""
 
@@ -108,7 +108,8 @@ def check_destination(out_dir: Path, *, force: bool) -> Path:
 
 def write_archive(out_dir: Path, dense: dict[str, torch.Tensor], layers: list[CompressedLayer],
                   report: dict, *, force: bool) -> dict:
-    """Write the directory atomically; returns ``report`` with ``total.stored_bytes`` filled in."""
+    """Write the directory atomically; returns a copy of ``report`` with ``total.stored_bytes``
+    filled in (the report written)."""
     out_dir = Path(out_dir)
     parent = check_destination(out_dir, force=force)
     staging = parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -119,7 +120,7 @@ def write_archive(out_dir: Path, dense: dict[str, torch.Tensor], layers: list[Co
         for layer in layers:
             write_safetensors(_layer_tensors(layer), staging / LAYER_DIR / f"{layer.module}.safetensors",
                               _layer_metadata(layer))
-        report["total"]["stored_bytes"] = directory_bytes(staging)
+        report = {**report, "total": {**report["total"], "stored_bytes": directory_bytes(staging)}}
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if out_dir.exists():
             retired = parent / f".{out_dir.name}.old-{os.getpid()}"
@@ -187,3 +188,8 @@ def read_dense(directory: Path) -> dict[str, torch.Tensor]:
 
 def layer_paths(directory: Path, report: dict) -> list[Path]:
     return [Path(directory) / LAYER_DIR / f"{layer['name']}.safetensors" for layer in report["layers"]]
+
+
+def read_layers(directory: Path, report: dict) -> list[CompressedLayer]:
+    """The compressed layers of ``directory`` (each rebuilt from its own file)."""
+    return [read_layer(path) for path in layer_paths(directory, report)]

@@ -113,12 +113,6 @@ class ModelInfo:
         """Output channels of each conv, in forward order."""
         return tuple(layer.weight_shape[0] for layer in self.layers if layer.kind == "conv")
 
-    @property
-    def hidden_widths(self) -> tuple[int, int]:
-        """Output widths of fc6 and fc7."""
-        fc6, fc7, _ = (layer for layer in self.layers if layer.kind == "linear")
-        return fc6.weight_shape[0], fc7.weight_shape[0]
-
     def layer(self, name: str) -> LayerInfo:
         """The layer called ``name``: an alias (``fc7``), module (``classifier.3``) or weight key.
 
@@ -324,14 +318,15 @@ def resolve_layers(info: ModelInfo, names: list[str]) -> list[LayerInfo]:
     return layers
 
 
-def build_model(info: ModelInfo) -> nn.Module:
+def build_model(info: ModelInfo, *, materialize: bool = True) -> nn.Module:
     """The torchvision model described by ``info``, in eval mode, ready for the checkpoint.
 
     The module structure (and so every state_dict key) is torchvision's; conv widths, classifier
     widths, ``num_classes`` and the avgpool output size are the checkpoint's. Parameters carry
     PyTorch's default initialisation until the caller loads the checkpoint with
     ``model.load_state_dict(state, strict=True)``. Construction happens on the meta device, so
-    default-size layers that are replaced are never allocated.
+    default-size layers that are replaced are never allocated; with ``materialize=False`` the
+    model is returned on the meta device, for ``load_state_dict(..., assign=True)``.
     """
     from torchvision.models import AlexNet
     from torchvision.models.vgg import VGG, make_layers
@@ -357,6 +352,8 @@ def build_model(info: ModelInfo) -> nn.Module:
             parent_path, _, index = layer.module.rpartition(".")
             parent = model.get_submodule(parent_path)
             parent[int(index)] = _fresh_layer(layer)
+    if not materialize:
+        return model.eval()
     model.to_empty(device="cpu")
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):

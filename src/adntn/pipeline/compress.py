@@ -1,240 +1,165 @@
-"""The compress pipeline: checkpoint -> generators -> compressed directory.
+"""The compress pipeline: a model or checkpoint in, a :class:`Compressed` value out.
 
-Stages, in order:
-1. weight space: each chosen layer's generator is initialised by an SVD-based fit of its weight
-   and refined on ||W - G|| / ||W|| (``--steps``, ``--lr``);
-2. activation space (with ``--data``): refined on the layer's outputs for inputs recorded from the
-   dense model on training images;
-3. task-aware (with ``--data``): all compressed layers fine-tuned together by cross-entropy plus
-   distillation from the dense model (see :mod:`adntn.task`).
+    read_source -> Source.select -> plan_layers (each layer's spec, chosen once)
+      -> fit_weight_space (SVD-based init, then ||W - G|| / ||W||; --steps, --lr)
+      -> [with data] task.run_task_stages: activation space (the layer's outputs on recorded
+         inputs), then task-aware fine-tuning of all compressed layers together by distillation
+      -> weight errors -> build_report -> Compressed (``.save(dir)`` writes the archive)
+
+Each stage takes the values the previous one returned and returns new ones: the source's tensors,
+the fitted generators and the report rows are never edited in place. ``progress`` receives bars,
+notes and each stage's wall time (``Progress.stage``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from adntn.version import __version__
-from adntn.models.architectures import LayerInfo, ModelInfo, detect_model, resolve_layers
-from adntn.io.archive import CompressedLayer, check_destination, materialize_rows, write_archive
-from adntn.networks.budget import spec_for_bond_dim, spec_for_ratio
-from adntn.io.checkpoint import check_finite, file_sha256, load_state_dict
-from adntn.memory import release_pages
+from adntn.core.registry import generator_class
+from adntn.core.spec import FORMAT_VERSION, GeneratorSpec
 from adntn.errors import AdntnError
-from adntn.training.fit import fit
-from adntn.networks import generator_class
-from adntn.training.objectives import WeightObjective, relative_error
+from adntn.io.archive import CompressedLayer, check_destination, materialize_rows, write_archive
+from adntn.io.checkpoint import check_finite
+from adntn.memory import release_pages
+from adntn.models.architectures import LayerInfo
+from adntn.networks.budget import spec_for_bond_dim, spec_for_ratio
+from adntn.pipeline.assemble import assemble_model
+from adntn.pipeline.options import CompressOptions, resolve_device
+from adntn.pipeline.results import LayerResult
+from adntn.pipeline.source import Source, read_source
 from adntn.progress import Progress
-from adntn.core.spec import ARCHS, FORMAT_VERSION
+from adntn.training.fit import fit
+from adntn.training.objectives import WeightObjective, relative_error
+from adntn.version import __version__
 
-DEFAULT_RATIO = 2000.0
-TARGET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --target-dtype
 DATA_FREE_WARNING = 0.5  # relative weight error above which a data-free layer is unlikely to work
 BIAS_POLICY = "dense: each compressed layer keeps its bias as stored values (bias_params), not counted in core_params"
 
 
-@dataclass
-class FitSettings:
-    """How each layer's generator is chosen and fitted (``adntn compress`` flags)."""
+@dataclass(frozen=True)
+class Compressed:
+    """What ``compress`` returns.
 
-    arch: str = "ttn"
-    ratio: float | None = None
-    bond_dim: int | None = None
-    layer_ratios: dict[str, float] = field(default_factory=dict)
-    activation: str = "tanh"
-    steps: int = 200
-    lr: float = 1e-2
-    seed: int = 0
-    device: str = "cpu"
-    target_dtype: str = "float32"
+    Attributes:
+        report: the report (what ``report.json`` holds, bar ``total.stored_bytes`` until saved).
+        layers: the compressed layers (generators and biases).
+        dense: every other tensor of the source, in its order (trained ones included).
+        model: the source's model with the generated layers in place (built on first use).
+    """
 
-    def __post_init__(self) -> None:
-        resolve_device(self.device)
-        if self.arch not in ARCHS:
-            raise AdntnError(f"Unknown arch '{self.arch}'; choose one of {', '.join(ARCHS)}.")
-        if (self.ratio is not None or self.layer_ratios) and self.bond_dim is not None:
-            raise AdntnError("Give either --ratio or --bond-dim, not both.")
-        if self.ratio is None and self.bond_dim is None and not self.layer_ratios:
-            self.ratio = DEFAULT_RATIO
-        if self.steps < 0:
-            raise AdntnError(f"--steps must be 0 or more, not {self.steps}.")
-        if not self.lr > 0:
-            raise AdntnError(f"--lr must be positive, not {self.lr}.")
-        if self.target_dtype not in TARGET_DTYPES:
-            raise AdntnError(f"--target-dtype must be one of {', '.join(TARGET_DTYPES)}, not '{self.target_dtype}'.")
+    report: dict
+    layers: tuple[CompressedLayer, ...]
+    dense: Mapping[str, torch.Tensor] = field(repr=False)
+    source: Source = field(repr=False)
+
+    @functools.cached_property
+    def model(self) -> nn.Module:
+        return assemble_model(self.dense, self.layers, info=self.source.info, template=self.source.module)
+
+    def save(self, directory: str | Path, *, force: bool = False) -> Path:
+        """Write the archive ``directory`` (what ``adntn compress`` writes); returns its path."""
+        write_archive(Path(directory), self.dense, list(self.layers), self.report, force=force)
+        return Path(directory)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``--device``: cpu, cuda or cuda:N, refused with a sentence when it is not there."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise AdntnError(f"Unknown device '{name}'; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AdntnError(f"--device {name} was asked for, but no CUDA GPU is available here.")
-    if device.type not in ("cpu", "cuda"):
-        raise AdntnError(f"Device '{name}' is not supported; use cpu, cuda or cuda:N.")
-    return device
+def plan_layers(source: Source, layers: tuple[LayerInfo, ...], options: CompressOptions) -> tuple[GeneratorSpec, ...]:
+    """Each layer's generator spec, from ``--bond-dim`` or its ``--ratio`` (all checked before any
+    fitting: an impossible budget or a ratio for a layer not compressed fails first)."""
+    chosen = {name for layer in layers for name in (layer.alias, layer.module) if name}
+    stray = [name for name in options.layer_ratios if name not in chosen]
+    if stray:
+        known = source.layer(stray[0])  # an unknown name is refused here
+        raise AdntnError(f"--ratio names {stray[0]} ({known.module}), which is not among the compressed layers.")
+    specs = []
+    for layer in layers:
+        if options.bond_dim is not None:
+            specs.append(spec_for_bond_dim(options.arch, layer.weight_shape, options.bond_dim, options.activation))
+            continue
+        ratio = options.ratio_for((layer.alias, layer.module))
+        if ratio is None:
+            raise AdntnError(f"--ratio gives no ratio for {layer.label}; name every compressed layer.")
+        specs.append(spec_for_ratio(options.arch, layer.weight_shape, ratio, options.activation, label=layer.label))
+    return tuple(specs)
 
 
-@dataclass
-class LoadedCheckpoint:
-    path: Path
-    state: dict[str, torch.Tensor]
-    metadata: dict[str, str]
-    model: ModelInfo
-    sha256: str = field(repr=False, default="")
+def fit_weight_space(source: Source, layer: LayerInfo, spec: GeneratorSpec, options: CompressOptions,
+                     progress: Progress) -> LayerResult:
+    """Stage 1 for one layer: SVD-based initialisation, then ``options.steps`` Adam steps.
 
-
-def load_checkpoint(path: Path, *, model: str | None = None, allow_pickle: bool = False,
-                    mmap: bool = False) -> LoadedCheckpoint:
-    """Read (or with ``mmap``, map: see ``load_state_dict``) a checkpoint and recognise its
-    architecture."""
-    state, metadata = load_state_dict(Path(path), allow_pickle=allow_pickle, mmap=mmap)
-    info = detect_model(state, override=model)
-    return LoadedCheckpoint(Path(path), state, metadata, info, file_sha256(Path(path)))
-
-
-def parse_ratio(text: str) -> tuple[float | None, dict[str, float]]:
-    """``--ratio``: one number for every layer, or ``fc6=20000,fc7=80000`` per layer."""
-    try:
-        if "=" not in text:
-            return float(text), {}
-        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
-        return None, {name.strip(): float(value) for name, value in pairs}
-    except ValueError:
-        raise AdntnError(f"--ratio takes a number or LAYER=NUMBER pairs separated by commas, not '{text}'.") from None
-
-
-def choose_spec(settings: FitSettings, layer: LayerInfo):
-    label = layer.alias or layer.module
-    if settings.bond_dim is not None:
-        return spec_for_bond_dim(settings.arch, layer.weight_shape, settings.bond_dim, settings.activation)
-    ratio = next((settings.layer_ratios[name] for name in (layer.alias, layer.module)
-                  if name in settings.layer_ratios), settings.ratio)
-    if ratio is None:
-        raise AdntnError(f"--ratio gives no ratio for {label}; name every compressed layer.")
-    return spec_for_ratio(settings.arch, layer.weight_shape, ratio, settings.activation, label=label)
-
-
-def fit_weight_space(weight: torch.Tensor, layer: LayerInfo, settings: FitSettings,
-                     progress: Progress) -> tuple[CompressedLayer, dict]:
-    """Stage 1 for one layer: SVD-based initialisation, then ``settings.steps`` Adam steps.
-
+    The one full-size copy is the fit's target, built from a mapped checkpoint block by block.
     ``init_weight_rel_error`` is the fit's initial objective (on the target's padded leg form).
     """
-    spec = choose_spec(settings, layer)
     start = time.perf_counter()
-    cls = generator_class(spec)
-    # the one full-size copy: the target, built from a mapped checkpoint block by block
-    target = cls.fit_target(spec, weight, after_block=release_pages, dtype=TARGET_DTYPES[settings.target_dtype])
-    generator = cls.from_target(spec, target)
-    advance = progress.task(f"fit {layer.alias or layer.module} ({spec.arch})", settings.steps)
-    device = resolve_device(settings.device)
+    weight = source.state[layer.weight_key]
+    cls = generator_class(spec.arch)
+    with progress.stage("fit_target"):
+        target = cls.fit_target(spec, weight, after_block=release_pages, dtype=options.target_torch_dtype)
+    with progress.stage("from_target"):
+        generator = cls.from_target(spec, target)
+    device = resolve_device(options.device)
     generator.to(device)
     objective = WeightObjective(target.to(device))
     del target
-    result = fit(generator, objective, steps=settings.steps, lr=settings.lr,
-                 on_step=lambda step, loss: advance(step, math.sqrt(max(loss, 0.0))))
+    advance = progress.task(f"fit {layer.label} ({spec.arch})", options.steps)
+    with progress.stage("fit"):
+        result = fit(generator, objective, steps=options.steps, lr=options.lr,
+                     on_step=lambda step, loss: advance(step, math.sqrt(max(loss, 0.0))))
     del objective
-    init_error = math.sqrt(max(result.initial_loss, 0.0))
-    generator.cpu()
-    compressed = CompressedLayer(layer.module, layer.alias, generator, None, weight.dtype)
-    row = {
-        "name": layer.module,
-        "alias": layer.alias,
-        "kind": layer.kind,
-        "shape": list(layer.weight_shape),
-        "arch": spec.arch,
-        "activation": spec.activation,
-        "leg_dims": list(spec.leg_dims),
-        "bond_dims": list(spec.bond_dims),
-        "mix_rank": spec.mix_rank,
-        "dense_params": spec.dense_params,
-        "core_params": spec.core_params,
-        "ratio": spec.dense_params / spec.core_params,
-        "init_weight_rel_error": init_error,
+    bias = source.state.get(layer.bias_key) if layer.has_bias else None
+    compressed = CompressedLayer(layer.module, layer.alias, generator.cpu(), bias, weight.dtype)
+    return LayerResult(layer, compressed, {
+        "init_weight_rel_error": math.sqrt(max(result.initial_loss, 0.0)),
         "weight_steps": result.steps,
         "fit_seconds": time.perf_counter() - start,
+    })
+
+
+def weight_errors(source: Source, results: list[LayerResult], progress: Progress) -> list[LayerResult]:
+    """Each layer's ||W - G|| / ||W||, from row blocks of G (no whole generated weight)."""
+    measured = []
+    for result in results:
+        with progress.stage("relative_error"):
+            error = relative_error(source.state[result.layer.weight_key],
+                                   materialize_rows(result.compressed.generator, result.compressed.dtype))
+        measured.append(result.with_stats(weight_rel_error=error))
+    return measured
+
+
+def report_row(result: LayerResult) -> dict:
+    """The report's row for one layer: its structure (from the spec) and its stages' numbers."""
+    layer, spec = result.layer, result.compressed.generator.spec
+    bias = result.compressed.bias
+    return {
+        "name": layer.module, "alias": layer.alias, "kind": layer.kind, "shape": list(layer.weight_shape),
+        "arch": spec.arch, "activation": spec.activation, "leg_dims": list(spec.leg_dims),
+        "bond_dims": list(spec.bond_dims), "mix_rank": spec.mix_rank,
+        "dense_params": spec.dense_params, "core_params": spec.core_params,
+        "ratio": spec.dense_params / spec.core_params,
+        **result.stats,
+        "bias_params": 0 if bias is None else bias.numel(),
     }
-    return compressed, row
 
 
-def compress_checkpoint(checkpoint: Path, layer_names: list[str], settings: FitSettings, out_dir: Path, *,
-                        model: str | None = None, allow_pickle: bool = False, force: bool = False,
-                        task=None, progress: Progress | None = None) -> dict:
-    """Compress ``layer_names`` of ``checkpoint`` into ``out_dir``; returns the report.
-
-    ``task`` (an :class:`adntn.task.TaskSettings`) adds the data-aware stages 2 and 3.
-    """
-    progress = progress or Progress()
-    out_dir = Path(out_dir)
-    check_destination(out_dir, force=force)
-    started = time.perf_counter()
-    loaded = load_checkpoint(checkpoint, model=model, allow_pickle=allow_pickle, mmap=True)
-    layers = resolve_layers(loaded.model, layer_names)
-    check_finite(loaded.state, list(loaded.state))
-    for layer in layers:  # fail on an impossible budget or bad data before any fitting
-        choose_spec(settings, layer)
-    if task is not None:
-        from adntn.pipeline.task import open_data, run_task_stages
-
-        opened = open_data(task.data, task.config, loaded.metadata, loaded.model)
-
-    torch.manual_seed(settings.seed)
-    compressed, rows = [], []
-    for layer in layers:
-        weight = loaded.state[layer.weight_key]
-        item, row = fit_weight_space(weight, layer, settings, progress)
-        item.bias = loaded.state.get(layer.bias_key) if layer.has_bias else None
-        compressed.append(item)
-        rows.append(row)
-
-    report_extra: dict = {}
-    if task is not None:
-        report_extra = run_task_stages(loaded, layers, compressed, rows, task, opened, settings, progress)
-
-    for item, row, layer in zip(compressed, rows, layers):
-        weight = loaded.state[layer.weight_key]
-        row["weight_rel_error"] = relative_error(weight, materialize_rows(item.generator, item.dtype))
-        row["bias_params"] = 0 if item.bias is None else item.bias.numel()
-        if task is None and row["weight_rel_error"] > DATA_FREE_WARNING:
-            progress.note(
-                f"{layer.alias or layer.module} is reproduced with relative weight error "
-                f"{row['weight_rel_error']:.2f} at {row['ratio']:,.0f}x without data, so it is unlikely to "
-                "work as is; pass --data to fit it to its task."
-            )
-
-    dense = {
-        key: tensor for key, tensor in loaded.state.items()
-        if key not in {k for item in compressed for k in (item.weight_key, item.bias_key)}
-    }
-    report = build_report(loaded, compressed, rows, settings, started)
-    report.update(report_extra)
-    return write_archive(out_dir, dense, compressed, report, force=force)
-
-
-def build_report(loaded: LoadedCheckpoint, compressed: list[CompressedLayer], rows: list[dict],
-                 settings: FitSettings, started: float) -> dict:
-    total_dense = sum(t.numel() for t in loaded.state.values())
+def build_report(source: Source, results: list[LayerResult], options: CompressOptions, seconds: float,
+                 task: Mapping | None = None) -> dict:
+    """The report (report.json's content but ``total.stored_bytes``, filled in when written)."""
+    rows = [report_row(result) for result in results]
+    total_dense = sum(t.numel() for t in source.state.values())
     replaced = sum(row["dense_params"] + row["bias_params"] for row in rows)
     kept = sum(row["core_params"] + row["bias_params"] for row in rows)
     return {
         "format_version": FORMAT_VERSION,
         "adntn_version": __version__,
-        "source": {
-            "path": loaded.path.name,
-            "sha256": loaded.sha256,
-            "bytes": loaded.path.stat().st_size,
-            "model": loaded.model.name,
-            "num_classes": loaded.model.num_classes,
-            "metadata": loaded.metadata,
-        },
-        "settings": asdict(settings),
+        "source": source.describe(),
+        "settings": options.describe(),
         "bias": BIAS_POLICY,
         "layers": rows,
         "total": {
@@ -242,9 +167,61 @@ def build_report(loaded: LoadedCheckpoint, compressed: list[CompressedLayer], ro
             "stored_params": total_dense - replaced + kept,
             "compressed_dense_params": sum(row["dense_params"] for row in rows),
             "compressed_core_params": sum(row["core_params"] for row in rows),
-            "dense_bytes": loaded.path.stat().st_size,
+            "dense_bytes": source.bytes,
             "stored_bytes": None,
         },
-        "keys": list(loaded.state),
-        "seconds": time.perf_counter() - started,
+        **(task or {}),
+        "keys": list(source.state),
+        "seconds": seconds,
     }
+
+
+def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
+             options: CompressOptions | None = None, progress: Progress | None = None, **kwargs) -> Compressed:
+    """Compress ``layers`` of a model in memory or a checkpoint file; see ``adntn.compress``."""
+    progress = progress or Progress()
+    options = CompressOptions.from_kwargs(**kwargs) if options is None else replace(options, **kwargs)
+    names = [name.strip() for name in layers.split(",")] if isinstance(layers, str) else list(layers)
+    started = time.perf_counter()
+    with progress.stage("load_checkpoint"):
+        source = read_source(model_or_path, model=options.model, allow_pickle=options.allow_pickle)
+    chosen = source.select(names)
+    with progress.stage("check_finite"):
+        check_finite(source.state, list(source.state))
+    specs = plan_layers(source, chosen, options)
+    data = None
+    if options.data is not None:  # bad data fails before any fitting
+        from adntn.pipeline.task import open_data, run_task_stages, trained_layers
+
+        data = open_data(options.data, options.config, source.metadata, source)
+        trained_layers(source, list(chosen), options)
+
+    torch.manual_seed(options.seed)
+    results = [fit_weight_space(source, layer, spec, options, progress) for layer, spec in zip(chosen, specs)]
+    trained: dict[str, torch.Tensor] = {}
+    task = None
+    if data is not None:
+        outcome = run_task_stages(source, results, options, data, progress)
+        results, trained, task = outcome.results, outcome.trained, outcome.report
+    results = weight_errors(source, results, progress)
+    for result in results:
+        error = result.stats["weight_rel_error"]
+        if data is None and error > DATA_FREE_WARNING:
+            progress.note(f"{result.layer.label} is reproduced with relative weight error {error:.2f} at "
+                          f"{report_row(result)['ratio']:,.0f}x without data, so it is unlikely to work as is; "
+                          "pass --data to fit it to its task.")
+    replaced = {key for result in results for key in (result.layer.weight_key, result.layer.bias_key) if key}
+    dense = {key: trained.get(key, tensor) for key, tensor in source.state.items() if key not in replaced}
+    report = build_report(source, results, options, time.perf_counter() - started, task)
+    return Compressed(report, tuple(result.compressed for result in results), dense, source)
+
+
+def compress_to(model_or_path: nn.Module | str | Path, layers: list[str] | str, out_dir: str | Path, *,
+                force: bool = False, options: CompressOptions | None = None, progress: Progress | None = None,
+                **kwargs) -> dict:
+    """``compress`` then ``save``, the destination checked first; returns the report written."""
+    progress = progress or Progress()
+    check_destination(Path(out_dir), force=force)
+    compressed = compress(model_or_path, layers, options=options, progress=progress, **kwargs)
+    with progress.stage("write_archive"):
+        return write_archive(Path(out_dir), compressed.dense, list(compressed.layers), compressed.report, force=force)

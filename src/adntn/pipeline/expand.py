@@ -14,17 +14,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from adntn.io.archive import DENSE_FILE, CompressedLayer, layer_paths, materialize, materialize_rows, read_dense, read_layer, read_report
+from adntn.io.archive import DENSE_FILE, materialize, materialize_rows, read_dense, read_layers, read_report
 from adntn.io.files import atomic_write
 from adntn.io.safetensors import SAFETENSORS_SUFFIX, safetensors_layout, stream_safetensors
 from adntn.errors import AdntnError
 from adntn.io.torchsave import stream_torch_save
 
 SUFFIXES = (".pt", ".pth", SAFETENSORS_SUFFIX)
-
-
-def _read_layers(directory: Path, report: dict) -> list[CompressedLayer]:
-    return [read_layer(path) for path in layer_paths(directory, report)]
 
 
 def _check_complete(directory: Path, report: dict, keys) -> None:
@@ -41,7 +37,7 @@ def expanded_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """
     report = read_report(directory)
     state = read_dense(directory)
-    for layer in _read_layers(directory, report):
+    for layer in read_layers(directory, report):
         state[layer.weight_key] = materialize(layer.generator, layer.dtype)
         if layer.bias is not None:
             state[layer.bias_key] = layer.bias
@@ -49,15 +45,9 @@ def expanded_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return {key: state[key] for key in report["keys"]}
 
 
-def weight_blocks(layer: CompressedLayer) -> Iterable[torch.Tensor]:
-    """The generated weight of ``layer`` as ``expand`` writes it, in blocks of whole rows (the
-    tree generators write each into a reused buffer: no full-size allocation)."""
-    return materialize_rows(layer.generator, layer.dtype)
-
-
 def _stream(directory: Path, report: dict, output: Path) -> None:
     """Write the expanded state_dict to ``output`` (.safetensors, .pt or .pth) one tensor at a time."""
-    layers = {layer.weight_key: layer for layer in _read_layers(directory, report)}
+    layers = {layer.weight_key: layer for layer in read_layers(directory, report)}
     biases = {layer.bias_key: layer.bias for layer in layers.values() if layer.bias is not None}
     path = Path(directory) / DENSE_FILE
     try:
@@ -70,7 +60,7 @@ def _stream(directory: Path, report: dict, output: Path) -> None:
 
             def produce(key: str) -> torch.Tensor | Iterable[torch.Tensor]:
                 if key in layers:
-                    return weight_blocks(layers[key])
+                    return materialize_rows(layers[key].generator, layers[key].dtype)
                 return biases[key] if key in biases else dense.get_tensor(key)
 
             if output.suffix == SAFETENSORS_SUFFIX:
@@ -82,9 +72,14 @@ def _stream(directory: Path, report: dict, output: Path) -> None:
         raise AdntnError(f"{path} is missing or corrupt ({type(error).__name__}).") from None
 
 
-def expand(directory: Path, output: Path, *, force: bool = False) -> Path:
-    """Write the dense state_dict of ``directory`` to ``output`` (.pt, .pth or .safetensors)."""
-    output = Path(output)
+def expand(directory: str | Path, out: str | Path | None = None, *,
+           force: bool = False) -> Path | dict[str, torch.Tensor]:
+    """Write the dense state_dict of ``directory`` to ``out`` (.pt, .pth or .safetensors) and
+    return its path, streamed (see the module docstring); or, without ``out``, return the
+    state_dict (``expanded_state_dict``: the whole dense weights in memory)."""
+    if out is None:
+        return expanded_state_dict(Path(directory))
+    output = Path(out)
     if output.suffix not in SUFFIXES:
         raise AdntnError(f"The output must end in {', '.join(SUFFIXES)}, not '{output.suffix or output.name}'.")
     if output.exists() and not force:

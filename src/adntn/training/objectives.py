@@ -33,11 +33,6 @@ class WeightObjective:
         else:
             self.norm_sq = torch.linalg.vector_norm(target).square()  # no N-sized temporary
 
-    @classmethod
-    def for_weight(cls, weight: torch.Tensor, generator: Generator) -> WeightObjective:
-        """The objective for ``generator`` to fit the weight ``weight`` (out, in[, kh, kw])."""
-        return cls(type(generator).fit_target(generator.spec, weight))
-
     def __call__(self, generator: Generator) -> torch.Tensor:
         return generator.squared_distance(self.target, self.norm_sq) / self.norm_sq
 

@@ -1,0 +1,159 @@
+"""One options object for ``compress``: every setting of every stage, checked once.
+
+:class:`CompressOptions` carries the CLI's names (``adntn compress --help``) and is what the
+Python API takes as keyword arguments (``adntn.compress(model, layers, steps=100, ...)``). It is
+frozen: each stage reads it and none edits it. ``describe()`` is what the report records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from adntn.core.registry import archs
+from adntn.core.spec import ACTIVATIONS
+from adntn.errors import AdntnError
+from adntn.training.distill import FinetuneConfig
+
+DEFAULT_RATIO = 2000.0
+TARGET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --target-dtype
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+MAX_BATCH_SIZE = 1 << 20
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: cpu, cuda or cuda:N, refused with a sentence when it is not there."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise AdntnError(f"Unknown device '{name}'; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AdntnError(f"--device {name} was asked for, but no CUDA GPU is available here.")
+    if device.type not in ("cpu", "cuda"):
+        raise AdntnError(f"Device '{name}' is not supported; use cpu, cuda or cuda:N.")
+    return device
+
+
+def parse_ratio(text: str) -> tuple[float | None, dict[str, float]]:
+    """``--ratio``: one number for every layer, or ``fc6=20000,fc7=80000`` per layer."""
+    try:
+        if "=" not in text:
+            return float(text), {}
+        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+        return None, {name.strip(): float(value) for name, value in pairs}
+    except ValueError:
+        raise AdntnError(f"--ratio takes a number or LAYER=NUMBER pairs separated by commas, not '{text}'.") from None
+
+
+def _positive_finite(value: float, flag: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise AdntnError(f"{flag} must be a positive finite number, not {value}.")
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Everything ``compress`` does, by the CLI's names.
+
+    Structure: ``arch``, ``ratio`` (one for every layer) or ``layer_ratios`` (per layer name) or
+    ``bond_dim``; ``activation``. Weight-space and activation-space fits: ``steps``, ``lr``,
+    ``target_dtype``. ``seed`` fixes the cores and the fine-tuning. ``device``. Reading the
+    checkpoint: ``model`` (force the architecture), ``allow_pickle``. With ``data`` (an ImageFolder
+    root): ``config`` (preprocessing TOML), ``epochs``, ``finetune_lr``, ``batch_size``,
+    ``temperature``, ``kd_weight``, ``dropout``, ``train`` (dense layers trained too),
+    ``cache_dir`` (trunk features kept between runs), ``record_samples`` (inputs recorded per
+    layer for the activation-space fit).
+    """
+
+    arch: str = "ttn"
+    ratio: float | None = None
+    layer_ratios: dict[str, float] = field(default_factory=dict)
+    bond_dim: int | None = None
+    activation: str = "tanh"
+    steps: int = 200
+    lr: float = 1e-2
+    seed: int = 0
+    device: str = "cpu"
+    target_dtype: str = "float32"
+    model: str | None = None
+    allow_pickle: bool = False
+    data: Path | None = None
+    config: Path | None = None
+    epochs: int = 3
+    finetune_lr: float = 1e-2
+    batch_size: int = 256
+    temperature: float = 4.0
+    kd_weight: float = 0.9
+    dropout: bool = True
+    train: tuple[str, ...] = ()
+    cache_dir: Path | None = None
+    record_samples: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.arch not in archs():
+            raise AdntnError(f"Unknown arch '{self.arch}'; choose one of {', '.join(archs())}.")
+        if self.activation not in ACTIVATIONS:
+            raise AdntnError(f"Unknown activation '{self.activation}'; choose one of {', '.join(ACTIVATIONS)}.")
+        if (self.ratio is not None or self.layer_ratios) and self.bond_dim is not None:
+            raise AdntnError("Give either --ratio or --bond-dim, not both.")
+        if self.ratio is None and self.bond_dim is None and not self.layer_ratios:
+            object.__setattr__(self, "ratio", DEFAULT_RATIO)
+        for ratio in [self.ratio, *self.layer_ratios.values()]:
+            if ratio is not None and not math.isfinite(ratio):
+                raise AdntnError(f"The compression ratio must be a finite number, not {ratio}.")
+        if self.steps < 0:
+            raise AdntnError(f"--steps must be 0 or more, not {self.steps}.")
+        _positive_finite(self.lr, "--lr")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise AdntnError(f"--seed must be between 0 and {MAX_SEED}, not {self.seed}.")
+        if self.target_dtype not in TARGET_DTYPES:
+            raise AdntnError(f"--target-dtype must be one of {', '.join(TARGET_DTYPES)}, not '{self.target_dtype}'.")
+        resolve_device(self.device)
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise AdntnError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE:,}, not {self.batch_size}.")
+        _positive_finite(self.finetune_lr, "--finetune-lr")
+        _positive_finite(self.temperature, "--temperature")
+        if self.record_samples < 1:
+            raise AdntnError(f"record_samples must be at least 1, not {self.record_samples}.")
+        if self.data is None and (self.config is not None or self.train):
+            raise AdntnError("--config and --train only apply with --data.")
+        self.finetune  # the fine-tuning settings are checked too
+
+    @classmethod
+    def from_kwargs(cls, **options) -> CompressOptions:
+        """Options from keyword arguments; an unknown name is the user's error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise AdntnError(f"Unknown option '{unknown[0]}'; the options are {', '.join(sorted(known))}.")
+        if isinstance(options.get("ratio"), Mapping):  # ratio={"fc6": 20000, "fc7": 80000}
+            options["layer_ratios"] = {str(k): float(v) for k, v in options.pop("ratio").items()}
+        for name in ("data", "config", "cache_dir"):
+            if options.get(name) is not None:
+                options[name] = Path(options[name])
+        if "train" in options:
+            options["train"] = tuple(options["train"])
+        return cls(**options)
+
+    @property
+    def finetune(self) -> FinetuneConfig:
+        """The task-aware stage's settings (its seed is ``seed``)."""
+        return FinetuneConfig(epochs=self.epochs, lr=self.finetune_lr, batch_size=self.batch_size,
+                              temperature=self.temperature, kd_weight=self.kd_weight, seed=self.seed,
+                              dropout=self.dropout)
+
+    @property
+    def target_torch_dtype(self) -> torch.dtype:
+        return TARGET_DTYPES[self.target_dtype]
+
+    def ratio_for(self, names: tuple[str | None, ...]) -> float | None:
+        """The ratio for a layer known by ``names`` (alias, module): its own, else the common one."""
+        return next((self.layer_ratios[name] for name in names if name in self.layer_ratios), self.ratio)
+
+    def describe(self) -> dict:
+        """The options as JSON values (paths as strings), for the report."""
+        return {key: str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
+                for key, value in asdict(self).items()}
