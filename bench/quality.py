@@ -24,16 +24,13 @@ from pathlib import Path
 
 import torch
 
+import adntn
 from adntn.networks.budget import smallest_spec, spec_for_ratio
-from adntn.pipeline.compress import FitSettings, compress_checkpoint
-from adntn.training.distill import FinetuneConfig
-from adntn.errors import AdntnError
 from adntn.progress import RichProgress
-from adntn.pipeline.task import TaskSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {"fc6": (4096, 512), "fc7": (4096, 4096)}
-ARCHS = ("ttn", "attn", "mera", "tt", "svd")
+ARCHS = adntn.networks.archs()
 RATIOS = (2000, 10000, 50000)
 PRIORITY = ("ttn-10000", "tt-10000", "ttn-total424", "ttn-total424-fc8", "ttn-2000", "tt-2000", "svd-2000", "ttn-50000", "tt-50000",
             "ttn-total200", "mera-10000", "attn-10000", "mera-2000", "attn-2000")  # run order: a partial run keeps these
@@ -103,17 +100,17 @@ def prepare_data(shared: Path, work: Path) -> tuple[Path, Path]:
 
 
 def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
-    settings = FitSettings(arch=row["arch"], layer_ratios=row["layer_ratios"], steps=args.steps, lr=args.lr,
-                           seed=args.seed, activation=args.activation)
     epochs = max(args.epochs, EXTREME_EPOCHS) if row["extreme"] else args.epochs
-    finetune = FinetuneConfig(epochs=epochs, lr=args.finetune_lr, batch_size=args.batch_size, seed=args.seed,
-                              dropout=not row["extreme"])
-    task = TaskSettings(data=data, finetune=finetune, train=tuple(row.get("train", ())), cache_dir=work / "features")
+    options = adntn.CompressOptions(arch=row["arch"], layer_ratios=row["layer_ratios"], steps=args.steps, lr=args.lr,
+                              seed=args.seed, activation=args.activation, data=data, epochs=epochs,
+                              finetune_lr=args.finetune_lr, batch_size=args.batch_size, dropout=not row["extreme"],
+                              train=tuple(row.get("train", ())), cache_dir=work / "features")
     (work / "out").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with RichProgress() as progress:
-        report = compress_checkpoint(model, list(LAYERS), settings, work / "out" / f"{row['id']}.adntn",
-                                     force=True, task=task, progress=progress)
+        result = adntn.compress(model, list(LAYERS), options=options, progress=progress)
+    result.save(work / "out" / f"{row['id']}.adntn", force=True)
+    report = result.report
     layers = {layer["alias"]: layer for layer in report["layers"]}
     return {
         **row,
@@ -200,7 +197,7 @@ def main() -> None:
         if row["layer_ratios"] is not None:
             try:
                 row = run_row(row, model, data, args.work, args)
-            except AdntnError as error:
+            except adntn.AdntnError as error:
                 row = {**row, "error": str(error)}
         save(row)
         print(f"{row['id']}: {json.dumps(row.get('top1'))}", file=sys.stderr)

@@ -2,8 +2,8 @@
 
 For each arch and per-layer ratio, in a fresh process each:
 
-* compress  fc6,fc7 with the weight-space stage and default settings (``compress_checkpoint``, the
-  library call behind ``adntn compress``): wall time and peak RSS of the process;
+* compress  fc6,fc7 with the weight-space stage and default settings (``pipeline.compress.compress_to``,
+  the library call behind ``adntn compress``): wall time and peak RSS of the process;
 * expand    the compressed directory to a ``.pt`` state_dict (``adntn.expand.expand``): wall time,
   against ``torch.save`` of the same dense state_dict to the same folder, timed in another process;
 * forward   one ``gen(out=buffer)`` of fc6's generator (no grad) into an already-touched buffer:
@@ -97,45 +97,12 @@ def child_build(args: dict) -> dict:
             "params": sum(t.numel() for t in state.values())}
 
 
-STAGES = ("load_checkpoint", "check_finite", "fit_target", "from_target", "fit", "relative_error", "write_archive")
-CLASS_STAGES = ("fit_target", "from_target")  # classmethods of the generator class
-
-
-def instrument_compress(timeline: list) -> None:
-    """Time the stages of ``compress_checkpoint`` by wrapping the names it calls (best effort).
-
-    Each call appends (stage, wall seconds, RSS after, peak RSS so far); the peak is never reset, so
-    the stage after which it first reaches its final value is the one that sets it.
-    """
-    import functools
-
-    import adntn.pipeline.compress as module
-
-    def hwm() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def timed(name, function):
-        @functools.wraps(function)
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            result = function(*args, **kwargs)
-            timeline.append([name, time.perf_counter() - start, current_rss_bytes(), hwm()])
-            return result
-        return wrapper
-
-    for name in STAGES:
-        if name not in CLASS_STAGES and callable(getattr(module, name, None)):
-            setattr(module, name, timed(name, getattr(module, name)))
-    original = getattr(module, "generator_class", None)
-    if original is not None:
-        def generator_class(spec):
-            cls = original(spec)
-            return type(cls.__name__, (), {name: staticmethod(timed(name, getattr(cls, name)))
-                                           for name in CLASS_STAGES if hasattr(cls, name)})
-        module.generator_class = generator_class
+def hwm_bytes() -> int:
+    """The process's peak resident memory so far (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def stage_totals(timeline: list) -> dict:
@@ -145,12 +112,23 @@ def stage_totals(timeline: list) -> dict:
     return totals
 
 
-def file_progress(path: Path, timeline: list, start: float):
-    """A silent Progress that keeps the current fit step in ``path`` (read by the parent on a timeout)."""
+STAGES = ("load_checkpoint", "check_finite", "fit_target", "from_target", "fit", "relative_error", "write_archive")
+
+
+def timed_progress(path: Path | None, timeline: list, start: float):
+    """A silent Progress that records each pipeline stage (``Progress.stage``) in ``timeline`` as
+    (stage, wall seconds, RSS after, peak RSS so far; the peak is never reset, so the stage after
+    which it first reaches its final value is the one that sets it) and, with ``path``, keeps the
+    current fit step there (read by the parent on a timeout)."""
     from adntn.progress import Progress
 
-    class FileProgress(Progress):
+    class TimedProgress(Progress):
+        def stage_done(self, name: str, seconds: float) -> None:
+            timeline.append([name, seconds, current_rss_bytes(), hwm_bytes()])
+
         def task(self, description: str, total: int):
+            if path is None:
+                return super().task(description, total)
             last = [0.0]
 
             def advance(done: int, loss: float | None = None) -> None:
@@ -164,31 +142,28 @@ def file_progress(path: Path, timeline: list, start: float):
             advance(0)
             return advance
 
-    return FileProgress()
+    return TimedProgress()
 
 
 def child_compress(args: dict) -> dict:
-    from adntn.pipeline.compress import FitSettings, compress_checkpoint
+    from adntn.pipeline.compress import compress_to
+    from adntn.pipeline.options import CompressOptions
 
     timeline: list = []
-    instrument_compress(timeline)
-
-    settings = FitSettings(arch=args["arch"], ratio=args["ratio"],
-                           **({"steps": args["steps"]} if args.get("steps") is not None else {}))
+    options = CompressOptions(arch=args["arch"], ratio=args["ratio"],
+                              **({"steps": args["steps"]} if args.get("steps") is not None else {}))
     rss_import = current_rss_bytes()
     start, cpu = time.perf_counter(), cpu_seconds()
-    progress = None
-    if args.get("progress"):
-        progress = file_progress(Path(args["progress"]), timeline, start)
-    report = compress_checkpoint(Path(args["checkpoint"]), list(LAYERS), settings, Path(args["out"]), force=True,
-                                 **({"progress": progress} if progress is not None else {}))
+    progress = timed_progress(Path(args["progress"]) if args.get("progress") else None, timeline, start)
+    report = compress_to(Path(args["checkpoint"]), list(LAYERS), Path(args["out"]), force=True, options=options,
+                         progress=progress)
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds() - cpu,
         "peak_rss_bytes": peak_rss_bytes(),
         "rss_after_import_bytes": rss_import,
-        "steps": settings.steps,
+        "steps": options.steps,
         "stage_seconds": stage_totals(timeline),
         "timeline": [{"stage": n, "seconds": t, "rss_bytes": r, "peak_rss_bytes": h} for n, t, r, h in timeline],
         "layers": [
@@ -394,14 +369,14 @@ LAYER_SHAPES = {"fc6": (4096, 512 * 7 * 7), "fc7": (4096, 4096)}
 
 def budget_check(arch: str, ratio: float) -> str | None:
     """None when every layer can reach ``ratio`` with ``arch``, else the library's message."""
-    from adntn.networks.budget import spec_for_ratio
-    from adntn.pipeline.compress import FitSettings
     from adntn.errors import AdntnError
+    from adntn.networks.budget import spec_for_ratio
+    from adntn.pipeline.options import CompressOptions
 
-    settings = FitSettings(arch=arch, ratio=ratio)
+    options = CompressOptions(arch=arch, ratio=ratio)
     for name, shape in LAYER_SHAPES.items():
         try:
-            spec_for_ratio(arch, shape, ratio, settings.activation, label=name)
+            spec_for_ratio(arch, shape, ratio, options.activation, label=name)
         except AdntnError as error:
             return str(error)
     return None
@@ -548,7 +523,7 @@ def markdown(results: dict) -> str:
         "- Each measurement runs in its own process. Peak RSS is the process's own `ru_maxrss` "
         "(includes the Python interpreter and torch, about "
         f"{gb(results.get('rss_after_import_bytes'))} GB after imports).",
-        "- compress: `adntn.compress.compress_checkpoint` (what `adntn compress CKPT --layers fc6,fc7 --arch A "
+        "- compress: `adntn.pipeline.compress.compress_to` (what `adntn compress CKPT --layers fc6,fc7 --arch A "
         "--ratio R` runs), wall time from the call to the written directory (load, SVD init, fit, write).",
         "- expand and torch.save: each repeat starts after `os.sync()` (no writeback of the one before).",
         f"- expand: median of {REPEATS} `adntn.expand.expand(DIR, out.pt)` to a new file (reads, generates in row "
