@@ -1,13 +1,26 @@
 """Compressed layers inside a model: a generator stands in for a dense weight.
 
 A :class:`GeneratedLinear` / :class:`GeneratedConv2d` holds a weight generator (a tensor network
-``nn.Module`` with no inputs, see ``adntn.networks``) and the dense layer's bias. The weight is
-regenerated on every forward, so gradients of any loss on the model's output reach the cores;
-nothing dense is stored. :func:`swap_in` puts such layers into a model by dotted module name and
+``nn.Module`` with no inputs, see ``adntn.networks``) and the dense layer's bias; nothing dense is
+stored. The forward follows the layer's ``schedule``:
+
+- ``dense``: the weight is regenerated (``generator()``) and applied; gradients reach the cores.
+- ``factorized``: x W^T from the generator's factors (``Generator.linear``), W never formed;
+  autograd-correct. Not for archs without a factorized form (mera).
+- ``blocked``: W generated one block of rows at a time, one GEMM per block
+  (``Generator.blocked_linear``); without autograd only: with a gradient wanted (grad enabled and
+  the input or a core requiring grad) it falls back to ``dense``.
+- ``auto`` (default): per forward, from ``inference_cost`` for the batch at hand: factorized when
+  it exists and needs fewer flops than dense, else blocked when no gradient is wanted, else dense.
+
+A convolution is unfolded (``F.unfold``: (n, in*kh*kw, L)) and the same linear map applied to its
+n*L columns, then reshaped to (n, out, H', W'). :func:`swap_in` puts such layers into a model by dotted module name and
 :func:`dense_weights` turns a model holding them back into a plain state_dict.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -16,6 +29,37 @@ from torch.nn import functional as F
 from adntn.errors import AdntnError
 from adntn.networks import Generator
 
+SCHEDULES = ("auto", "factorized", "blocked", "dense")
+FLOAT_BYTES = 4
+
+
+def _core_bytes(generator: Generator) -> int:
+    return sum(p.numel() * p.element_size() for p in generator.parameters())
+
+
+def inference_cost(generator: Generator, batch: int) -> dict[str, dict[str, int] | None]:
+    """Flops and bytes of one forward on ``batch`` rows (a convolution: n * H' * W') per schedule.
+
+    Returns {"dense", "blocked", "factorized"} -> {"flops": ..., "bytes": ...} (2 flops per
+    multiply-add), "factorized" None for an arch without one. flops: dense and blocked generate
+    the weight (``generation_macs``) and multiply it; factorized is ``linear_macs`` (its operands
+    are cached, see ``Generator.cached``). bytes: what the weight side holds during the forward:
+    the cores plus the dense weight (dense), two row blocks (blocked), or the cached operands
+    (factorized); activations not counted."""
+    rows, cols = generator.spec.matrix_shape
+    cores = _core_bytes(generator)
+    dense_flops = 2 * (generator.generation_macs() + batch * rows * cols)
+    cost: dict[str, dict[str, int] | None] = {
+        "dense": {"flops": dense_flops, "bytes": cores + FLOAT_BYTES * generator.spec.dense_params},
+        "blocked": {"flops": dense_flops,
+                    "bytes": cores + 2 * FLOAT_BYTES * min(generator.block_values(), generator.spec.dense_params)},
+        "factorized": None,
+    }
+    if generator.has_factorized:
+        cost["factorized"] = {"flops": 2 * generator.linear_macs(batch),
+                              "bytes": cores + generator.linear_state_bytes()}
+    return cost
+
 
 class GeneratedLayer(nn.Module):
     """Base of the generated layers: ``generator`` (weight of ``generator.spec.shape``) + ``bias``.
@@ -23,10 +67,57 @@ class GeneratedLayer(nn.Module):
     The bias (shape (out,), or None) stays dense: it is a tiny fraction of the layer.
     """
 
-    def __init__(self, generator: Generator, bias: torch.Tensor | None) -> None:
+    def __init__(self, generator: Generator, bias: torch.Tensor | None, schedule: str = "auto") -> None:
         super().__init__()
         self.generator = generator
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.schedule = schedule
+
+    @property
+    def schedule(self) -> str:
+        """"auto" | "factorized" | "blocked" | "dense" (see the module docstring); settable."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, value: str) -> None:
+        if value not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {value!r}")
+        if value == "factorized" and not self.generator.has_factorized:
+            raise ValueError(f"a {self.generator.spec.arch} generator has no factorized form; "
+                             "use 'blocked' or 'dense'")
+        self._schedule = value
+
+    def _wants_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def resolve_schedule(self, batch: int, x: torch.Tensor) -> str:
+        """The schedule a forward on ``batch`` rows runs (``blocked`` with a gradient wanted: dense)."""
+        grad = self._wants_grad(x)
+        if self._schedule == "auto":
+            cost = inference_cost(self.generator, batch)
+            if cost["factorized"] is not None and cost["factorized"]["flops"] < cost["dense"]["flops"]:
+                return "factorized"
+            return "dense" if grad else "blocked"
+        if self._schedule == "blocked" and grad:
+            return "dense"
+        return self._schedule
+
+    def _apply(self, schedule: str, flat: torch.Tensor) -> torch.Tensor:
+        """x W^T (no bias) for ``flat`` (M, in*kh*kw) by the factorized or the blocked schedule."""
+        if schedule == "factorized":
+            return self.generator.linear(flat)
+        return self.generator.blocked_linear(flat)
+
+    def inference_repr(self) -> str:
+        """schedule, inference memory (cores + cached operands) and flops per sample vs dense."""
+        rows, cols = self.generator.spec.matrix_shape
+        memory = _core_bytes(self.generator) + self.generator.linear_state_bytes()
+        if self.generator.has_factorized:
+            per_sample = f"{2 * self.generator.linear_macs(1)} flops/sample factorized"
+        else:
+            per_sample = "blocked (generates the rows)"
+        return (f"schedule={self._schedule}, inference_bytes={memory}, {per_sample} "
+                f"vs {2 * rows * cols} dense")
 
     @property
     def weight(self) -> torch.Tensor:
@@ -38,29 +129,48 @@ class GeneratedLinear(GeneratedLayer):
     """y = x W^T + b with W = generator(): x (..., in) -> y (..., out)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.generator(), self.bias)
+        schedule = self.resolve_schedule(math.prod(x.shape[:-1]), x)
+        if schedule == "dense":
+            return F.linear(x, self.generator(), self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        y = self._apply(schedule, flat).reshape(*x.shape[:-1], self.generator.spec.shape[0])
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         out_features, in_features = self.generator.spec.shape
-        return f"in_features={in_features}, out_features={out_features}, bias={self.bias is not None}"
+        return (f"in_features={in_features}, out_features={out_features}, bias={self.bias is not None}, "
+                f"{self.inference_repr()}")
 
 
 class GeneratedConv2d(GeneratedLayer):
     """conv2d with W = generator() of shape (out, in, kh, kw): x (n, in, H, W) -> (n, out, H', W')."""
 
     def __init__(self, generator: Generator, bias: torch.Tensor | None,
-                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0)) -> None:
-        super().__init__(generator, bias)
+                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 schedule: str = "auto") -> None:
+        super().__init__(generator, bias, schedule)
         self.stride = tuple(stride)
         self.padding = tuple(padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.generator(), self.bias, stride=self.stride, padding=self.padding)
+        out_channels, _, kh, kw = self.generator.spec.shape
+        n, _, height, width = x.shape
+        out_h = (height + 2 * self.padding[0] - kh) // self.stride[0] + 1
+        out_w = (width + 2 * self.padding[1] - kw) // self.stride[1] + 1
+        schedule = self.resolve_schedule(n * out_h * out_w, x)
+        if schedule == "dense":
+            return F.conv2d(x, self.generator(), self.bias, stride=self.stride, padding=self.padding)
+        columns = F.unfold(x, (kh, kw), padding=self.padding, stride=self.stride)  # (n, in kh kw, L)
+        flat = columns.transpose(1, 2).reshape(n * out_h * out_w, -1)
+        y = self._apply(schedule, flat)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(n, out_h * out_w, out_channels).transpose(1, 2).reshape(n, out_channels, out_h, out_w)
 
     def extra_repr(self) -> str:
         out_channels, in_channels, kh, kw = self.generator.spec.shape
         return (f"{in_channels}, {out_channels}, kernel_size=({kh}, {kw}), stride={self.stride}, "
-                f"padding={self.padding}, bias={self.bias is not None}")
+                f"padding={self.padding}, bias={self.bias is not None}, {self.inference_repr()}")
 
 
 def generated_from(dense: nn.Module, generator: Generator) -> GeneratedLayer:

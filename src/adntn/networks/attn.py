@@ -21,10 +21,12 @@ SVD with every U_k = I (P = 0), so its initial error equals the TTN's.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import replace
 
+import opt_einsum
 import torch
 from torch import nn
 
@@ -78,6 +80,15 @@ class _AddMiddle(torch.autograd.Function):
         grad_c = torch.stack([torch.matmul(p_r.reshape(1, a, 1, 1, b), grid).sum(1).reshape(x, y, i, j)
                               for p_r in p])
         return grad, grad_p, grad_c
+
+
+MIDDLE_LINEAR = "nacdg,ucwdr,xavbr,ygvb->nxuwy"
+
+
+@functools.lru_cache(maxsize=128)
+def _middle_linear(*shapes: tuple[int, ...]):
+    """The contraction of ``MIDDLE_LINEAR`` for these shapes, in the order of fewest flops."""
+    return opt_einsum.contract_expression(MIDDLE_LINEAR, *shapes, optimize="optimal")
 
 
 class ATTN(HalvesGenerator):
@@ -190,6 +201,80 @@ class ATTN(HalvesGenerator):
             for p_r, c_r in zip(p[:, u], c[:, x]):
                 grid.addcmul_(p_r.reshape(o_v, 1, 1, i_u, i_v, 1), c_r.reshape(1, y, i, 1, 1, j))
             yield block
+
+    # ------------------------------------------------------------------ inference without W
+
+    def _middle_digits(self) -> tuple[int, ...]:
+        """(ox, ix, ou, iu, ov, iv, oy, iy): row and column digit products of legs 1..K/2-2 (x),
+        the middle pair u = K/2-1, v = K/2, and legs K/2+1..K (y)."""
+        rows, cols, half = self.spec.out_dims, self.spec.in_dims, self.split
+        return (math.prod(rows[:half - 1]), math.prod(cols[:half - 1]), rows[half - 1], cols[half - 1],
+                rows[half], cols[half], math.prod(rows[half + 1:]), math.prod(cols[half + 1:]))
+
+    def linear_operands(self) -> dict[str, torch.Tensor]:
+        """The TTN's operands and, with a middle disentangler, those of its correction (see
+        ``correct_linear``): P5 (o_u, i_u, o_v, i_v, r), LQ (o_x, i_x, d_v, b, r) and
+        M (o_y, i_y, d_v, b)."""
+        ops = super().linear_operands()
+        middle = self.middle
+        if middle is None:
+            return ops
+        left, right = ops["halves"]
+        rows, cols, half = self.spec.out_dims, self.spec.in_dims, self.split
+        ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
+        du, dv, rank, chi = ou * iu, ov * iv, middle.p.shape[1], left.shape[1]
+        outer_left = digits_first(left.reshape(ox * ix, du, chi), rows[:half - 1], cols[:half - 1])
+        ops["lq"] = torch.einsum("xaub,uvr->xavbr", outer_left, middle.q.reshape(du, dv, rank)).contiguous()
+        ops["m"] = digits_first(right.reshape(dv, oy * iy, chi).transpose(0, 1), rows[half + 1:], cols[half + 1:])
+        ops["p5"] = middle.p.reshape(ou, iu, ov, iv, rank)
+        return ops
+
+    def correct_linear(self, out: torch.Tensor, flat: torch.Tensor, ops: dict) -> torch.Tensor:
+        """``out`` plus the middle disentangler's correction applied to the padded input.
+
+        On the legs the correction is E[x, (u, v), y] = sum_r P[(u, v), r] C[x, r, y] with
+        C[x, r, y] = sum_{u'v'b} Q[(u', v'), r] L[x, u', b] M[v', y, b]. Splitting every leg into
+        its row and column digits (x = (o_x, i_x), u = (o_u, i_u), ...) and folding Q into the
+        left half, LQ[o_x, i_x, v', b, r] = sum_u' L[o_x, i_x, u', b] Q[(u', v'), r], its action
+        on X[n, i_x, i_u, i_v, i_y] (the padded input) is exactly
+
+            dy[n, o_x, o_u, o_v, o_y] = sum_{r, b, v', i_x, i_u, i_v, i_y}
+                P[(o_u, i_u), (o_v, i_v), r] LQ[o_x, i_x, v', b, r] M[v', (o_y, i_y), b] X[n, i_x, i_u, i_v, i_y]
+
+        (``MIDDLE_LINEAR``), contracted pairwise in the order of fewest flops for the batch
+        (opt_einsum, GEMMs via tensordot): no N-sized tensor, nor C (N / (d_u d_v) per rank)."""
+        if "lq" not in ops:
+            return out
+        ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
+        grid = flat.view(flat.shape[0], ix, iu, iv, iy)
+        operands = (grid, ops["p5"], ops["lq"], ops["m"])
+        expr = _middle_linear(*(tuple(t.shape) for t in operands))
+        return out + expr(*operands, backend="torch").reshape(out.shape)
+
+    def _middle_linear_macs(self, batch: int) -> int:
+        middle = self.middle
+        if middle is None:
+            return 0
+        ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
+        chi, rank = self._digit_sizes()[4], middle.p.shape[1]
+        shapes = [(batch, ix, iu, iv, iy), (ou, iu, ov, iv, rank), (ox, ix, ov * iv, chi, rank),
+                  (oy, iy, ov * iv, chi)]
+        info = opt_einsum.contract_path(MIDDLE_LINEAR, *shapes, shapes=True, optimize="optimal")[1]
+        return int(info.opt_cost) // 2
+
+    def linear_macs(self, batch: int) -> int:
+        return super().linear_macs(batch) + self._middle_linear_macs(batch)
+
+    def linear_state_bytes(self) -> int:
+        middle = self.middle
+        if middle is None:
+            return super().linear_state_bytes()
+        ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
+        chi, rank = self._digit_sizes()[4], middle.p.shape[1]
+        return super().linear_state_bytes() + 4 * ov * iv * chi * (ox * ix * rank + oy * iy)
+
+    def generation_macs(self) -> int:
+        return super().generation_macs() + self.spec.rows * self.spec.cols * self.spec.mix_rank
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||Y - T - E||^2 with T = L M^T and E = P C, from the messages and one pass over Y:

@@ -194,6 +194,72 @@ class Generator(nn.Module):
         asked for. By default one block, the whole weight."""
         yield self()
 
+    # ------------------------------------------------------------------ inference without W
+
+    #: whether ``linear`` computes x W^T without forming W (False: only ``blocked_linear``)
+    has_factorized: ClassVar[bool] = False
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T for x (..., in*kh*kw) without forming the weight W; autograd-correct.
+        Only for archs with ``has_factorized``."""
+        raise NotImplementedError(f"{type(self).__name__} has no factorized linear map")
+
+    def linear_macs(self, batch: int) -> int:
+        """Multiply-adds of ``linear`` on ``batch`` rows (not counting the cached operands)."""
+        raise NotImplementedError(f"{type(self).__name__} has no factorized linear map")
+
+    def linear_state_bytes(self) -> int:
+        """Bytes of the operands ``linear`` caches (besides the cores); 0 without a factorized form."""
+        return 0
+
+    def generation_macs(self) -> int:
+        """About the multiply-adds of generating the dense weight once (``forward``)."""
+        return self.spec.dense_params * max(1, max(self.spec.bond_dims))
+
+    def block_values(self) -> int:
+        """Values of one block of ``matrix_blocks`` (two may be held at once)."""
+        return self.spec.dense_params
+
+    def matrix_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, block) over the (out, in*kh*kw) weight matrix, in order, without autograd:
+        ``row_blocks`` as matrices (a block may be a reused buffer, valid until the next-but-one)."""
+        start = 0
+        for block in self.row_blocks():
+            matrix = block.reshape(block.shape[0], -1)
+            yield start, matrix
+            start += matrix.shape[0]
+
+    @torch.no_grad()
+    def blocked_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T for x (..., in*kh*kw) one block of W's rows at a time (``matrix_blocks``):
+        one GEMM per block into its output columns, so W never exists whole. No autograd (the
+        layers fall back to the dense weight when a gradient is wanted)."""
+        rows, cols = self.spec.matrix_shape
+        flat = x.reshape(-1, cols)
+        out_t = flat.new_empty(rows, flat.shape[0])  # y^T: each block writes contiguous rows
+        for start, block in self.matrix_blocks():
+            torch.mm(block, flat.T, out=out_t[start:start + block.shape[0]])
+        return out_t.T.reshape(*x.shape[:-1], rows)
+
+    def cached(self, name: str, build: Callable[[], object]) -> object:
+        """``build()``, kept while the cores are unchanged when no gradient wrt them is wanted.
+
+        With grad enabled and a core requiring grad, always rebuilt (fine-tuning gets correct
+        gradients). Otherwise cached, keyed on every parameter's ``data_ptr`` and ``_version``
+        (an optimizer step or a ``copy_`` bumps the version; a new ``.data`` moves the pointer)."""
+        params = list(self.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return build()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        entry = self.__dict__.get("_inference_cache")
+        if entry is None or entry[0] != key:
+            entry = (key, {})
+            self.__dict__["_inference_cache"] = entry
+        if name not in entry[1]:
+            with torch.no_grad():
+                entry[1][name] = build()
+        return entry[1][name]
+
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||T - G||_F^2 for a target in leg form; subclasses may avoid materialising G."""
         return (self.legs() - target_legs).pow(2).sum()

@@ -190,3 +190,117 @@ class HalvesGenerator(Generator):
         left, right = self.halves()
         target = target_legs.reshape(left.shape[0], right.shape[0])
         return halves_distance(left, right, target, target_norm_sq)
+
+    # ------------------------------------------------------------------ inference without W
+
+    has_factorized = True
+
+    def _digit_sizes(self) -> tuple[int, int, int, int, int]:
+        """(x, i, y, j, chi): the halves' row and column digit products and the bond joining them
+        (found once from the halves' shapes: they do not change with the cores' values)."""
+        sizes = self.__dict__.get("_digit_sizes_cache")
+        if sizes is None:
+            spec, m = self.spec, self.split
+            with torch.no_grad():
+                chi = self.halves()[0].shape[1]
+            sizes = (math.prod(spec.out_dims[:m]), math.prod(spec.in_dims[:m]),
+                     math.prod(spec.out_dims[m:]), math.prod(spec.in_dims[m:]), chi)
+            self.__dict__["_digit_sizes_cache"] = sizes
+        return sizes
+
+    @property
+    def linear_order(self) -> str:
+        """"left" (contract the coarse input digits i first) or "right" (the fine ones, j): the
+        order of fewer multiply-adds, n x b j (i + y) against n i y b (j + x); both scale with
+        the batch n, so the choice holds for every batch."""
+        x, i, y, j, chi = self._digit_sizes()
+        return "left" if x * chi * j * (i + y) <= i * y * chi * (j + x) else "right"
+
+    def linear_operands(self) -> dict[str, torch.Tensor]:
+        """The regrouped halves as GEMM operands for ``linear_order`` (``_regrouped``: L (x, i, b),
+        R (y, b, j)): "left": A = L as (x b, i), B = R as (b j, y); "right": A = R as (j, y b),
+        B = L as (i b, x). Subclasses add their correction's operands."""
+        left, right = self.halves()
+        lg, rg = _regrouped(left, right, self.spec, self.split)
+        (x, i, chi), (y, _, j) = lg.shape, rg.shape
+        if self.linear_order == "left":
+            a = lg.permute(0, 2, 1).reshape(x * chi, i)
+            b = rg.permute(1, 2, 0).reshape(chi * j, y)
+        else:
+            a = rg.permute(2, 0, 1).reshape(j, y * chi)
+            b = lg.permute(1, 2, 0).reshape(i * chi, x)
+        return {"a": a, "b": b, "halves": (left, right)}
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T for x (..., in*kh*kw), W never formed; autograd-correct.
+
+        With L (x, i, b), R (y, b, j) the regrouped halves, W[(x, y), (i, j)] = sum_b L[x,i,b]
+        R[y,b,j] on the padded matrix. The input's columns are zero-padded to i*j and viewed as
+        X[n, i, j]; then, in ``linear_order``:
+          left:  T[n, (x, b), j] = sum_i L[x,i,b] X[n,i,j]   (a batched GEMM, A (x b, i) @ X[n])
+                 y[n, x, y] = sum_bj T[n, x, (b, j)] R[y,b,j] (one GEMM, M = n x)
+          right: U[n, i, (y, b)] = sum_j X[n,i,j] R[y,b,j]   (one GEMM, M = n i)
+                 y[n, y, x] = sum_ib U[n, y, (i, b)] L[x,i,b] (one GEMM on U permuted, M = n y)
+        and the rows are cropped to ``out`` (``correct_linear`` adds any correction first). The
+        operands are cached while the cores are unchanged, unless a gradient wrt them is wanted
+        (``Generator.cached``)."""
+        spec = self.spec
+        rows, cols = spec.matrix_shape
+        ops = self.cached("linear", self.linear_operands)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, cols)
+        if spec.cols != cols:
+            flat = torch.nn.functional.pad(flat, (0, spec.cols - cols))
+        n = flat.shape[0]
+        a, b = ops["a"], ops["b"]
+        xs, i, y, j, chi = self._digit_sizes()
+        if self.linear_order == "left":
+            t = torch.matmul(a, flat.view(n, i, j))  # (n, x b, j)
+            out = (t.view(n * xs, chi * j) @ b).view(n, xs * y)
+        else:
+            u = (flat.view(n * i, j) @ a).view(n, i, y, chi)
+            out = (u.permute(0, 2, 1, 3).reshape(n * y, i * chi) @ b).view(n, y, xs)
+            out = out.transpose(1, 2).reshape(n, xs * y)
+        out = self.correct_linear(out, flat, ops)
+        if spec.rows != rows:
+            out = out[:, :rows]
+        return out.reshape(*lead, rows)
+
+    def correct_linear(self, out: torch.Tensor, flat: torch.Tensor, ops: dict) -> torch.Tensor:
+        """Hook: ``out`` (n, padded rows) of ``linear`` with any correction for the padded input
+        ``flat`` (n, padded cols) added; as is."""
+        return out
+
+    def linear_macs(self, batch: int) -> int:
+        x, i, y, j, chi = self._digit_sizes()
+        if self.linear_order == "left":
+            return batch * x * chi * j * (i + y)
+        return batch * i * y * chi * (j + x)
+
+    def linear_state_bytes(self) -> int:
+        x, i, y, j, chi = self._digit_sizes()
+        return 4 * chi * (x * i + y * j)
+
+    def generation_macs(self) -> int:
+        return self.spec.rows * self.spec.cols * self._digit_sizes()[4]
+
+    def block_values(self) -> int:
+        x, i, y, j, _ = self._digit_sizes()
+        return y * i * j
+
+    def matrix_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, block): the blocks of ``halves_rows`` (with ``corrected_rows``), each
+        cropped to the weight's rows and columns, so a padded weight is blocked too."""
+        if unpadded(self.spec):
+            yield from super().matrix_blocks()
+            return
+        rows, cols = self.spec.matrix_shape
+        with torch.no_grad():
+            left, right = self.halves()
+            start = 0
+            for block in self.corrected_rows(halves_rows(left, right, self.spec, self.split), left, right):
+                if start >= rows:
+                    break
+                matrix = block.view(block.shape[0], -1)
+                yield start, matrix[:rows - start, :cols]
+                start += matrix.shape[0]

@@ -86,6 +86,22 @@ class SVD(Generator):
         for block in self.u.split(rows):
             yield (block @ self.v.T).reshape(-1, *self.spec.shape[1:])
 
+    has_factorized = True
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """y = (x V) U^T for x (..., cols): W = U V^T never formed; autograd-correct."""
+        flat = x.reshape(-1, self.spec.cols)
+        return ((flat @ self.v) @ self.u.T).reshape(*x.shape[:-1], self.spec.rows)
+
+    def linear_macs(self, batch: int) -> int:
+        return batch * self.u.shape[1] * (self.spec.rows + self.spec.cols)
+
+    def generation_macs(self) -> int:
+        return self.spec.rows * self.spec.cols * self.u.shape[1]
+
+    def block_values(self) -> int:
+        return current_policy().block_rows(self.spec.cols) * self.spec.cols
+
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         target = target_legs.reshape(self.spec.rows, self.spec.cols)
         cross = ((self.u * (target @ self.v)).sum() if not is_narrow(target)

@@ -1,0 +1,194 @@
+"""Inference without the dense weight: the factorized and blocked schedules of the generated
+layers equal F.linear / F.conv2d with the generated weight, with the same gradients, a cache that
+follows the cores, and no dense weight ever generated."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn import functional as F
+
+from adntn.models.layers import GeneratedConv2d, GeneratedLinear, inference_cost
+from adntn.networks import build
+from adntn.networks.base import Generator
+
+from test_networks import make_spec, perturb_mixers
+
+ARCHS = ("ttn", "attn", "mera", "tt", "svd")
+LINEAR_SHAPE, CONV_SHAPE = (53, 30), (16, 4, 3, 3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def generator(arch: str, shape: tuple[int, ...], n_legs: int = 4, seed: int = 0) -> Generator:
+    torch.manual_seed(seed)
+    net = build(make_spec(arch, shape, 1 if arch == "svd" else n_legs))
+    perturb_mixers(net)
+    return net
+
+
+def schedules(arch: str) -> list[str]:
+    return (["factorized"] if arch != "mera" else []) + ["blocked", "dense", "auto"]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def no_forward(monkeypatch, net: Generator) -> None:
+    """Generating the whole dense weight raises."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dense weight was generated")
+    monkeypatch.setattr(type(net), "forward", refuse)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("n_legs", [2, 4, 8])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_linear_schedules_equal_the_dense_layer(arch: str, n_legs: int, batch: int, monkeypatch) -> None:
+    if arch == "svd" and n_legs != 4:
+        pytest.skip("svd has one leg per side")
+    net = generator(arch, LINEAR_SHAPE, n_legs)
+    bias = torch.randn(LINEAR_SHAPE[0])
+    with torch.no_grad():
+        weight = net()
+    x = torch.randn(batch, 3, LINEAR_SHAPE[1])
+    expected = F.linear(x, weight, bias)
+    layer = GeneratedLinear(net, bias)
+    for schedule in schedules(arch):
+        layer.schedule = schedule
+        with torch.no_grad():
+            if schedule != "dense":
+                with monkeypatch.context() as patch:
+                    no_forward(patch, net)
+                    actual = layer(x)
+            else:
+                actual = layer(x)
+        assert actual.shape == expected.shape
+        assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_schedules_equal_the_dense_convolution(arch: str, batch: int, monkeypatch) -> None:
+    net = generator(arch, CONV_SHAPE)
+    bias = torch.randn(CONV_SHAPE[0])
+    with torch.no_grad():
+        weight = net()
+    x = torch.randn(batch, 4, 9, 8)
+    expected = F.conv2d(x, weight, bias, stride=2, padding=1)
+    layer = GeneratedConv2d(net, bias, stride=(2, 2), padding=(1, 1))
+    for schedule in schedules(arch):
+        layer.schedule = schedule
+        with torch.no_grad():
+            if schedule != "dense":
+                with monkeypatch.context() as patch:
+                    no_forward(patch, net)
+                    actual = layer(x)
+            else:
+                actual = layer(x)
+        assert actual.shape == expected.shape
+        assert_close(actual, expected)
+
+
+def test_factorized_is_refused_without_a_factorized_form() -> None:
+    layer = GeneratedLinear(generator("mera", LINEAR_SHAPE), None)
+    with pytest.raises(ValueError):
+        layer.schedule = "factorized"
+    with pytest.raises(ValueError):
+        GeneratedLinear(generator("mera", LINEAR_SHAPE), None, schedule="factorized")
+    with pytest.raises(ValueError):
+        layer.schedule = "fast"
+    assert layer.schedule == "auto"
+
+
+@pytest.mark.parametrize("arch", ["ttn", "attn", "tt", "svd"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_factorized_gradients_equal_the_dense_ones(arch: str, conv: bool) -> None:
+    shape = CONV_SHAPE if conv else LINEAR_SHAPE
+    net = generator(arch, shape)
+    layer = (GeneratedConv2d(net, torch.randn(shape[0]), (2, 2), (1, 1)) if conv
+             else GeneratedLinear(net, torch.randn(shape[0])))
+    x = torch.randn(*((2, 4, 7, 6) if conv else (5, shape[1])), requires_grad=True)
+    probe = torch.randn_like(layer(x))
+    grads = {}
+    for schedule in ("dense", "factorized"):
+        layer.schedule = schedule
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        (layer(x) * probe).sum().backward()
+        grads[schedule] = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+    assert len(grads["dense"]) == len(grads["factorized"]) > 2
+    for actual, expected in zip(grads["factorized"], grads["dense"]):
+        assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("arch", ["ttn", "attn", "svd"])
+def test_the_cache_follows_an_optimizer_step(arch: str, monkeypatch) -> None:
+    net = generator(arch, LINEAR_SHAPE)
+    layer = GeneratedLinear(net, None, schedule="factorized")
+    x = torch.randn(4, LINEAR_SHAPE[1])
+    with torch.no_grad():
+        before = layer(x)
+        calls = []
+        original = type(net).linear_operands if hasattr(type(net), "linear_operands") else None
+        if original is not None:
+            def counting(self):
+                calls.append(1)
+                return original(self)
+            monkeypatch.setattr(type(net), "linear_operands", counting)
+            layer(x)
+            layer(x)
+            assert calls == []  # built once (in the first forward), reused since
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    (layer(x) ** 2).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = layer(x)
+        expected = F.linear(x, net())
+    assert not torch.allclose(after, before)
+    assert_close(after, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_auto_picks_a_schedule_from_the_cost(arch: str) -> None:
+    net = generator(arch, (64, 48))
+    layer = GeneratedLinear(net, None)
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        chosen = layer.resolve_schedule(2, x)
+    cost = inference_cost(net, 2)
+    assert set(cost) == {"dense", "blocked", "factorized"}
+    if arch == "mera":
+        assert cost["factorized"] is None and chosen == "blocked"
+        assert layer.resolve_schedule(2, x.requires_grad_()) == "dense"
+    else:
+        assert chosen == ("factorized" if cost["factorized"]["flops"] < cost["dense"]["flops"] else "blocked")
+    assert "schedule=auto" in repr(layer) and "inference_bytes=" in repr(layer)
+
+
+@settings(max_examples=25, deadline=None)
+@given(arch=st.sampled_from(["ttn", "tt"]), rows=st.integers(2, 40), cols=st.integers(2, 40),
+       legs=st.sampled_from([2, 4]), bond=st.integers(1, 4), batch=st.integers(1, 5), seed=st.integers(0, 99))
+def test_factorized_equals_dense_on_random_shapes(arch, rows, cols, legs, bond, batch, seed) -> None:
+    torch.manual_seed(seed)
+    try:
+        spec = make_spec(arch, (rows, cols), legs, bond=bond, activation="tanh")
+    except Exception:  # a shape too small for that many legs
+        return
+    net = build(spec)
+    x = torch.randn(batch, cols)
+    with torch.no_grad():
+        expected = x @ net().T
+        assert_close(net.linear(x), expected)
+        assert_close(net.blocked_linear(x), expected)
