@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from adntn.models.layers import GeneratedConv2d, GeneratedLinear, inference_cost
 from adntn.networks import build
+from adntn.networks.budget import spec_for_bond_dim
 from adntn.networks.base import Generator
 
 from test_networks import make_spec, perturb_mixers
@@ -192,3 +193,11 @@ def test_factorized_equals_dense_on_random_shapes(arch, rows, cols, legs, bond, 
         expected = x @ net().T
         assert_close(net.linear(x), expected)
         assert_close(net.blocked_linear(x), expected)
+
+
+def test_a_generated_layer_moves_and_casts_like_any_module():
+    """nn.Module's own methods (.to, .cpu, .double: nn.Module._apply) are not shadowed."""
+    torch.manual_seed(0)
+    layer = GeneratedLinear(build(spec_for_bond_dim("ttn", (12, 8), 2, "tanh")), torch.zeros(12)).cpu().double()
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    assert layer(torch.randn(3, 8, dtype=torch.float64)).dtype == torch.float64

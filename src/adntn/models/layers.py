@@ -102,7 +102,7 @@ class GeneratedLayer(nn.Module):
             return "dense"
         return self._schedule
 
-    def _apply(self, schedule: str, flat: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, schedule: str, flat: torch.Tensor) -> torch.Tensor:
         """x W^T (no bias) for ``flat`` (M, in*kh*kw) by the factorized or the blocked schedule."""
         if schedule == "factorized":
             return self.generator.linear(flat)
@@ -133,7 +133,7 @@ class GeneratedLinear(GeneratedLayer):
         if schedule == "dense":
             return F.linear(x, self.generator(), self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        y = self._apply(schedule, flat).reshape(*x.shape[:-1], self.generator.spec.shape[0])
+        y = self._matmul(schedule, flat).reshape(*x.shape[:-1], self.generator.spec.shape[0])
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -162,7 +162,7 @@ class GeneratedConv2d(GeneratedLayer):
             return F.conv2d(x, self.generator(), self.bias, stride=self.stride, padding=self.padding)
         columns = F.unfold(x, (kh, kw), padding=self.padding, stride=self.stride)  # (n, in kh kw, L)
         flat = columns.transpose(1, 2).reshape(n * out_h * out_w, -1)
-        y = self._apply(schedule, flat)
+        y = self._matmul(schedule, flat)
         if self.bias is not None:
             y = y + self.bias
         return y.view(n, out_h * out_w, out_channels).transpose(1, 2).reshape(n, out_channels, out_h, out_w)
