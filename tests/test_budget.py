@@ -49,3 +49,29 @@ def test_the_smallest_spec_is_exactly_reachable():
     smallest = smallest_spec("ttn", (4096, 512), "tanh")
     assert smallest.core_params == 60
     assert spec_for_ratio("ttn", (4096, 512), smallest.ratio, "tanh").core_params == 60
+
+
+def test_a_new_arch_is_one_class(monkeypatch):
+    """Defining a Generator subclass with an ``arch`` registers it: the spec, the budget solver,
+    the options and ``build`` all take it, with nothing else edited."""
+    from adntn.core import registry
+    from adntn.networks import build
+    from adntn.networks.svd import SVD
+    from adntn.pipeline.options import CompressOptions
+
+    monkeypatch.setattr(registry, "_CLASSES", dict(registry._CLASSES))
+
+    class HalfRankSVD(SVD):
+        arch = "svd-half"
+
+        @classmethod
+        def param_count(cls, spec):
+            return SVD.param_count(spec)
+
+    assert registry.archs()[-1] == "svd-half"
+    spec = spec_for_ratio("svd-half", (64, 48), 4, "tanh")
+    assert spec.arch == "svd-half" and spec.ratio >= 4
+    assert isinstance(build(spec), HalfRankSVD)
+    assert CompressOptions(arch="svd-half").arch == "svd-half"
+    with pytest.raises(AdntnError, match="Unknown arch 'nope'; choose one of ttn, attn, mera, tt, svd, svd-half"):
+        CompressOptions(arch="nope")

@@ -57,7 +57,7 @@ class SVD(Generator):
                   n_legs: int = 1) -> GeneratorSpec:
         """The matrix itself as one leg per side; ``bond_dims`` = (rank,)."""
         rows, cols = shape[0], math.prod(shape[1:])
-        return GeneratorSpec("svd", tuple(shape), (rows,), (cols,), tuple(bond_dims), "none")
+        return GeneratorSpec(cls.arch, tuple(shape), (rows,), (cols,), tuple(bond_dims), "none")
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)
