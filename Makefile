@@ -11,7 +11,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,demo]'
+	$(BIN)/python -m pip install -q -e '.[test,demo,export]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -92,12 +92,17 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 @app.command()
 @user_errors
 def inspect(
-    checkpoint: Annotated[Path, typer.Argument(help="A state_dict (.pt/.pth) or .safetensors file.")],
+    checkpoint: Annotated[Path, typer.Argument(
+        help="A state_dict (.pt/.pth) or .safetensors file, or a directory written by 'adntn compress'.")],
     model: ModelOption = None,
     allow_pickle: PickleOption = False,
+    batch: Annotated[int, typer.Option(help="Batch size the inference costs of a directory are given for.")] = 1,
     as_json: JsonOption = False,
 ) -> None:
-    """Show the detected model and its compressible layers."""
+    """Show the detected model and its compressible layers, or a compressed model's inference plan."""
+    if checkpoint.is_dir():
+        _inspect_directory(checkpoint, batch, as_json)
+        return
     from adntn.models.architectures import describe
     from adntn.pipeline.source import read_source
 
@@ -112,6 +117,22 @@ def inspect(
     for row in rows:
         table.add_row(row["alias"] or "-", row["module"], row["kind"],
                       "x".join(map(str, row["shape"])), f"{row['params']:,}")
+    _console().print(table)
+
+
+def _inspect_directory(directory: Path, batch: int, as_json: bool) -> None:
+    from adntn.pipeline.load import inference_plan
+
+    rows = inference_plan(directory, batch)
+    if as_json:
+        _print_json({"directory": str(directory), "batch": batch, "layers": rows})
+        return
+    table = Table(title=f"{directory.name}: inference at batch {batch} (auto schedule)")
+    for column in ("layer", "arch", "schedule", "memory", "dense memory", "flops/sample", "dense flops/sample"):
+        table.add_column(column, justify="left" if column in ("layer", "arch", "schedule") else "right")
+    for row in rows:
+        table.add_row(row["layer"], row["arch"], row["schedule"], f"{row['bytes']:,}", f"{row['dense_bytes']:,}",
+                      f"{row['flops_per_sample']:,}", f"{row['dense_flops_per_sample']:,}")
     _console().print(table)
 
 
@@ -209,6 +230,22 @@ def expand(
 
     written = expand_directory(directory, output, force=force)
     typer.echo(f"wrote {written}", err=True)
+
+
+@app.command()
+@user_errors
+def export(
+    directory: Annotated[Path, typer.Argument(help="A directory written by 'adntn compress'.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write (.onnx).")],
+    input_size: Annotated[Optional[int], typer.Option(
+        "--input-size", help="Image side (default: the checkpoint's input_size metadata, else 224).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+) -> None:
+    """Write an ONNX graph whose compressed layers stay compressed (needs adntn[export])."""
+    from adntn.pipeline.export import export_onnx
+
+    written = export_onnx(directory, output, input_size=input_size, force=force)
+    typer.echo(f"wrote {written} ({written.stat().st_size:,} bytes)", err=True)
 
 
 @app.command("eval")

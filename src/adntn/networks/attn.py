@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from adntn.core.spec import GeneratorSpec
-from adntn.networks.base import Disentangler, contraction
+from adntn.networks.base import Disentangler, contraction, pairwise_einsum
 from adntn.networks.halves import BilinearForm, HalvesGenerator, digits_first
 from adntn.networks.target import BatchedTargetProduct, is_narrow
 from adntn.networks.ttn import TTN
@@ -248,6 +248,8 @@ class ATTN(HalvesGenerator):
         ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
         grid = flat.view(flat.shape[0], ix, iu, iv, iy)
         operands = (grid, ops["p5"], ops["lq"], ops["m"])
+        if torch.compiler.is_compiling():  # traced (export, ONNX): pairwise, keeping the batch symbolic
+            return out + pairwise_einsum(MIDDLE_LINEAR, operands).reshape(out.shape)
         expr = _middle_linear(*(tuple(t.shape) for t in operands))
         return out + expr(*operands, backend="torch").reshape(out.shape)
 

@@ -93,17 +93,37 @@ def low_rank_update(view: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> tor
     return torch.baddbmm(view, p.expand(pre, -1, -1), coeff)
 
 
-@functools.lru_cache(maxsize=512)
 def contraction(equation: str, *shapes: tuple[int, ...]):
-    """An opt_einsum contraction whose path is found once per equation and shapes.
+    """An opt_einsum contraction whose path is found once per equation and shapes (under tracing,
+    ``pairwise_einsum``: torch.compile and torch.export cannot trace opt_einsum's own loop).
 
     No intermediate may be larger than the result or the largest operand (``memory_limit``):
     a generator's peak memory is then set by the tensors it returns, not by the path.
     """
+    if torch.compiler.is_compiling():
+        return lambda *operands: pairwise_einsum(equation, operands)
+    return _cached_contraction(equation, *shapes)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_contraction(equation: str, *shapes: tuple[int, ...]):
     inputs, output = equation.split("->")
     sizes = {index: dim for term, shape in zip(inputs.split(","), shapes) for index, dim in zip(term, shape)}
     limit = max(math.prod(sizes[index] for index in output), *(math.prod(shape) for shape in shapes))
     return opt_einsum.contract_expression(equation, *shapes, optimize="auto", memory_limit=limit)
+
+
+def pairwise_einsum(equation: str, operands: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``equation`` as a chain of two-operand ``torch.einsum`` calls, in the order opt_einsum finds
+    for the operands with every symbolic dimension (a traced batch) taken as 1: no path search on
+    symbolic sizes, which would specialise them (torch.export, ONNX)."""
+    shapes = [tuple(d if isinstance(d, int) else 1 for d in t.shape) for t in operands]
+    _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="optimal")
+    tensors = list(operands)
+    for positions, _, step, *_ in info.contraction_list:
+        picked = [tensors.pop(k) for k in sorted(positions, reverse=True)]
+        tensors.append(torch.einsum(step, *picked))
+    return tensors[0]
 
 
 class Generator(nn.Module):
@@ -246,10 +266,11 @@ class Generator(nn.Module):
 
         With grad enabled and a core requiring grad, always rebuilt (fine-tuning gets correct
         gradients). Otherwise cached, keyed on every parameter's ``data_ptr`` and ``_version``
-        (an optimizer step or a ``copy_`` bumps the version; a new ``.data`` moves the pointer)."""
+        (an optimizer step or a ``copy_`` bumps the version; a new ``.data`` moves the pointer). Under
+        tracing it builds every time, so an exported graph computes them from the cores."""
         params = list(self.parameters())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return build()
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return build()  # traced (torch.export, torch.compile, ONNX): the operands are part of the graph
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         entry = self.__dict__.get("_inference_cache")
         if entry is None or entry[0] != key:

@@ -255,10 +255,10 @@ class HalvesGenerator(Generator):
         a, b = ops["a"], ops["b"]
         xs, i, y, j, chi = self._digit_sizes()
         if self.linear_order == "left":
-            t = torch.matmul(a, flat.view(n, i, j))  # (n, x b, j)
+            t = torch.matmul(a, flat.reshape(n, i, j))  # (n, x b, j)
             out = (t.view(n * xs, chi * j) @ b).view(n, xs * y)
         else:
-            u = (flat.view(n * i, j) @ a).view(n, i, y, chi)
+            u = (flat.reshape(n * i, j) @ a).view(n, i, y, chi)
             out = (u.permute(0, 2, 1, 3).reshape(n * y, i * chi) @ b).view(n, y, xs)
             out = out.transpose(1, 2).reshape(n, xs * y)
         out = self.correct_linear(out, flat, ops)

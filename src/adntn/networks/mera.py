@@ -190,6 +190,10 @@ class MERA(Generator):
         """Slices of bond 0 whose states above the leaves hold about one streamed block each."""
         return _slices(self.bonds[0][0], math.prod(self.bonds[0]))
 
+    def block_values(self) -> int:
+        """Values of one of ``row_blocks``' blocks: 1/o_1 of the (padded) weight."""
+        return self.spec.rows * self.spec.cols // self.spec.out_dims[0]
+
     def row_blocks(self) -> Iterator[torch.Tensor]:
         """One block of rows per value of the first row digit o_1 (legs[o_1 i_1 + i] for all i),
         each computed alone and put in weight order: the temporaries are 1/o_1 of the weight's.

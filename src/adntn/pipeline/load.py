@@ -13,6 +13,7 @@ from adntn.errors import AdntnError
 from adntn.io.archive import DENSE_FILE, CompressedLayer, read_dense, read_layers, read_report
 from adntn.io.safetensors import safetensors_layout
 from adntn.models.architectures import ModelInfo, detect_model
+from adntn.models.layers import SCHEDULES, GeneratedLayer, inference_cost
 from adntn.pipeline.assemble import assemble_model
 from adntn.pipeline.options import resolve_device
 
@@ -37,11 +38,27 @@ def archive_model_info(directory: Path, layers: list[CompressedLayer]) -> ModelI
         return None
 
 
-def load(directory: str | Path, *, model: nn.Module | None = None, device: str | None = None) -> nn.Module:
+def set_schedule(model: nn.Module, schedule: str) -> nn.Module:
+    """Every generated layer of ``model`` runs by ``schedule`` ("factorized" falls back to
+    "blocked" for an arch without a factorized form, mera); returns ``model``."""
+    if schedule not in SCHEDULES:
+        raise AdntnError(f"Unknown schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}.")
+    for module in model.modules():
+        if isinstance(module, GeneratedLayer):
+            module.schedule = "blocked" if schedule == "factorized" and not module.generator.has_factorized else schedule
+    return model
+
+
+def load(directory: str | Path, *, model: nn.Module | None = None, schedule: str = "auto",
+         device: str | None = None) -> nn.Module:
     """The compressed model of ``directory`` in eval mode: a torchvision AlexNet/VGG rebuilt from
     the archive, or, for a module that is not one, a copy of ``model`` (the module it was
-    compressed from, or one of the same structure). Its generated layers hold the cores as
-    parameters (it fine-tunes); it is moved to ``device`` when given."""
+    compressed from, or one of the same structure).
+
+    Its generated layers hold the cores as parameters (it fine-tunes) and never a dense weight in
+    the ``factorized`` and ``blocked`` schedules; ``auto`` picks per forward from the batch's flop
+    count (see ``models.layers``); ``factorized`` runs mera layers ``blocked``. Uncompressed layers
+    hold the stored tensors. Moved to ``device`` when given."""
     directory = Path(directory)
     report = read_report(directory)
     layers = read_layers(directory, report)
@@ -49,5 +66,31 @@ def load(directory: str | Path, *, model: nn.Module | None = None, device: str |
     if model is None and info is None:
         raise AdntnError(f"{directory} holds no torchvision AlexNet or VGG; pass the module it was compressed "
                          "from as model=... to load it.")
-    loaded = assemble_model(read_dense(directory), layers, info=info, template=model)
+    loaded = set_schedule(assemble_model(read_dense(directory), layers, info=info, template=model), schedule)
     return loaded.to(resolve_device(device)) if device is not None else loaded
+
+
+def inference_plan(directory: str | Path, batch: int = 1) -> list[dict]:
+    """Per compressed layer of ``directory``, for inference (no gradient) on ``batch`` rows (for
+    a convolution, a row is one output position): the schedule ``auto`` runs, the bytes it holds
+    (cores + cached operands, or row blocks) against the dense weight's, and its flops per row
+    against dense."""
+    if batch < 1:
+        raise AdntnError(f"--batch must be at least 1, not {batch}.")
+    network = load(directory)
+    rows = []
+    for name, module in network.named_modules():
+        if not isinstance(module, GeneratedLayer):
+            continue
+        generator = module.generator
+        cost = inference_cost(generator, batch)
+        with torch.no_grad():
+            chosen = module.resolve_schedule(batch, torch.empty(0))
+        used = cost[chosen]
+        rows.append({
+            "layer": name, "arch": generator.spec.arch, "schedule": chosen,
+            "bytes": used["bytes"], "dense_bytes": generator.spec.dense_params * 4,
+            "flops_per_sample": used["flops"] // batch,
+            "dense_flops_per_sample": 2 * generator.spec.dense_params,
+        })
+    return rows
