@@ -49,3 +49,13 @@ def test_the_smallest_spec_is_exactly_reachable():
     smallest = smallest_spec("ttn", (4096, 512), "tanh")
     assert smallest.core_params == 60
     assert spec_for_ratio("ttn", (4096, 512), smallest.ratio, "tanh").core_params == 60
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (64, 0), (64, 0, 3, 3)])
+@pytest.mark.parametrize("arch", ["ttn", "mera", "tt", "svd"])
+def test_zero_width_weight_is_one_error(arch, shape):
+    for make in (lambda: spec_for_ratio(arch, shape, 10, "tanh", label="fc6"),
+                 lambda: spec_for_bond_dim(arch, shape, 4, "tanh", label="fc6")):
+        with pytest.raises(AdntnError, match=r"^fc6 has a weight of shape .* with no entries; .*\.$") as caught:
+            make()
+        assert "\n" not in str(caught.value)

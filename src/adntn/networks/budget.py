@@ -29,6 +29,13 @@ def default_legs(rows: int, cols: int) -> int:
     return max(2, min(k, max_legs(rows, cols)))
 
 
+def _check_nonempty(shape: tuple[int, ...], label: str) -> None:
+    """Refuse a weight with a zero dimension: it has no entries to generate."""
+    if not shape or 0 in shape:
+        raise AdntnError(f"{label} has a weight of shape ({'x'.join(map(str, shape))}) with no entries; "
+                         "adntn cannot compress a layer without weights.")
+
+
 def _level_count(arch: str, n_legs: int) -> int:
     return 1 if arch == "svd" else (int(math.log2(n_legs)) if arch in TREE_ARCHS else n_legs - 1)
 
@@ -47,8 +54,10 @@ def make_spec(arch: str, shape: tuple[int, ...], bond_dims: tuple[int, ...], act
     )
 
 
-def spec_for_bond_dim(arch: str, shape: tuple[int, ...], bond_dim: int, activation: str) -> GeneratorSpec:
+def spec_for_bond_dim(arch: str, shape: tuple[int, ...], bond_dim: int, activation: str,
+                      label: str = "layer") -> GeneratorSpec:
     """Uniform bond dimension ``bond_dim`` (the SVD rank for ``svd``) on the default legs."""
+    _check_nonempty(shape, label)
     if bond_dim < 1:
         raise AdntnError(f"The bond dimension must be at least 1, not {bond_dim}.")
     n_legs = default_legs(shape[0], math.prod(shape[1:]))
@@ -89,6 +98,7 @@ def smallest_spec(arch: str, shape: tuple[int, ...], activation: str) -> Generat
 def spec_for_ratio(arch: str, shape: tuple[int, ...], ratio: float, activation: str,
                    label: str = "layer") -> GeneratorSpec:
     """The largest spec of ``arch`` with dense_params / core_params >= ``ratio``."""
+    _check_nonempty(shape, label)
     if not ratio > 1:
         raise AdntnError(f"The compression ratio must be greater than 1, not {ratio}.")
     dense = math.prod(shape)
