@@ -223,6 +223,34 @@ def test_check_finite_ignores_keys_not_asked_for() -> None:
     check_finite(tensors, ["features.0.weight"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_check_finite_refuses_weights_too_large_for_float32(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    tensors = {"fc6.weight": (torch.randn(8, 8, dtype=torch.float64) * 1e37).to(dtype), "fc6.bias": torch.zeros(8)}
+    with pytest.raises(AdntnError, match=r"^fc6\.weight has weights too large for float32 arithmetic "
+                                         r"\(sum of squares .*\); .*\.$") as raised:
+        check_finite(tensors, ["fc6.bias", "fc6.weight"])
+    assert "\n" not in str(raised.value)
+
+
+def test_check_finite_accepts_large_weights_whose_squares_fit_float32() -> None:
+    weight = torch.full((8, 8), 1e18)  # sum of squares 6.4e37 < float32 max / 4
+    check_finite({"w": weight}, ["w"])
+    weight[0, 0] = 1e19  # 1e38 more: 1.6e38 > 3.4e38 / 4
+    with pytest.raises(AdntnError, match="too large for float32"):
+        check_finite({"w": weight}, ["w"])
+    with pytest.raises(AdntnError, match="too large for float32"):  # squares overflow even float64
+        check_finite({"w": torch.full((8, 8), 1e160, dtype=torch.float64)}, ["w"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_check_finite_still_names_non_finite_values_among_huge_ones(dtype: torch.dtype) -> None:
+    weight = torch.full((8, 8), 1e200 if dtype == torch.float64 else 1e30, dtype=dtype)
+    weight[3, 3] = float("inf")
+    with pytest.raises(AdntnError, match="contains NaN or Inf"):
+        check_finite({"w": weight}, ["w"])
+
+
 def test_check_finite_missing_key() -> None:
     with pytest.raises(AdntnError, match="no tensor named fc6.weight"):
         check_finite(small_state(), ["fc6.weight"])
