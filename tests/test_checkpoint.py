@@ -122,6 +122,39 @@ def test_truncated_torch_file(tmp_path: Path, legacy_format: bool) -> None:
     assert str(truncated) in str(raised.value)
 
 
+def deflated_copy(source: Path, target: Path) -> Path:
+    """``source`` (a zip torch.save file) with every record deflated, as a zip tool would write it."""
+    import zipfile
+    with zipfile.ZipFile(source) as plain, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as packed:
+        for info in plain.infolist():
+            packed.writestr(info.filename, plain.read(info.filename))
+    return target
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_decompression_bomb_is_refused_before_loading(tmp_path: Path, monkeypatch, mmap: bool) -> None:
+    monkeypatch.setattr(checkpoint, "EXPANSION_FLOOR_BYTES", 1 << 20)  # the real floor is 256 MiB
+    torch.save({"w": torch.zeros(1 << 20)}, tmp_path / "plain.pt")  # 4 MiB of zeros
+    bomb = deflated_copy(tmp_path / "plain.pt", tmp_path / "bomb.pt")
+    assert bomb.stat().st_size < 16 << 10
+    loaded = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loaded.append(args))
+    with pytest.raises(AdntnError, match=r"^Cannot read .*bomb\.pt: its zip records would expand "
+                                         r"to 4\.0 MiB from 5\.\d KiB \(\d+x\); .*\.$") as raised:
+        load_state_dict(bomb, mmap=mmap)
+    assert "\n" not in str(raised.value) and not loaded
+
+
+def test_deflated_checkpoint_below_the_thresholds_loads(tmp_path: Path, monkeypatch) -> None:
+    torch.save(small_state(), tmp_path / "plain.pt")
+    assert_same_tensors(load_state_dict(deflated_copy(tmp_path / "plain.pt", tmp_path / "packed.pt"))[0],
+                        small_state())  # highly compressible, but far below 256 MiB
+    torch.save({"w": torch.randn(1 << 18)}, tmp_path / "random.pt")  # 1 MiB, ratio ~1
+    monkeypatch.setattr(checkpoint, "EXPANSION_FLOOR_BYTES", 1 << 10)
+    assert load_state_dict(deflated_copy(tmp_path / "random.pt", tmp_path / "random-packed.pt"))[0]["w"].numel() == 1 << 18
+    assert load_state_dict(tmp_path / "random.pt")[0]["w"].numel() == 1 << 18
+
+
 def test_truncated_safetensors_file(tmp_path: Path) -> None:
     full = tmp_path / "full.safetensors"
     save_state_dict(small_state(), full)

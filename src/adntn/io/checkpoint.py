@@ -30,6 +30,12 @@ WRAPPER_KEYS = ("state_dict", "model")  # checkpoint dicts that wrap a state_dic
 DATA_PARALLEL_PREFIX = "module."
 _SHA256_CHUNK = 1 << 20
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# A zip checkpoint whose records expand to more than MAX_EXPANSION times its file size and more
+# than EXPANSION_FLOOR_BYTES is refused before torch.load: torch.save writes stored (uncompressed)
+# records, so a real checkpoint's ratio is about 1, and a few MB of deflated zeros could
+# otherwise make torch.load allocate gigabytes.
+MAX_EXPANSION = 64
+EXPANSION_FLOOR_BYTES = 256 << 20
 
 
 def load_state_dict(
@@ -107,6 +113,7 @@ def _map_safetensors(path: Path, layout: Mapping[str, tuple[torch.dtype, tuple[i
 
 def _torch_load(path: Path, allow_pickle: bool, mmap: bool = False) -> object:
     """``torch.load`` on CPU, translating every failure into an :class:`AdntnError`."""
+    _check_expansion(path)
     try:
         if mmap and zipfile.is_zipfile(path):  # torch.load maps only the zip format
             return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
@@ -134,6 +141,35 @@ def _torch_load(path: Path, allow_pickle: bool, mmap: bool = False) -> object:
         raise _corrupt(path) from None
     except Exception:  # torch.load raises RuntimeError, EOFError, KeyError, ... on corrupt data
         raise _corrupt(path) from None
+
+
+def _check_expansion(path: Path) -> None:
+    """Refuse a zip file whose central directory declares a decompression bomb (see
+    :data:`MAX_EXPANSION`); torch.load's reader allocates each record's declared size and rejects
+    a record that inflates to any other size, so the declared sizes bound what loading takes."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(info.file_size for info in archive.infolist())
+        size = path.stat().st_size
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load reports what is wrong with the file
+    if expanded > EXPANSION_FLOOR_BYTES and expanded > MAX_EXPANSION * size:
+        raise AdntnError(
+            f"Cannot read {path}: its zip records would expand to {_bytes(expanded)} from "
+            f"{_bytes(size)} ({expanded // max(size, 1):,}x); adntn refuses compressed checkpoints "
+            f"that expand more than {MAX_EXPANSION}x (torch.save does not compress), as a possible "
+            f"decompression bomb."
+        )
+
+
+def _bytes(count: int) -> str:
+    """``count`` bytes in B, KiB, MiB or GiB."""
+    if count < 1024:
+        return f"{count} B"
+    exponent = min(3, (count.bit_length() - 1) // 10)
+    return f"{count / (1 << 10 * exponent):.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
 def _corrupt(path: Path) -> AdntnError:
