@@ -14,6 +14,7 @@ from torch import nn
 
 from adntn.data.images import IMAGENET_DEFAULTS, Preprocessing, check_classes, image_splits, resolve_preprocessing
 from adntn.errors import AdntnError
+from tolerances import assert_close_scaled
 from adntn.training.features import (cached_features, compute_features, feature_cache_key, record_inputs,
                             split_at_classifier)
 
@@ -110,7 +111,7 @@ def test_transform_resizes_crops_and_normalises():
     image = Image.new("RGB", (64, 48), (255, 0, 128))
     tensor = Preprocessing(resize=24, crop=20, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).transform()(image)
     assert tensor.shape == (3, 20, 20)
-    assert torch.allclose(tensor[:, 0, 0], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-6)
+    assert_close_scaled(tensor[:, 0, 0], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -243,7 +244,7 @@ def test_split_at_classifier_composes_to_the_model():
     trunk, head = split_at_classifier(model)
     x = torch.randn(5, 3, 32, 32)
     assert head is model.classifier
-    assert torch.allclose(head(trunk(x)), model(x))
+    assert_close_scaled(head(trunk(x)), model(x))
 
 
 def test_split_at_classifier_needs_vgg_structure():
@@ -260,7 +261,7 @@ def test_compute_features_shapes_and_mode(image_root):
     assert labels.tolist() == splits.train.targets
     images = torch.stack([splits.train[i][0] for i in range(3)])
     with torch.no_grad():
-        assert torch.allclose(features[:3], trunk.eval()(images), atol=1e-6)
+        assert_close_scaled(features[:3], trunk.eval()(images))
     assert not features.requires_grad
 
 
@@ -309,7 +310,7 @@ def test_record_inputs_of_linear_and_conv_layers():
     assert recorded["classifier.3"].shape == (10, 8)
     trunk, _ = split_at_classifier(model)
     with torch.no_grad():
-        assert torch.allclose(recorded["classifier.0"], trunk(images[:10]), atol=1e-6)
+        assert_close_scaled(recorded["classifier.0"], trunk(images[:10]))
     assert model.training
 
 
