@@ -25,8 +25,13 @@ demo: $(STAMP)
 	$(BIN)/adntn expand $(DEMO)/digits.adntn -o $(DEMO)/digits-dense.safetensors --force
 	$(BIN)/adntn eval $(DEMO)/digits-dense.safetensors --data $(DEMO)/digits
 
+# the numerical tests again under two other MKL code paths: their tolerances must hold for any BLAS
+NUMERIC := tests/test_networks.py tests/test_fit.py
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
+	MKL_CBWR=AVX2 $(BIN)/python -m pytest $(NUMERIC)
+	MKL_CBWR=COMPATIBLE $(BIN)/python -m pytest $(NUMERIC)
 
 bench: bench-speed bench-quality
 

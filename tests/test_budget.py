@@ -75,3 +75,13 @@ def test_a_new_arch_is_one_class(monkeypatch):
     assert CompressOptions(arch="svd-half").arch == "svd-half"
     with pytest.raises(AdntnError, match="Unknown arch 'nope'; choose one of ttn, attn, mera, tt, svd, svd-half"):
         CompressOptions(arch="nope")
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (64, 0), (64, 0, 3, 3)])
+@pytest.mark.parametrize("arch", ["ttn", "mera", "tt", "svd"])
+def test_zero_width_weight_is_one_error(arch, shape):
+    for make in (lambda: spec_for_ratio(arch, shape, 10, "tanh", label="fc6"),
+                 lambda: spec_for_bond_dim(arch, shape, 4, "tanh", label="fc6")):
+        with pytest.raises(AdntnError, match=r"^fc6 has a weight of shape .* with no entries; .*\.$") as caught:
+            make()
+        assert "\n" not in str(caught.value)

@@ -122,6 +122,39 @@ def test_truncated_torch_file(tmp_path: Path, legacy_format: bool) -> None:
     assert str(truncated) in str(raised.value)
 
 
+def deflated_copy(source: Path, target: Path) -> Path:
+    """``source`` (a zip torch.save file) with every record deflated, as a zip tool would write it."""
+    import zipfile
+    with zipfile.ZipFile(source) as plain, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as packed:
+        for info in plain.infolist():
+            packed.writestr(info.filename, plain.read(info.filename))
+    return target
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_decompression_bomb_is_refused_before_loading(tmp_path: Path, monkeypatch, mmap: bool) -> None:
+    monkeypatch.setattr(checkpoint, "EXPANSION_FLOOR_BYTES", 1 << 20)  # the real floor is 256 MiB
+    torch.save({"w": torch.zeros(1 << 20)}, tmp_path / "plain.pt")  # 4 MiB of zeros
+    bomb = deflated_copy(tmp_path / "plain.pt", tmp_path / "bomb.pt")
+    assert bomb.stat().st_size < 16 << 10
+    loaded = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loaded.append(args))
+    with pytest.raises(AdntnError, match=r"^Cannot read .*bomb\.pt: its zip records would expand "
+                                         r"to 4\.0 MiB from 5\.\d KiB \(\d+x\); .*\.$") as raised:
+        load_state_dict(bomb, mmap=mmap)
+    assert "\n" not in str(raised.value) and not loaded
+
+
+def test_deflated_checkpoint_below_the_thresholds_loads(tmp_path: Path, monkeypatch) -> None:
+    torch.save(small_state(), tmp_path / "plain.pt")
+    assert_same_tensors(load_state_dict(deflated_copy(tmp_path / "plain.pt", tmp_path / "packed.pt"))[0],
+                        small_state())  # highly compressible, but far below 256 MiB
+    torch.save({"w": torch.randn(1 << 18)}, tmp_path / "random.pt")  # 1 MiB, ratio ~1
+    monkeypatch.setattr(checkpoint, "EXPANSION_FLOOR_BYTES", 1 << 10)
+    assert load_state_dict(deflated_copy(tmp_path / "random.pt", tmp_path / "random-packed.pt"))[0]["w"].numel() == 1 << 18
+    assert load_state_dict(tmp_path / "random.pt")[0]["w"].numel() == 1 << 18
+
+
 def test_truncated_safetensors_file(tmp_path: Path) -> None:
     full = tmp_path / "full.safetensors"
     save_state_dict(small_state(), full)
@@ -221,6 +254,34 @@ def test_check_finite_ignores_keys_not_asked_for() -> None:
     tensors = small_state()
     tensors["features.0.bias"][0] = float("nan")
     check_finite(tensors, ["features.0.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_check_finite_refuses_weights_too_large_for_float32(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    tensors = {"fc6.weight": (torch.randn(8, 8, dtype=torch.float64) * 1e37).to(dtype), "fc6.bias": torch.zeros(8)}
+    with pytest.raises(AdntnError, match=r"^fc6\.weight has weights too large for float32 arithmetic "
+                                         r"\(sum of squares .*\); .*\.$") as raised:
+        check_finite(tensors, ["fc6.bias", "fc6.weight"])
+    assert "\n" not in str(raised.value)
+
+
+def test_check_finite_accepts_large_weights_whose_squares_fit_float32() -> None:
+    weight = torch.full((8, 8), 1e18)  # sum of squares 6.4e37 < float32 max / 4
+    check_finite({"w": weight}, ["w"])
+    weight[0, 0] = 1e19  # 1e38 more: 1.6e38 > 3.4e38 / 4
+    with pytest.raises(AdntnError, match="too large for float32"):
+        check_finite({"w": weight}, ["w"])
+    with pytest.raises(AdntnError, match="too large for float32"):  # squares overflow even float64
+        check_finite({"w": torch.full((8, 8), 1e160, dtype=torch.float64)}, ["w"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_check_finite_still_names_non_finite_values_among_huge_ones(dtype: torch.dtype) -> None:
+    weight = torch.full((8, 8), 1e200 if dtype == torch.float64 else 1e30, dtype=dtype)
+    weight[3, 3] = float("inf")
+    with pytest.raises(AdntnError, match="contains NaN or Inf"):
+        check_finite({"w": weight}, ["w"])
 
 
 def test_check_finite_missing_key() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import nn
 
 from adntn.data.images import IMAGENET_DEFAULTS, Preprocessing, check_classes, image_splits, resolve_preprocessing
 from adntn.errors import AdntnError
+from tolerances import assert_close_scaled
 from adntn.training.features import (cached_features, compute_features, feature_cache_key, record_inputs,
                             split_at_classifier)
 
@@ -109,7 +111,7 @@ def test_transform_resizes_crops_and_normalises():
     image = Image.new("RGB", (64, 48), (255, 0, 128))
     tensor = Preprocessing(resize=24, crop=20, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).transform()(image)
     assert tensor.shape == (3, 20, 20)
-    assert torch.allclose(tensor[:, 0, 0], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-6)
+    assert_close_scaled(tensor[:, 0, 0], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -242,7 +244,7 @@ def test_split_at_classifier_composes_to_the_model():
     trunk, head = split_at_classifier(model)
     x = torch.randn(5, 3, 32, 32)
     assert head is model.classifier
-    assert torch.allclose(head(trunk(x)), model(x))
+    assert_close_scaled(head(trunk(x)), model(x))
 
 
 def test_split_at_classifier_needs_vgg_structure():
@@ -259,7 +261,7 @@ def test_compute_features_shapes_and_mode(image_root):
     assert labels.tolist() == splits.train.targets
     images = torch.stack([splits.train[i][0] for i in range(3)])
     with torch.no_grad():
-        assert torch.allclose(features[:3], trunk.eval()(images), atol=1e-6)
+        assert_close_scaled(features[:3], trunk.eval()(images))
     assert not features.requires_grad
 
 
@@ -308,7 +310,7 @@ def test_record_inputs_of_linear_and_conv_layers():
     assert recorded["classifier.3"].shape == (10, 8)
     trunk, _ = split_at_classifier(model)
     with torch.no_grad():
-        assert torch.allclose(recorded["classifier.0"], trunk(images[:10]), atol=1e-6)
+        assert_close_scaled(recorded["classifier.0"], trunk(images[:10]))
     assert model.training
 
 
@@ -323,3 +325,108 @@ def test_record_inputs_on_a_head_with_fewer_samples_than_asked():
 def test_record_inputs_unknown_module_is_an_error():
     with pytest.raises(AdntnError, match="no module named 'classifier.9'"):
         record_inputs(TinyNet(), ["classifier.9"], [torch.randn(2, 3, 32, 32)], max_samples=2)
+
+
+# --- unreadable images, mixed sizes, inputs too small, symlinks ------------------------------
+
+def _png_header_claiming(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height pixels: PIL refuses it on open as a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def _zero_bytes(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"this is not a JPEG at all" * 40)
+
+
+def _truncated(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def _bomb(path: Path) -> None:
+    _png_header_claiming(path, 30000, 30000)  # 900 M pixels, over PIL's 2 x 89 M
+
+
+def _iterate_image_loader(splits, preprocessing) -> None:
+    from adntn.data.images import image_loader
+    for _ in image_loader(splits.train, preprocessing):
+        pass
+
+
+def _iterate_compute_features(splits, preprocessing) -> None:
+    compute_features(split_at_classifier(TinyNet())[0], splits.train, batch_size=preprocessing.batch_size,
+                     workers=preprocessing.workers)
+
+
+def assert_one_sentence(error: BaseException, *parts: str) -> None:
+    message = str(error)
+    assert isinstance(error, AdntnError) and "\n" not in message and message.endswith("."), message
+    assert "Traceback" not in message and "DataLoader worker" not in message, message
+    for part in parts:
+        assert part in message, message
+
+
+@pytest.mark.parametrize("spoil, words, workers, iterate", [
+    (_zero_bytes, "is empty", 0, _iterate_image_loader),
+    (_garbage, "corrupt, truncated or not an image", 0, _iterate_image_loader),
+    (_truncated, "corrupt, truncated or not an image", 0, _iterate_image_loader),
+    (_bomb, "decompression bomb", 0, _iterate_image_loader),
+    (_bomb, "decompression bomb", 0, _iterate_compute_features),
+    # from a DataLoader worker process: workers take a second to start, so one case per loader
+    (_truncated, "corrupt, truncated or not an image", 1, _iterate_image_loader),
+    (_zero_bytes, "is empty", 1, _iterate_compute_features),
+])
+def test_bad_image_file_is_one_sentence_naming_it(image_root, spoil, words, workers, iterate):
+    bad = image_root / "train" / "green" / "003.jpg"
+    spoil(bad)
+    splits = image_splits(image_root, PLAIN)  # lazily: the folder scan does not open images
+    with pytest.raises(AdntnError) as caught:
+        iterate(splits, Preprocessing(None, None, PLAIN.mean, PLAIN.std, batch_size=4, workers=workers))
+    assert_one_sentence(caught.value, str(bad), words)
+    assert not multiprocessing.active_children()  # the failed iteration's workers are stopped at once
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_images_of_mixed_sizes_without_resize_is_one_sentence(image_root, workers):
+    Image.new("RGB", (40, 36), (30, 200, 40)).save(image_root / "train" / "blue" / "000.jpg")
+    splits = image_splits(image_root, PLAIN)
+    with pytest.raises(AdntnError) as caught:
+        _iterate_image_loader(splits, Preprocessing(None, None, PLAIN.mean, PLAIN.std, batch_size=4, workers=workers))
+    assert_one_sentence(caught.value, "36x40", "32x32", "resize and crop", "--config")
+    resized = Preprocessing(32, 32, PLAIN.mean, PLAIN.std, batch_size=4, workers=0)
+    _iterate_image_loader(image_splits(image_root, resized), resized)  # the advice works
+
+
+@pytest.mark.parametrize("crop", [1])  # 1x1 -> MaxPool2d(2) has no output
+def test_crop_too_small_for_the_network_is_one_sentence(image_root, crop):
+    tiny = Preprocessing(None, crop, PLAIN.mean, PLAIN.std, batch_size=4, workers=0)
+    with pytest.raises(AdntnError) as caught:
+        _iterate_compute_features(image_splits(image_root, tiny), tiny)
+    assert_one_sentence(caught.value, f"{crop}x{crop}", "too small", "--config")
+    with pytest.raises(AdntnError) as caught:
+        record_inputs(TinyNet(), ["classifier.0"], [torch.randn(2, 3, crop, crop)], max_samples=2)
+    assert_one_sentence(caught.value, f"{crop}x{crop}", "too small")
+
+
+def test_folder_scan_does_not_follow_directory_symlinks(image_root):
+    green = image_root / "train" / "green"
+    (green / "nested").mkdir()
+    (green / "nested" / "loop").symlink_to(green, target_is_directory=True)  # green/nested/loop -> green
+    (green / "elsewhere").symlink_to(image_root / "train" / "red", target_is_directory=True)
+    (green / "linked.jpg").symlink_to(image_root / "train" / "red" / "000.jpg")  # a file link is an image
+    splits = image_splits(image_root, PLAIN)
+    green_paths = [Path(path) for path, label in splits.train.samples if label == 1]
+    assert [path.name for path in green_paths] == [f"{i:03d}.jpg" for i in range(8)] + ["linked.jpg"]
+    assert len(splits.train) == 25

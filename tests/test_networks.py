@@ -25,6 +25,7 @@ from adntn.networks.tt import TT, tt_ranks
 from adntn.networks.ttn import TTN
 from adntn.core.spec import GeneratorSpec
 from adntn.core.tensorize import choose_leg_factors, legs_to_weight, weight_to_legs
+from tolerances import assert_close_scaled
 
 SHAPES = [(8, 3, 3, 3), (10, 64), (64, 48), (13, 34)]  # (13, 34): prime rows, padded
 TREES = ("ttn", "attn", "mera")
@@ -86,10 +87,10 @@ def test_counts_shapes_and_forward_matches_legs(spec: GeneratorSpec) -> None:
         legs = net.legs()
         if spec.arch == "svd":
             assert legs.shape == (spec.rows, spec.cols)
-            torch.testing.assert_close(weight, legs.reshape(spec.shape))
+            assert_close_scaled(weight, legs.reshape(spec.shape))
         else:
             assert legs.shape == spec.leg_dims
-            torch.testing.assert_close(weight, legs_to_weight(legs, spec.out_dims, spec.in_dims, spec.shape))
+            assert_close_scaled(weight, legs_to_weight(legs, spec.out_dims, spec.in_dims, spec.shape))
 
 
 @pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
@@ -103,10 +104,10 @@ def test_inference_forward_and_out_equal_the_autograd_forward(arch: str, shape: 
     expected = net()
     out = torch.full(expected.shape, float("nan"))
     with torch.no_grad():
-        torch.testing.assert_close(net(), expected, rtol=1e-6, atol=1e-7)
+        assert_close_scaled(net(), expected)
         written = net(out=out)
     assert written.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    assert_close_scaled(out, expected)
     with pytest.raises(ValueError, match="contiguous tensor of shape") if arch in ("ttn", "attn", "tt") \
             else contextlib.nullcontext():
         net(out=torch.empty(expected.shape[::-1]).T)
@@ -500,16 +501,16 @@ def test_mera_slices_of_leg_0_give_the_whole_distance_and_gradient(n_legs: int, 
     slices = net.row_slices()
     assert len(slices) > 1 and slices[0].start == 0 and slices[-1].stop == net.spec.leg_dims[0]
     whole = net.legs()
-    torch.testing.assert_close(torch.cat([net.legs(rows) for rows in slices]), whole)
+    assert_close_scaled(torch.cat([net.legs(rows) for rows in slices]), whole)
     target = torch.randn(net.spec.leg_dims)
     expected = (whole - target).pow(2).sum()
     expected.backward()
     expected_grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad(set_to_none=True)
     value = net.accumulate_squared_distance(target, target.pow(2).sum(), torch.tensor(1.0))
-    assert math.isclose(value, float(expected), rel_tol=1e-5)
-    for p, g in zip(net.parameters(), expected_grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    assert_close_scaled(value, float(expected.detach()))
+    # one group: every gradient of one loss carries the rounding of terms of the largest one's size
+    assert_close_scaled([p.grad for p in net.parameters()], expected_grads)
 
 
 @pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
@@ -530,7 +531,7 @@ def test_row_blocks_are_the_weight_in_order(arch: str, shape: tuple, memory_poli
                 torch.testing.assert_close(previous[0], copies[-1])
             copies.append(block.clone())
             previous = (block,)
-    torch.testing.assert_close(torch.cat(copies), expected, rtol=1e-6, atol=1e-7)
+    assert_close_scaled(torch.cat(copies), expected)
     assert (len(copies) > 1) == (arch in ("mera", "svd") or shape != (53, 30))
 
 
@@ -549,15 +550,16 @@ def test_a_bfloat16_target_is_read_in_float32_blocks(arch: str, memory_policy) -
     for t in (half, full):
         torch.manual_seed(1)  # the same random disentangler factors Q
         nets.append(cls.from_target(spec, t))
-    for a, b in zip(*(net.parameters() for net in nets)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_close_scaled(list(nets[0].parameters()), list(nets[1].parameters()))
     perturb_mixers(nets[0])
+    if arch == "svd":  # its init is the Eckart-Young optimum: the gradient there is rounding noise around 0
+        with torch.no_grad():
+            nets[0].u.mul_(2.0)
     nets[1].load_state_dict(nets[0].state_dict())
     values = []
     for net, t in zip(nets, (half, full)):
         norm_sq = t.float().pow(2).sum()
         value = net.accumulate_squared_distance(t, norm_sq, 1 / norm_sq)
         values.append(value)
-    assert math.isclose(values[0], values[1], rel_tol=1e-4)
-    for a, b in zip(*(net.parameters() for net in nets)):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-6)
+    assert_close_scaled(values[0], values[1])
+    assert_close_scaled([p.grad for p in nets[0].parameters()], [p.grad for p in nets[1].parameters()])

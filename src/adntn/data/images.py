@@ -3,19 +3,25 @@ ImageFolder splits.
 
 The data root holds ``train/`` and a held-out split (``val/``, else ``test/``), each with one
 folder of images per class, as torchvision's ``ImageFolder`` expects. Every problem with the
-layout is an :class:`AdntnError` naming the folder at fault.
+layout is an :class:`AdntnError` naming the folder at fault. Images are opened lazily, when a
+batch needs them: an unreadable image, or images of different sizes in one batch, is an
+:class:`ImageDataError` (one sentence naming the file, even from a DataLoader worker process).
+The folder scan does not follow symlinks to directories (a symlink loop would repeat a class's
+images many times over); a symlink to an image file is an image.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets, transforms
 
 from adntn.errors import AdntnError
@@ -184,12 +190,101 @@ class Splits:
     classes: list[str]
 
 
+class ImageDataError(AdntnError):
+    """An :class:`AdntnError` about the images that keeps its one sentence across DataLoader workers.
+
+    An exception raised in a worker process reaches the main process as ``type(error)(text)``
+    with ``text`` the worker's formatted traceback (``torch.utils.data``'s
+    ``ExceptionWrapper.reraise``); this class recovers the sentence from that traceback's last
+    line, so the CLI still prints one sentence.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_worker_sentence(message, type(self)))
+
+
+def _worker_sentence(message: str, kind: type) -> str:
+    if not message.startswith(f"Caught {kind.__name__} in DataLoader worker"):
+        return message
+    prefix = f"{kind.__module__}.{kind.__qualname__}: "
+    for line in reversed(message.splitlines()):
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    return message
+
+
+def load_image(path: str) -> Image.Image:
+    """ImageFolder's loader (the file as an RGB PIL image), failing with one sentence naming ``path``.
+
+    Raises:
+        ImageDataError: the file cannot be opened, is empty, is not a decodable image (corrupt,
+            truncated, another format), or has more pixels than PIL decodes safely.
+    """
+    try:
+        stream = open(path, "rb")
+    except OSError as error:
+        raise ImageDataError(f"Cannot read image {path}: {error.strerror or error}.") from None
+    with stream:
+        try:
+            return Image.open(stream).convert("RGB")
+        except Image.DecompressionBombError:
+            limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 0
+            raise ImageDataError(f"Image {path} has more than {limit:,} pixels, PIL's safe limit; "
+                                 "it may be a decompression bomb.") from None
+        except MemoryError:
+            raise
+        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ...
+            if os.fstat(stream.fileno()).st_size == 0:
+                raise ImageDataError(f"Image {path} is empty (0 bytes).") from None
+            reason = ("PIL cannot identify its format" if isinstance(error, UnidentifiedImageError)
+                      else " ".join(str(error).split()).rstrip(".") or type(error).__name__)
+            raise ImageDataError(f"Image {path} is corrupt, truncated or not an image ({reason}).") from None
+
+
+def collate_images(batch: list) -> object:
+    """``default_collate``, refusing (image, label) samples whose images differ in size.
+
+    Raises:
+        ImageDataError: two images of the batch have different shapes.
+    """
+    shapes = sorted({tuple(sample[0].shape) for sample in batch
+                     if isinstance(sample, (tuple, list)) and sample and isinstance(sample[0], torch.Tensor)})
+    if len(shapes) > 1:
+        sizes = " and ".join("x".join(map(str, shape[-2:])) for shape in shapes[:2])
+        raise ImageDataError(f"The images are not all the same size ({sizes} pixels in one batch); set resize "
+                             "and crop in the [preprocessing] table of the --config file to bring them to one.")
+    return default_collate(batch)
+
+
+class _ImageFolder(datasets.ImageFolder):
+    """ImageFolder that loads with :func:`load_image` and scans without following directory symlinks."""
+
+    def __init__(self, root: Path, transform: transforms.Compose) -> None:
+        super().__init__(root, transform=transform, loader=load_image, allow_empty=True)
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False) -> list[tuple[str, int]]:
+        """(path, class index) of every image below each class folder, in sorted order; a
+        class folder may itself be a symlink, directory symlinks below it are not followed."""
+        extensions = tuple(extensions or datasets.folder.IMG_EXTENSIONS)
+        samples = []
+        for name in sorted(class_to_idx):
+            class_dir = os.path.join(directory, name)
+            if not os.path.isdir(class_dir):
+                continue
+            for folder, _, files in sorted(os.walk(class_dir, followlinks=False)):
+                samples += [(os.path.join(folder, file), class_to_idx[name])
+                            for file in sorted(files) if file.lower().endswith(extensions)]
+        return samples
+
+
 def _class_folders(split_dir: Path) -> list[str]:
     return sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
 
 
 def _image_folder(split_dir: Path, preprocessing: Preprocessing) -> datasets.ImageFolder:
-    folder = datasets.ImageFolder(split_dir, transform=preprocessing.transform(), allow_empty=True)
+    folder = _ImageFolder(split_dir, preprocessing.transform())
     counts = torch.bincount(torch.tensor(folder.targets, dtype=torch.long), minlength=len(folder.classes))
     empty = [name for name, count in zip(folder.classes, counts.tolist()) if count == 0]
     if empty:
@@ -234,8 +329,30 @@ def check_classes(splits: Splits, num_classes: int) -> None:
                          f"{num_classes} classes.")
 
 
+class ImageLoader(DataLoader):
+    """A DataLoader batching with :func:`collate_images` whose worker processes stop as soon as an
+    iteration ends early (an error, a ``break``).
+
+    Left to the garbage collector, the workers of an iteration that raised are shut down only
+    when its reference cycle is collected, and that shutdown took 5 s (torch's join timeout) in
+    our measurement; a worker process forked meanwhile also inherits the dead iterator.
+    """
+
+    def __init__(self, dataset: Dataset, **options) -> None:
+        super().__init__(dataset, collate_fn=collate_images, **options)
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        try:
+            yield from iterator
+        finally:
+            shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+            if shutdown is not None:
+                shutdown()
+
+
 def image_loader(dataset: Dataset, preprocessing: Preprocessing, shuffle: bool = False, seed: int = 0) -> DataLoader:
     """Batches (images (b, 3, H, W), labels (b,)) of ``dataset``; shuffled by a ``seed``ed generator."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=preprocessing.batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=preprocessing.workers)
+    return ImageLoader(dataset, batch_size=preprocessing.batch_size, shuffle=shuffle, generator=generator,
+                       num_workers=preprocessing.workers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 import re
 import struct
@@ -29,6 +30,12 @@ WRAPPER_KEYS = ("state_dict", "model")  # checkpoint dicts that wrap a state_dic
 DATA_PARALLEL_PREFIX = "module."
 _SHA256_CHUNK = 1 << 20
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# A zip checkpoint whose records expand to more than MAX_EXPANSION times its file size and more
+# than EXPANSION_FLOOR_BYTES is refused before torch.load: torch.save writes stored (uncompressed)
+# records, so a real checkpoint's ratio is about 1, and a few MB of deflated zeros could
+# otherwise make torch.load allocate gigabytes.
+MAX_EXPANSION = 64
+EXPANSION_FLOOR_BYTES = 256 << 20
 
 
 def load_state_dict(
@@ -106,6 +113,7 @@ def _map_safetensors(path: Path, layout: Mapping[str, tuple[torch.dtype, tuple[i
 
 def _torch_load(path: Path, allow_pickle: bool, mmap: bool = False) -> object:
     """``torch.load`` on CPU, translating every failure into an :class:`AdntnError`."""
+    _check_expansion(path)
     try:
         if mmap and zipfile.is_zipfile(path):  # torch.load maps only the zip format
             return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
@@ -133,6 +141,35 @@ def _torch_load(path: Path, allow_pickle: bool, mmap: bool = False) -> object:
         raise _corrupt(path) from None
     except Exception:  # torch.load raises RuntimeError, EOFError, KeyError, ... on corrupt data
         raise _corrupt(path) from None
+
+
+def _check_expansion(path: Path) -> None:
+    """Refuse a zip file whose central directory declares a decompression bomb (see
+    :data:`MAX_EXPANSION`); torch.load's reader allocates each record's declared size and rejects
+    a record that inflates to any other size, so the declared sizes bound what loading takes."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(info.file_size for info in archive.infolist())
+        size = path.stat().st_size
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load reports what is wrong with the file
+    if expanded > EXPANSION_FLOOR_BYTES and expanded > MAX_EXPANSION * size:
+        raise AdntnError(
+            f"Cannot read {path}: its zip records would expand to {_bytes(expanded)} from "
+            f"{_bytes(size)} ({expanded // max(size, 1):,}x); adntn refuses compressed checkpoints "
+            f"that expand more than {MAX_EXPANSION}x (torch.save does not compress), as a possible "
+            f"decompression bomb."
+        )
+
+
+def _bytes(count: int) -> str:
+    """``count`` bytes in B, KiB, MiB or GiB."""
+    if count < 1024:
+        return f"{count} B"
+    exponent = min(3, (count.bit_length() - 1) // 10)
+    return f"{count / (1 << 10 * exponent):.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
 def _corrupt(path: Path) -> AdntnError:
@@ -199,23 +236,51 @@ def save_state_dict(
         atomic_write(path, lambda temporary: torch.save(tensors, temporary))
 
 
+# The largest squared Frobenius norm a compressed weight may have. Fitting computes ||W||^2 and
+# ||G - W||^2 in float32; for a generator G no larger than W the latter is at most (2 ||W||)^2,
+# so ||W||^2 <= float32 max / 4 keeps every such sum finite. A weight beyond it (|w| ~ 1e19 and
+# up) makes the SVD-based initialisation fail (eigh does not converge on an overflowed Gram).
+MAX_SQUARED_NORM = torch.finfo(torch.float32).max / 4
+
+
 def check_finite(tensors: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:
-    """Raise :class:`AdntnError` naming the first of ``keys`` whose tensor has NaN or Inf values.
+    """Raise :class:`AdntnError` naming the first of ``keys`` whose tensor has NaN or Inf values,
+    or whose sum of squares exceeds :data:`MAX_SQUARED_NORM` (too large for float32 arithmetic).
 
     Raises:
-        AdntnError: a key is missing from ``tensors`` or its tensor is not finite.
+        AdntnError: a key is missing from ``tensors`` or its tensor is not finite or too large.
     """
     for key in keys:
         if key not in tensors:
             raise AdntnError(f"The checkpoint has no tensor named {key}.")
         tensor = tensors[key]
         if tensor.is_floating_point() or tensor.is_complex():
-            # in blocks: isfinite allocates a full-size temporary (|x|), 0.4 GB for VGG-16's fc6,
-            # and a mapped checkpoint is read through without staying resident
-            if not all(bool(torch.isfinite(block).all()) for block in row_blocks(tensor)):
+            squared_norm = _squared_norm(tensor)
+            if not math.isfinite(squared_norm) and not _all_finite(tensor):
                 raise AdntnError(
                     f"{key} contains NaN or Inf values; adntn cannot compress non-finite weights."
                 )
+            if not squared_norm <= MAX_SQUARED_NORM:
+                raise AdntnError(
+                    f"{key} has weights too large for float32 arithmetic (sum of squares "
+                    f"{squared_norm:.3g}, more than {MAX_SQUARED_NORM:.3g}); rescale them before compressing."
+                )
+
+
+def _squared_norm(tensor: torch.Tensor) -> float:
+    """Sum of |x|^2, accumulated in float64 block by block: a float32 or narrower tensor's sum
+    cannot overflow, and is NaN or Inf exactly when the tensor has NaN or Inf values."""
+    # in blocks: the float64 temporary of a whole VGG-16 fc6 would be 0.8 GB, and a mapped
+    # checkpoint is read through without staying resident
+    total = 0.0
+    for block in row_blocks(tensor):
+        values = torch.view_as_real(block) if block.is_complex() else block
+        total += float(torch.linalg.vector_norm(values, dtype=torch.float64).square())
+    return total
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(block).all()) for block in row_blocks(tensor))
 
 
 def file_sha256(path: Path) -> str:

@@ -23,9 +23,7 @@ PREFER_DEFAULT_LEGS = 0.75  # keep the default leg count if it gets within this 
 
 
 def _matrix_sides(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(out, in*kh*kw) of a weight shape; a weight with no entries cannot be compressed."""
-    if len(shape) < 2 or 0 in shape:
-        raise AdntnError(f"A weight of shape {'x'.join(map(str, shape))} has no entries to compress.")
+    """(out, in*kh*kw) of a weight shape."""
     return shape[0], math.prod(shape[1:])
 
 
@@ -34,14 +32,24 @@ def default_legs(rows: int, cols: int, arch: str = "ttn") -> int:
     return generator_class(arch).default_leg_count(rows, cols)
 
 
+def _check_nonempty(shape: tuple[int, ...], label: str) -> None:
+    """Refuse a weight with a zero dimension: it has no entries to generate."""
+    if not shape or 0 in shape:
+        raise AdntnError(f"{label} has a weight of shape ({'x'.join(map(str, shape))}) with no entries; "
+                         "adntn cannot compress a layer without weights.")
+
+
+
 def make_spec(arch: str, shape: tuple[int, ...], bond_dims: tuple[int, ...], activation: str,
               n_legs: int) -> GeneratorSpec:
     """The spec of ``arch`` for ``shape`` with ``n_legs`` legs and the given per-level bond dims."""
     return generator_class(arch).make_spec(tuple(shape), tuple(bond_dims), activation, n_legs)
 
 
-def spec_for_bond_dim(arch: str, shape: tuple[int, ...], bond_dim: int, activation: str) -> GeneratorSpec:
+def spec_for_bond_dim(arch: str, shape: tuple[int, ...], bond_dim: int, activation: str,
+                      label: str = "layer") -> GeneratorSpec:
     """Uniform bond dimension ``bond_dim`` (the SVD rank for ``svd``) on the default legs."""
+    _check_nonempty(shape, label)
     if bond_dim < 1:
         raise AdntnError(f"The bond dimension must be at least 1, not {bond_dim}.")
     cls = generator_class(arch)
@@ -78,6 +86,7 @@ def smallest_spec(arch: str, shape: tuple[int, ...], activation: str) -> Generat
 def spec_for_ratio(arch: str, shape: tuple[int, ...], ratio: float, activation: str,
                    label: str = "layer") -> GeneratorSpec:
     """The largest spec of ``arch`` with dense_params / core_params >= ``ratio``."""
+    _check_nonempty(shape, label)
     if not ratio > 1:
         raise AdntnError(f"The compression ratio must be greater than 1, not {ratio}.")
     cls = generator_class(arch)

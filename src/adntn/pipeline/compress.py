@@ -81,7 +81,8 @@ def plan_layers(source: Source, layers: tuple[LayerInfo, ...], options: Compress
     specs = []
     for layer in layers:
         if options.bond_dim is not None:
-            specs.append(spec_for_bond_dim(options.arch, layer.weight_shape, options.bond_dim, options.activation))
+            specs.append(spec_for_bond_dim(options.arch, layer.weight_shape, options.bond_dim, options.activation,
+                                           label=layer.label))
             continue
         ratio = options.ratio_for((layer.alias, layer.module))
         if ratio is None:

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from adntn.training.features import input_size_errors
+
 
 @dataclass(frozen=True)
 class Accuracy:
@@ -51,7 +53,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     top1 = top5 = images = 0
     try:
         for inputs, labels in batches:
-            hits1, hits5 = _correct(model(inputs.to(device)), labels)
+            with input_size_errors(inputs):
+                logits = model(inputs.to(device))
+            hits1, hits5 = _correct(logits, labels)
             top1, top5, images = top1 + hits1, top5 + hits5, images + len(labels)
     finally:
         model.train(was_training)

@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,9 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from adntn.data.images import Preprocessing
+from adntn.data.images import ImageLoader, Preprocessing
 from adntn.errors import AdntnError
 from adntn.progress import Progress, Silent
 
@@ -39,6 +40,25 @@ def split_at_classifier(model: nn.Module) -> tuple[nn.Module, nn.Sequential]:
     return nn.Sequential(model.features, model.avgpool, nn.Flatten(1)), model.classifier
 
 
+# what torch's conv and pooling layers say when an input is smaller than their window
+_TOO_SMALL = ("Output size is too small", "Kernel size can't be greater than actual input size")
+
+
+@contextmanager
+def input_size_errors(images: torch.Tensor) -> Iterator[None]:
+    """Turn a layer's "input too small" RuntimeError while running on ``images`` (n, C, H, W)
+    into an :class:`AdntnError` naming their size."""
+    try:
+        yield
+    except RuntimeError as error:
+        if images.dim() != 4 or not any(words in str(error) for words in _TOO_SMALL):
+            raise
+        height, width = images.shape[-2:]
+        raise AdntnError(f"The model cannot run on {height}x{width} images: they are too small for its "
+                         "layers; set a larger resize and crop in the [preprocessing] table of the "
+                         "--config file.") from None
+
+
 @torch.no_grad()
 def compute_features(trunk: nn.Module, dataset: Dataset, batch_size: int, workers: int,
                      progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +67,7 @@ def compute_features(trunk: nn.Module, dataset: Dataset, batch_size: int, worker
     Returns:
         features (n, f) float32 on the CPU and labels (n,) int64, n = len(dataset).
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = ImageLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     device = next(trunk.parameters()).device
     was_training = trunk.training
     trunk.eval()
@@ -55,7 +75,9 @@ def compute_features(trunk: nn.Module, dataset: Dataset, batch_size: int, worker
     features, labels = [], []
     try:
         for done, (images, targets) in enumerate(loader, start=1):
-            features.append(trunk(images.to(device)).flatten(1).float().cpu())
+            with input_size_errors(images):
+                output = trunk(images.to(device))
+            features.append(output.flatten(1).float().cpu())
             labels.append(targets.long())
             advance(done, None)
     finally:
@@ -150,7 +172,8 @@ def record_inputs(model: nn.Module, module_names: list[str], inputs: Iterable,
         for batch in inputs:
             if isinstance(batch, (tuple, list)):
                 batch = batch[0]
-            model(batch[:max_samples - seen].to(device))
+            with input_size_errors(batch):
+                model(batch[:max_samples - seen].to(device))
             seen += min(len(batch), max_samples - seen)
             if seen >= max_samples:
                 break
