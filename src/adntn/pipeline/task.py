@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -179,7 +180,25 @@ def _extra_groups(student: nn.Module, extra: tuple[LayerInfo, ...], prefix: str)
 def run_task_stages(source: Source, results: list[LayerResult], options: CompressOptions, data: TaskData,
                     progress: Progress) -> TaskOutcome:
     """Stages 2 and 3 on the weight-space results; ``data`` is :func:`open_data` of the options'
-    data (opened before any fitting, so bad data fails early)."""
+    data (opened before any fitting, so bad data fails early).
+
+    Without ``cache_dir`` the trunk features go to a temporary folder (rank 0's, shared with the
+    other ranks under torchrun) that is removed when the stages end.
+    """
+    if options.cache_dir is not None or not head_only([result.layer for result in results]):
+        return _run_task_stages(source, results, options, data, progress, options.cache_dir)
+    temporary = tempfile.TemporaryDirectory(prefix="adntn-features-") if distributed.is_main() else None
+    try:
+        folder = Path(distributed.broadcast(temporary.name if temporary else None))
+        return _run_task_stages(source, results, options, data, progress, folder)
+    finally:
+        distributed.barrier()
+        if temporary is not None:
+            temporary.cleanup()
+
+
+def _run_task_stages(source: Source, results: list[LayerResult], options: CompressOptions, data: TaskData,
+                     progress: Progress, cache_dir: Path | None) -> TaskOutcome:
     splits, preprocessing = data.splits, data.preprocessing
     layers = [result.layer for result in results]
     extra = trained_layers(source, layers, options)
@@ -195,7 +214,7 @@ def run_task_stages(source: Source, results: list[LayerResult], options: Compres
         features = {}
         for split, dataset in (("train", splits.train), (splits.heldout_name, splits.heldout)):
             key = feature_cache_key(source.sha256, Path(dataset.root), preprocessing, _samples_digest(dataset))
-            features[split] = cached_features(trunk, dataset, key, options.cache_dir, preprocessing.batch_size,
+            features[split] = cached_features(trunk, dataset, key, cache_dir, preprocessing.batch_size,
                                               preprocessing.workers, progress,
                                               dtype=FEATURE_DTYPES[options.feature_dtype])
         trunk.cpu()
