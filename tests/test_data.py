@@ -274,8 +274,8 @@ def test_feature_cache_is_hit_on_the_second_call(image_root, tmp_path):
     assert not first.from_cache and trunk.calls == 3
     second = cached_features(trunk, splits.train, key, cache, batch_size=8, workers=0)
     assert second.from_cache and trunk.calls == 3
-    assert torch.equal(first.features, second.features) and torch.equal(first.labels, second.labels)
-    assert [path.suffix for path in cache.iterdir()] == [".safetensors"]
+    assert torch.equal(first.features.read(), second.features.read()) and torch.equal(first.labels, second.labels)
+    assert sorted(path.suffix for path in cache.iterdir()) == [".bin", ".json", ".labels"]
     other = cached_features(trunk, splits.train, feature_cache_key("def456", image_root / "train", PLAIN),
                             cache, batch_size=8, workers=0)
     assert not other.from_cache and trunk.calls == 6
@@ -430,3 +430,54 @@ def test_folder_scan_does_not_follow_directory_symlinks(image_root):
     green_paths = [Path(path) for path, label in splits.train.samples if label == 1]
     assert [path.name for path in green_paths] == [f"{i:03d}.jpg" for i in range(8)] + ["linked.jpg"]
     assert len(splits.train) == 25
+
+
+# --- features on disk ------------------------------------------------------------------------
+
+def test_feature_file_is_float16_on_disk_and_close_to_the_trunk(image_root, tmp_path):
+    splits = image_splits(image_root, PLAIN)
+    trunk, _ = split_at_classifier(TinyNet())
+    exact, labels = compute_features(trunk, splits.train, batch_size=5, workers=0)
+    cached = cached_features(trunk, splits.train, "k", tmp_path, batch_size=5, workers=0)
+    stored = cached.features
+    assert stored.dtype == torch.float16 and stored.path.stat().st_size == 24 * 16 * 2
+    assert torch.allclose(stored.read(), exact, rtol=1e-3, atol=1e-4) and torch.equal(cached.labels, labels)
+    assert torch.equal(stored.mapped().float(), stored.read())
+
+
+def test_shuffled_chunks_visit_every_row_once_and_are_seeded(tmp_path):
+    from adntn.training.features import FeatureFile
+
+    values = torch.arange(50 * 4, dtype=torch.float32).view(50, 4)
+    (tmp_path / "f.bin").write_bytes(values.numpy().tobytes())
+    labels = torch.arange(50)
+    stored = FeatureFile(tmp_path / "f.bin", 50, 4, torch.float32, labels, chunk_bytes=7 * 16)  # 7 rows a chunk
+
+    def epoch(seed):
+        return list(stored.batches(8, torch.Generator().manual_seed(seed)))
+
+    batches = epoch(0)
+    assert [len(y) for _, y in batches] == [8] * 6 + [2]
+    seen = torch.cat([y for _, y in batches])
+    assert sorted(seen.tolist()) == list(range(50)) and seen.tolist() != list(range(50))
+    assert all(torch.equal(x, values[y]) for x, y in batches)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, epoch(0)))
+    assert torch.cat([y for _, y in stored.batches(8)]).tolist() == list(range(50))
+    assert torch.cat([y for _, y in stored.batches(8, start=10, stop=23)]).tolist() == list(range(10, 23))
+
+
+def test_float16_overflow_is_refused(image_root, tmp_path):
+    splits = image_splits(image_root, PLAIN)
+
+    class Huge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(1e6))
+
+        def forward(self, x):
+            return x.flatten(1)[:, :4] * self.scale
+
+    with pytest.raises(AdntnError, match="--feature-dtype"):
+        cached_features(Huge(), splits.train, "k", tmp_path, batch_size=5, workers=0)
+    assert cached_features(Huge(), splits.train, "k", tmp_path, batch_size=5, workers=0,
+                           dtype=torch.bfloat16).features.read().abs().max() > 1e5

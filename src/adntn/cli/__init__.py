@@ -175,14 +175,29 @@ def compress(
     train: Annotated[str, typer.Option(
         help="Comma-separated dense layers to fine-tune too (e.g. fc8); by default only the generators and the compressed layers' biases train.")] = "",
     cache_dir: Annotated[Optional[Path], typer.Option(
-        "--cache-dir", help="Keep convolutional features here between runs (classifier layers only).")] = None,
+        "--cache-dir", help="Keep convolutional features here between runs (classifier layers only; "
+                            "without it they go to a temporary folder on disk).")] = None,
+    feature_dtype: Annotated[str, typer.Option(
+        "--feature-dtype", help="How cached features are stored: float16 (default; 2 bytes per value) | "
+                                "bfloat16 | float32.")] = "float16",
+    max_images: Annotated[Optional[int], typer.Option(
+        "--max-images", help="At most N images per split, stratified by class, seeded by --seed (quick runs).")] = None,
+    class_map: Annotated[Optional[Path], typer.Option(
+        "--class-map", help="Which output each class folder is: one line per output whose first word is the "
+                            "folder (ImageNet's LOC_synset_mapping.txt), or JSON {folder: index}.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Replace each chosen layer's weight by a small tensor-network generator."""
+    """Replace each chosen layer's weight by a small tensor-network generator.
+
+    Under ``torchrun --nproc-per-node N -m adntn compress ...`` the data-aware stages run on N
+    processes (DistributedDataParallel; gloo on cpu, nccl with --device cuda) and rank 0 writes."""
     from adntn.cli.render import render
     from adntn.pipeline.compress import compress_to
+    from dataclasses import replace
+
+    from adntn import distributed
     from adntn.pipeline.options import CompressOptions, parse_ratio
-    from adntn.progress import RichProgress
+    from adntn.progress import Progress, RichProgress
 
     common_ratio, layer_ratios = parse_ratio(ratio) if ratio is not None else (None, {})
     options = CompressOptions(
@@ -190,10 +205,18 @@ def compress(
         steps=steps, lr=lr, seed=seed, device=device, target_dtype=target_dtype, model=model,
         allow_pickle=allow_pickle, data=data, config=config, epochs=epochs, finetune_lr=finetune_lr,
         batch_size=batch_size, temperature=temperature, kd_weight=kd_weight, dropout=dropout,
-        train=tuple(_names(train)), cache_dir=cache_dir)
+        train=tuple(_names(train)), cache_dir=cache_dir, feature_dtype=feature_dtype, max_images=max_images,
+        class_map=class_map)
     out_dir = out or Path(f"{checkpoint.stem}.adntn")
+    if distributed.requested():
+        options = replace(options, device=distributed.setup(options.device))
+        if not distributed.is_main():  # the other ranks compute with rank 0, silently, and write nothing
+            compress_to(checkpoint, _names(layers), out_dir, force=force, options=options, progress=Progress())
+            distributed.shutdown()
+            return
     with RichProgress() as progress:
         report = compress_to(checkpoint, _names(layers), out_dir, force=force, options=options, progress=progress)
+    distributed.shutdown()
     if as_json:
         _print_json(report)
     else:
@@ -252,8 +275,13 @@ def export(
 @user_errors
 def evaluate(
     source: Annotated[Path, typer.Argument(help="A dense checkpoint or a directory written by 'adntn compress'.")],
-    data: Annotated[Path, typer.Option(help="ImageFolder root; the val/ (or test/) split is measured.")],
+    data: Annotated[Path, typer.Option(help="ImageFolder root; the val/ (or test/) split is measured (train/ "
+                                            "is not needed).")],
     config: Annotated[Optional[Path], typer.Option(help="Preprocessing TOML (see sample_configs/).")] = None,
+    class_map: Annotated[Optional[Path], typer.Option(
+        "--class-map", help="Which output each class folder is (as for compress).")] = None,
+    max_images: Annotated[Optional[int], typer.Option(
+        "--max-images", help="At most N held-out images, stratified by class (seed 0).")] = None,
     model: ModelOption = None,
     allow_pickle: PickleOption = False,
     as_json: JsonOption = False,
@@ -271,7 +299,10 @@ def evaluate(
     else:
         read = read_source(source, model=model, allow_pickle=allow_pickle, mmap=False)
         network, metadata, name, num_classes = read.dense_model(), read.metadata, read.info.name, read.info.num_classes
-    result = {"model": name, **evaluate_model(network, metadata, num_classes, data, config)}
+    if max_images is not None and max_images < 1:
+        raise AdntnError(f"--max-images must be a positive integer, not {max_images}.")
+    result = {"model": name, **evaluate_model(network, metadata, num_classes, data, config, class_map=class_map,
+                                              max_images=max_images)}
     if as_json:
         _print_json(result)
     else:

@@ -12,6 +12,7 @@ images many times over); a symlink to an image file is an image.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -356,3 +357,148 @@ def image_loader(dataset: Dataset, preprocessing: Preprocessing, shuffle: bool =
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return ImageLoader(dataset, batch_size=preprocessing.batch_size, shuffle=shuffle, generator=generator,
                        num_workers=preprocessing.workers)
+
+
+
+# --- class folders -> model outputs, subsets, held-out split alone, sharded training batches ----
+# (new functions; the ones above are untouched by them)
+
+def read_class_map(path: Path) -> dict[str, int]:
+    """``--class-map FILE``: folder name -> output index.
+
+    Either a JSON object ``{"n01440764": 0, ...}``, or text with one line per output in output
+    order whose first whitespace-separated token is the folder name (ImageNet's
+    ``LOC_synset_mapping.txt`` as it is: ``n01440764 tench, Tinca tinca``); blank lines and lines
+    starting with ``#`` are skipped.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AdntnError(f"Class map {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise AdntnError(f"Class map {path} cannot be read ({error}).") from None
+    if text.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise AdntnError(f"Class map {path} is not valid JSON ({error}).") from None
+        bad = next((k for k, v in mapping.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
+        if bad is not None:
+            raise AdntnError(f"Class map {path} maps '{bad}' to {mapping[bad]!r}; indices are integers >= 0.")
+        return dict(mapping)
+    names = [line.split()[0] for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    repeated = next((name for name in names if names.count(name) > 1), None) if len(set(names)) < len(names) else None
+    if repeated is not None:
+        raise AdntnError(f"Class map {path} names '{repeated}' twice.")
+    return {name: index for index, name in enumerate(names)}
+
+
+def class_indices(folders: list[str], num_classes: int, metadata: dict[str, str],
+                  class_map: Path | None = None) -> tuple[dict[str, int], str]:
+    """Which model output each class folder is, and how that was decided.
+
+    By ``class_map`` (see :func:`read_class_map`) when given; else by the checkpoint metadata's
+    ``classes`` (a JSON list of names in output order) when it has one; else by sorted folder
+    order, only when there are as many folders as outputs. Fewer folders than outputs (a subset)
+    is fine with a map or a class list; every folder must be named and every index < num_classes.
+    """
+    if class_map is not None:
+        mapping, source = read_class_map(class_map), f"class map {class_map}"
+    elif "classes" in metadata:
+        try:
+            names = json.loads(metadata["classes"])
+        except json.JSONDecodeError:
+            raise AdntnError(f"Checkpoint metadata 'classes' is not valid JSON: {metadata['classes']!r}.") from None
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise AdntnError("Checkpoint metadata 'classes' must be a JSON list of names.")
+        mapping, source = {name: index for index, name in enumerate(names)}, "checkpoint metadata classes"
+    else:
+        if len(folders) != num_classes:
+            raise AdntnError(f"The data has {len(folders)} class folders but the model predicts {num_classes} "
+                             "classes; pass --class-map FILE to say which output each folder is.")
+        return {name: index for index, name in enumerate(folders)}, "sorted folder names"
+    unknown = [name for name in folders if name not in mapping]
+    if unknown:
+        raise AdntnError(f"Class folder '{unknown[0]}' is not in the {source} "
+                         f"({len(unknown)} of {len(folders)} folders are not); pass --class-map FILE.")
+    beyond = next((name for name in folders if mapping[name] >= num_classes), None)
+    if beyond is not None:
+        raise AdntnError(f"The {source} maps '{beyond}' to output {mapping[beyond]}, but the model has "
+                         f"{num_classes} outputs.")
+    return {name: mapping[name] for name in folders}, source
+
+
+def relabel(folder: datasets.ImageFolder, indices: dict[str, int]) -> datasets.ImageFolder:
+    """A copy of ``folder`` whose labels are model output indices (``indices``: folder name -> output)."""
+    by_label = [indices[name] for name in folder.classes]
+    copy_ = copy.copy(folder)
+    copy_.samples = [(path, by_label[label]) for path, label in folder.samples]
+    copy_.imgs = copy_.samples
+    copy_.targets = [label for _, label in copy_.samples]
+    return copy_
+
+
+def stratified_subset(folder: datasets.ImageFolder, max_images: int | None, seed: int) -> datasets.ImageFolder:
+    """A copy of ``folder`` with at most ``max_images`` samples, each class in proportion to its
+    share (a seeded random choice within each class), kept in folder order."""
+    if max_images is None or max_images >= len(folder.samples):
+        return folder
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(folder.samples):
+        by_class.setdefault(label, []).append(index)
+    ranked = []  # (position within the class as a fraction, class, sample index)
+    for label, members in sorted(by_class.items()):
+        order = torch.randperm(len(members), generator=generator).tolist()
+        ranked += [((position + 0.5) / len(members), label, members[i]) for position, i in enumerate(order)]
+    chosen = sorted(index for _, _, index in sorted(ranked)[:max_images])
+    copy_ = copy.copy(folder)
+    copy_.samples = [folder.samples[i] for i in chosen]
+    copy_.imgs = copy_.samples
+    copy_.targets = [label for _, label in copy_.samples]
+    return copy_
+
+
+def heldout_split(root: Path, preprocessing: Preprocessing) -> tuple[str, datasets.ImageFolder]:
+    """(name, dataset) of ``root/val`` (or ``root/test``) alone, for an evaluation (no train/ needed)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AdntnError(f"Data folder {root} does not exist.")
+    name = next((name for name in HELDOUT_SPLITS if (root / name).is_dir()), None)
+    if name is None:
+        raise AdntnError(f"Data folder {root} has no val/ or test/ folder for the held-out split.")
+    if not _class_folders(root / name):
+        raise AdntnError(f"{root / name} has no class folders.")
+    return name, _image_folder(root / name, preprocessing)
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """Batches of a seeded shuffle, ``batch_size`` samples each, of which this rank takes its
+    contiguous share (all of it outside torchrun): a new order every epoch, the same on every rank."""
+
+    def __init__(self, samples: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.samples, self.batch_size, self.rank, self.world = samples, batch_size, rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.samples / self.batch_size)
+
+    def global_size(self, step: int) -> int:
+        """Samples in global batch ``step`` (all ranks together)."""
+        return min(self.batch_size, self.samples - step * self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.samples, generator=self.generator)
+        for batch in order.split(self.batch_size):
+            first, last = len(batch) * self.rank // self.world, len(batch) * (self.rank + 1) // self.world
+            yield batch[first:last].tolist()
+
+
+def training_loader(dataset: Dataset, preprocessing: Preprocessing, seed: int) -> DataLoader:
+    """Shuffled training batches of ``preprocessing.batch_size`` images, each rank its share under torchrun."""
+    from adntn import distributed
+
+    sampler = GlobalBatches(len(dataset), preprocessing.batch_size, seed, distributed.rank(),
+                            distributed.world_size())
+    return ImageLoader(dataset, batch_sampler=sampler, num_workers=preprocessing.workers)

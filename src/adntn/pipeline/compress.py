@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adntn import distributed
 from adntn.core.registry import generator_class
 from adntn.core.spec import FORMAT_VERSION, GeneratorSpec
 from adntn.errors import AdntnError
@@ -182,6 +183,10 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
     """Compress ``layers`` of a model in memory or a checkpoint file; see ``adntn.compress``."""
     progress = progress or Progress()
     options = CompressOptions.from_kwargs(**kwargs) if options is None else replace(options, **kwargs)
+    if distributed.requested():  # torchrun: one process per device, cuda -> cuda:LOCAL_RANK
+        options = replace(options, device=distributed.setup(options.device))
+        if not distributed.is_main():
+            progress = Progress()
     names = [name.strip() for name in layers.split(",")] if isinstance(layers, str) else list(layers)
     started = time.perf_counter()
     with progress.stage("load_checkpoint"):
@@ -194,7 +199,8 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
     if options.data is not None:  # bad data fails before any fitting
         from adntn.pipeline.task import open_data, run_task_stages, trained_layers
 
-        data = open_data(options.data, options.config, source.metadata, source)
+        data = open_data(options.data, options.config, source.metadata, source, class_map=options.class_map,
+                         max_images=options.max_images, seed=options.seed)
         trained_layers(source, list(chosen), options)
 
     torch.manual_seed(options.seed)
@@ -220,9 +226,14 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
 def compress_to(model_or_path: nn.Module | str | Path, layers: list[str] | str, out_dir: str | Path, *,
                 force: bool = False, options: CompressOptions | None = None, progress: Progress | None = None,
                 **kwargs) -> dict:
-    """``compress`` then ``save``, the destination checked first; returns the report written."""
+    """``compress`` then ``save``, the destination checked first; returns the report written.
+
+    Under torchrun only rank 0 writes; the other ranks return the report unwritten.
+    """
     progress = progress or Progress()
     check_destination(Path(out_dir), force=force)
     compressed = compress(model_or_path, layers, options=options, progress=progress, **kwargs)
+    if not distributed.is_main():
+        return compressed.report
     with progress.stage("write_archive"):
         return write_archive(Path(out_dir), compressed.dense, list(compressed.layers), compressed.report, force=force)

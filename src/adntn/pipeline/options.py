@@ -23,6 +23,7 @@ DEFAULT_RATIO = 2000.0
 TARGET_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --target-dtype
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 MAX_BATCH_SIZE = 1 << 20
+FEATURE_DTYPE_NAMES = ("float16", "bfloat16", "float32")  # --feature-dtype (training.features.FEATURE_DTYPES)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,8 +65,10 @@ class CompressOptions:
     checkpoint: ``model`` (force the architecture), ``allow_pickle``. With ``data`` (an ImageFolder
     root): ``config`` (preprocessing TOML), ``epochs``, ``finetune_lr``, ``batch_size``,
     ``temperature``, ``kd_weight``, ``dropout``, ``train`` (dense layers trained too),
-    ``cache_dir`` (trunk features kept between runs), ``record_samples`` (inputs recorded per
-    layer for the activation-space fit).
+    ``cache_dir`` (trunk features kept between runs), ``feature_dtype`` (how they are stored:
+    float16, bfloat16 or float32), ``record_samples`` (inputs recorded per layer for the
+    activation-space fit), ``max_images`` (at most this many images per split, stratified by
+    class, seeded by ``seed``), ``class_map`` (which output each class folder is).
     """
 
     arch: str = "ttn"
@@ -91,6 +94,9 @@ class CompressOptions:
     train: tuple[str, ...] = ()
     cache_dir: Path | None = None
     record_samples: int = 4096
+    feature_dtype: str = "float16"
+    max_images: int | None = None
+    class_map: Path | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in archs():
@@ -118,8 +124,15 @@ class CompressOptions:
         _positive_finite(self.temperature, "--temperature")
         if self.record_samples < 1:
             raise AdntnError(f"record_samples must be at least 1, not {self.record_samples}.")
-        if self.data is None and (self.config is not None or self.train):
-            raise AdntnError("--config and --train only apply with --data.")
+        if self.feature_dtype not in FEATURE_DTYPE_NAMES:
+            raise AdntnError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPE_NAMES)}, "
+                             f"not '{self.feature_dtype}'.")
+        if self.max_images is not None and (isinstance(self.max_images, bool) or not isinstance(self.max_images, int)
+                                            or self.max_images < 1):
+            raise AdntnError(f"--max-images must be a positive integer, not {self.max_images!r}.")
+        if self.data is None and (self.config is not None or self.train or self.max_images is not None
+                                  or self.class_map is not None):
+            raise AdntnError("--config, --train, --max-images and --class-map only apply with --data.")
         self.finetune  # the fine-tuning settings are checked too
 
     @classmethod
@@ -131,7 +144,7 @@ class CompressOptions:
             raise AdntnError(f"Unknown option '{unknown[0]}'; the options are {', '.join(sorted(known))}.")
         if isinstance(options.get("ratio"), Mapping):  # ratio={"fc6": 20000, "fc7": 80000}
             options["layer_ratios"] = {str(k): float(v) for k, v in options.pop("ratio").items()}
-        for name in ("data", "config", "cache_dir"):
+        for name in ("data", "config", "cache_dir", "class_map"):
             if options.get(name) is not None:
                 options[name] = Path(options[name])
         if "train" in options:

@@ -6,9 +6,17 @@ compressed layers are fine-tuned together on cross-entropy plus distillation fro
 model's logits. Every accuracy is measured on the held-out split (val/ or test/).
 
 When every compressed layer is in the classifier of a torchvision model, the convolutional trunk
-is run once per split and its features cached (in memory, and on disk with ``cache_dir``);
-fine-tuning and evaluation then run the classifier alone, which makes CPU fine-tuning take
-minutes. Convolutional layers take the full forward pass over the images.
+is run once per split and its features written to a file on disk (float16 by default; kept in
+``cache_dir`` between runs, else in a temporary folder); fine-tuning and evaluation then read
+the file in chunks and run the classifier alone (the dense head's logits are computed per
+batch), so memory does not grow with the number of images and CPU fine-tuning takes minutes.
+Convolutional layers take the full forward pass over the images.
+
+Class folders are mapped to the model's outputs (``--class-map``, the checkpoint's ``classes``
+metadata, or sorted order when the counts match; see :func:`adntn.data.images.class_indices`):
+a subset of the classes is evaluated by argmax over all outputs. ``max_images`` keeps a
+stratified, seeded share of each split. Under torchrun the stages run on every rank with the
+work split as :mod:`adntn.distributed` describes.
 
 Both stages work on copies of the generators they are given and return new layers: nothing they
 receive is edited.
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,8 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from torch.utils.data import Subset
+
+from adntn import distributed
 from adntn.errors import AdntnError
-from adntn.data.images import Preprocessing, Splits, check_classes, image_loader, image_splits, resolve_preprocessing
+from adntn.data.images import (Preprocessing, Splits, class_indices, heldout_split, image_loader, image_splits,
+                               relabel, resolve_preprocessing, stratified_subset, training_loader)
 from adntn.io.archive import CompressedLayer
 from adntn.models.architectures import LayerInfo
 from adntn.pipeline.assemble import generated_module, swapped_copy
@@ -34,9 +47,10 @@ from adntn.pipeline.results import LayerResult, copy_generator
 from adntn.pipeline.options import CompressOptions, resolve_device
 from adntn.pipeline.source import Source
 from adntn.progress import Progress
-from adntn.training.distill import finetune, finetune_full, generated_parameters, logits_of
-from adntn.training.evaluate import Accuracy, accuracy_of_logits, evaluate
-from adntn.training.features import cached_features, feature_cache_key, record_inputs, split_at_classifier
+from adntn.training.distill import finetune_features, finetune_full, generated_parameters
+from adntn.training.evaluate import Accuracy, accuracy_of_counts, count_hits
+from adntn.training.features import (FEATURE_DTYPES, FeatureFile, cached_features, feature_cache_key, record_inputs,
+                                     split_at_classifier)
 from adntn.training.fit import fit
 from adntn.training.objectives import ActivationObjective
 
@@ -49,9 +63,11 @@ HEAD = "classifier."
 class TaskData:
     """Everything a held-out evaluation or a fine-tuning needs, opened once."""
 
-    splits: Splits
+    splits: Splits  # labels are model output indices
     preprocessing: Preprocessing
     preprocessing_source: str
+    classes_source: str = "sorted folder names"  # how folders were mapped to outputs
+    outputs: int = 0  # the model's number of outputs
 
 
 @dataclass(frozen=True)
@@ -64,15 +80,43 @@ class TaskOutcome:
     report: dict
 
 
-def open_data(data: Path, config: Path | None, metadata: dict[str, str], source: Source) -> TaskData:
-    """The image splits of ``data`` with their preprocessing, checked against the model."""
+def open_data(data: Path, config: Path | None, metadata: dict[str, str], source: Source, *,
+              class_map: Path | None = None, max_images: int | None = None, seed: int = 0) -> TaskData:
+    """The image splits of ``data`` with their preprocessing, labels mapped to the model's outputs
+    and each split cut to ``max_images`` (stratified by class, seeded)."""
     if source.info is None:
         raise AdntnError("Fitting on data needs a torchvision AlexNet or VGG (its number of classes and its "
                          "trunk); this model is not one.")
     preprocessing, origin = resolve_preprocessing(config, metadata)
     splits = image_splits(data, preprocessing)
-    check_classes(splits, source.info.num_classes)
-    return TaskData(splits, preprocessing, origin)
+    indices, classes_source = class_indices(splits.classes, source.info.num_classes, metadata, class_map)
+    splits = replace(splits, train=stratified_subset(relabel(splits.train, indices), max_images, seed),
+                     heldout=stratified_subset(relabel(splits.heldout, indices), max_images, seed))
+    return TaskData(splits, preprocessing, origin, classes_source, source.info.num_classes)
+
+
+def _samples_digest(dataset) -> str:
+    """What identifies a split's chosen images and their labels (for the feature cache key)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path, label in dataset.samples:
+        digest.update(f"{path}\0{label}\n".encode())
+    return digest.hexdigest()
+
+
+def _features_accuracy(model: nn.Module, features: FeatureFile, batch_size: int) -> Accuracy:
+    """Accuracy of ``model`` on cached features, each rank counting its shard."""
+    first, last = distributed.shard(len(features))
+    counts = count_hits(model, features.batches(batch_size, start=first, stop=last))
+    return accuracy_of_counts(*map(round, distributed.sum_all(list(counts))))
+
+
+def _images_accuracy(model: nn.Module, dataset, preprocessing: Preprocessing) -> Accuracy:
+    """Accuracy of ``model`` on an image split, each rank counting its shard."""
+    first, last = distributed.shard(len(dataset))
+    counts = count_hits(model, image_loader(Subset(dataset, range(first, last)), preprocessing))
+    return accuracy_of_counts(*map(round, distributed.sum_all(list(counts))))
 
 
 def head_only(layers: list[LayerInfo]) -> bool:
@@ -136,7 +180,25 @@ def _extra_groups(student: nn.Module, extra: tuple[LayerInfo, ...], prefix: str)
 def run_task_stages(source: Source, results: list[LayerResult], options: CompressOptions, data: TaskData,
                     progress: Progress) -> TaskOutcome:
     """Stages 2 and 3 on the weight-space results; ``data`` is :func:`open_data` of the options'
-    data (opened before any fitting, so bad data fails early)."""
+    data (opened before any fitting, so bad data fails early).
+
+    Without ``cache_dir`` the trunk features go to a temporary folder (rank 0's, shared with the
+    other ranks under torchrun) that is removed when the stages end.
+    """
+    if options.cache_dir is not None or not head_only([result.layer for result in results]):
+        return _run_task_stages(source, results, options, data, progress, options.cache_dir)
+    temporary = tempfile.TemporaryDirectory(prefix="adntn-features-") if distributed.is_main() else None
+    try:
+        folder = Path(distributed.broadcast(temporary.name if temporary else None))
+        return _run_task_stages(source, results, options, data, progress, folder)
+    finally:
+        distributed.barrier()
+        if temporary is not None:
+            temporary.cleanup()
+
+
+def _run_task_stages(source: Source, results: list[LayerResult], options: CompressOptions, data: TaskData,
+                     progress: Progress, cache_dir: Path | None) -> TaskOutcome:
     splits, preprocessing = data.splits, data.preprocessing
     layers = [result.layer for result in results]
     extra = trained_layers(source, layers, options)
@@ -148,45 +210,46 @@ def run_task_stages(source: Source, results: list[LayerResult], options: Compres
 
     if cached:
         trunk, head = split_at_classifier(teacher)
+        trunk.to(device)
         features = {}
         for split, dataset in (("train", splits.train), (splits.heldout_name, splits.heldout)):
-            key = feature_cache_key(source.sha256, Path(dataset.root), preprocessing)
-            features[split] = cached_features(trunk, dataset, key, options.cache_dir, preprocessing.batch_size,
-                                              preprocessing.workers, progress)
+            key = feature_cache_key(source.sha256, Path(dataset.root), preprocessing, _samples_digest(dataset))
+            features[split] = cached_features(trunk, dataset, key, cache_dir, preprocessing.batch_size,
+                                              preprocessing.workers, progress,
+                                              dtype=FEATURE_DTYPES[options.feature_dtype])
+        trunk.cpu()
         train, heldout = features["train"], features[splits.heldout_name]
         head_names = [name.removeprefix(HEAD) for name in names]
 
         def recorded(split) -> dict[str, torch.Tensor]:
-            rows = split.features[:options.record_samples]
+            rows = split.features.read(0, options.record_samples)
             inputs = record_inputs(head, head_names, [rows], options.record_samples)
             return {name: inputs[short] for name, short in zip(names, head_names)}
 
         train_inputs, heldout_inputs = recorded(train), recorded(heldout)
         head.to(device)
-        dense_accuracy = accuracy_of_logits(logits_of(head, heldout.features, config.batch_size), heldout.labels)
+        dense_accuracy = _features_accuracy(head, heldout.features, config.batch_size)
         results = _fit_activation_space(results, train_inputs, source, options, device, progress)
         student, prefix = _student(head, results, HEAD), HEAD
         groups = {f"{kind}:{HEAD}{name}": params for kind_name, params in generated_parameters(student).items()
                   for kind, name in [kind_name.split(":", 1)]}
         groups.update(_extra_groups(student, extra, prefix))
-        result = finetune(student, logits_of(head, train.features, config.batch_size), train.features,
-                          train.labels, groups, config, progress)
-        compressed_accuracy = accuracy_of_logits(logits_of(student, heldout.features, config.batch_size),
-                                                 heldout.labels)
+        result = finetune_features(student, head, train.features, groups, config, progress)
+        compressed_accuracy = _features_accuracy(student, heldout.features, config.batch_size)
         train_images, heldout_images = len(train.labels), len(heldout.labels)
     else:
         teacher.to(device)
-        train_loader = image_loader(splits.train, preprocessing, shuffle=True, seed=options.seed)
+        train_loader = training_loader(splits.train, preprocessing, seed=options.seed)
         heldout_loader = image_loader(splits.heldout, preprocessing)
         samples = min(options.record_samples, CONV_RECORD_SAMPLES)
         train_inputs = record_inputs(teacher, names, image_loader(splits.train, preprocessing), samples)
         heldout_inputs = record_inputs(teacher, names, heldout_loader, samples)
-        dense_accuracy = evaluate(teacher, heldout_loader)
+        dense_accuracy = _images_accuracy(teacher, splits.heldout, preprocessing)
         results = _fit_activation_space(results, train_inputs, source, options, device, progress)
         student, prefix = _student(teacher, results, ""), ""
         groups = {**generated_parameters(student), **_extra_groups(student, extra, prefix)}
         result = finetune_full(student, teacher, train_loader, groups, config, progress)
-        compressed_accuracy = evaluate(student, heldout_loader)
+        compressed_accuracy = _images_accuracy(student, splits.heldout, preprocessing)
         train_images, heldout_images = len(splits.train), len(splits.heldout)
 
     student.cpu()
@@ -214,6 +277,11 @@ def run_task_stages(source: Source, results: list[LayerResult], options: Compres
             "preprocessing": preprocessing.describe(),
             "preprocessing_source": data.preprocessing_source,
             "features_cached": cached,
+            **({"feature_dtype": options.feature_dtype} if cached else {}),
+            "max_images": options.max_images,
+            "classes": {"folders": len(splits.classes), "outputs": data.outputs or len(splits.classes),
+                        "mapped_by": data.classes_source},
+            "world_size": distributed.world_size(),
             "activation_fit": {"samples": len(next(iter(train_inputs.values()))), "steps": options.steps,
                                "lr": options.lr, "inputs_from": "dense model, train split"},
             "activation_error_on": f"{len(next(iter(heldout_inputs.values())))} {splits.heldout_name} samples",
@@ -231,11 +299,14 @@ def run_task_stages(source: Source, results: list[LayerResult], options: Compres
 
 
 def evaluate_model(model: nn.Module, metadata: dict[str, str], num_classes: int, data: Path,
-                   config: Path | None) -> dict:
-    """Top-1/top-5 of ``model`` on the held-out split of ``data``."""
+                   config: Path | None, *, class_map: Path | None = None, max_images: int | None = None,
+                   seed: int = 0) -> dict:
+    """Top-1/top-5 of ``model`` on the held-out split of ``data`` (only val/ or test/ is needed),
+    class folders mapped to outputs as :func:`open_data` maps them."""
     preprocessing, origin = resolve_preprocessing(config, metadata)
-    splits = image_splits(data, preprocessing)
-    check_classes(splits, num_classes)
-    accuracy: Accuracy = evaluate(model, image_loader(splits.heldout, preprocessing))
-    return {"split": splits.heldout_name, "images": accuracy.images, **accuracy.describe(),
-            "preprocessing_source": origin}
+    name, heldout = heldout_split(data, preprocessing)
+    indices, classes_source = class_indices(heldout.classes, num_classes, metadata, class_map)
+    heldout = stratified_subset(relabel(heldout, indices), max_images, seed)
+    accuracy = _images_accuracy(model, heldout, preprocessing)
+    return {"split": name, "images": accuracy.images, **accuracy.describe(), "preprocessing_source": origin,
+            "classes": {"folders": len(heldout.classes), "outputs": num_classes, "mapped_by": classes_source}}

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -46,6 +47,9 @@ from torch.nn import functional as F
 from adntn.errors import AdntnError
 from adntn.models.layers import GeneratedLayer
 from adntn.progress import Progress, Silent
+
+if TYPE_CHECKING:
+    from adntn.training.features import FeatureFile
 
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -175,38 +179,62 @@ def _fine_tuning_mode(model: nn.Module, trained: list[nn.Parameter], seed: int, 
             p.requires_grad_(flag)
 
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (student input, teacher logits, labels)
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
+# (student input, teacher logits, labels, samples in the global batch: this rank's share under torchrun)
 
 
 def _train(student: nn.Module, epoch_batches: Callable[[], Batches], steps_per_epoch: int,
            params: Mapping[str, Iterable[nn.Parameter]], config: FinetuneConfig,
            progress: Progress | None) -> FinetuneResult:
-    """Adam on ``params`` with the distillation loss, ``config.epochs`` calls of ``epoch_batches``."""
+    """Adam on ``params`` with the distillation loss, ``config.epochs`` calls of ``epoch_batches``.
+
+    Under torchrun the student runs under DistributedDataParallel; each rank's loss (a mean over
+    its share of the global batch) is weighted by share * world size / global batch, so the
+    averaged gradient is the global batch's mean gradient even when the shares differ. The
+    dropout masks come from ``seed + rank``.
+    """
+    from adntn import distributed
+
     groups = {name: list(group) for name, group in params.items()}
     trained = [p for group in groups.values() for p in group]
     if not trained:
         raise ValueError("no parameters to fine-tune")
     device = trained[0].device
+    world = distributed.world_size()
     total_steps = config.epochs * steps_per_epoch
     advance = (progress or Silent()).task("fine-tuning", total_steps)
     losses: list[float] = []
     images = steps = 0
     start = time.perf_counter()
-    with _fine_tuning_mode(student, trained, config.seed, config.dropout):
+    with _fine_tuning_mode(student, trained, config.seed + distributed.rank(), config.dropout):
+        model = student
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
+                                            broadcast_buffers=False)
         optimizer = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
         for _ in range(config.epochs):
             loss_sum, images = 0.0, 0
-            for inputs, teacher_logits, labels in epoch_batches():
+            for inputs, teacher_logits, labels, global_count in epoch_batches():
                 labels = labels.to(device)
-                loss = distillation_loss(student(inputs.to(device)), teacher_logits.to(device), labels, config)
+                outputs = model(inputs.to(device))
+                if len(labels):
+                    loss = distillation_loss(outputs, teacher_logits.to(device), labels, config)
+                    weighted = loss if global_count == len(labels) and world == 1 else \
+                        loss * (len(labels) * world / global_count)
+                    loss_sum += loss.item() * len(labels)
+                else:  # a rank without samples in a short last batch still joins the gradient average
+                    weighted = outputs.sum() * 0.0
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                weighted.backward()
                 optimizer.step()
                 steps += 1
-                loss_sum += loss.item() * len(labels)
                 images += len(labels)
-                advance(steps, loss_sum / images)
-            losses.append(loss_sum / images)
+                advance(steps, loss_sum / max(images, 1))
+            loss_sum, images = distributed.sum_all([loss_sum, float(images)])
+            images = int(images)
+            losses.append(loss_sum / max(images, 1))
     return FinetuneResult(epochs=config.epochs, images=images, steps=steps, seconds=time.perf_counter() - start,
                           final_loss=losses[-1] if losses else None, losses=losses, trained=list(groups))
 
@@ -233,9 +261,42 @@ def finetune(student: nn.Module, teacher_logits: torch.Tensor, inputs: torch.Ten
 
     def epoch_batches() -> Batches:
         for index in torch.randperm(n, generator=shuffle).split(config.batch_size):
-            yield inputs[index], teacher_logits[index], labels[index]
+            yield inputs[index], teacher_logits[index], labels[index], len(index)
 
     return _train(student, epoch_batches, math.ceil(n / config.batch_size), params, config, progress)
+
+
+def finetune_features(student: nn.Module, teacher: nn.Module, features: "FeatureFile",
+                      params: Mapping[str, Iterable[nn.Parameter]], config: FinetuneConfig,
+                      progress: Progress | None = None) -> FinetuneResult:
+    """Fine-tune ``student`` (e.g. a head with generated layers) on trunk features on disk.
+
+    ``features`` (a :class:`adntn.training.features.FeatureFile`) is read in shuffled chunks
+    (chunk order, then rows within a chunk, from ``config.seed``), so memory holds one chunk
+    whatever its number of rows. The teacher's logits (``teacher`` in eval mode, e.g. the dense
+    head) are computed per batch. Under torchrun every rank reads the same global batches and
+    trains on its contiguous share of each.
+    """
+    from adntn import distributed
+
+    shuffle = torch.Generator().manual_seed(config.seed)
+    teacher_device = next(teacher.parameters()).device
+    teacher_was_training = teacher.training
+    teacher.eval()
+
+    def epoch_batches() -> Batches:
+        for inputs, labels in features.batches(config.batch_size, shuffle):
+            first, last = distributed.shard(len(labels))
+            mine, mine_labels = inputs[first:last], labels[first:last]
+            with torch.no_grad():
+                teacher_logits = teacher(mine.to(teacher_device))
+            yield mine, teacher_logits, mine_labels, len(labels)
+
+    try:
+        return _train(student, epoch_batches, math.ceil(len(features) / config.batch_size), params, config,
+                      progress)
+    finally:
+        teacher.train(teacher_was_training)
 
 
 def finetune_full(student_model: nn.Module, teacher_model: nn.Module,
@@ -246,18 +307,21 @@ def finetune_full(student_model: nn.Module, teacher_model: nn.Module,
 
     ``loader`` yields (images (b, 3, H, W), labels (b,)) and must have a length (a DataLoader);
     its batch size and shuffling are used as they are (``config.batch_size`` is not, and
-    ``config.seed`` only fixes the dropout masks: seed the loader, see ``data.image_loader``).
+    ``config.seed`` only fixes the dropout masks: seed the loader, see ``data.image_loader``;
+    under torchrun use ``data.images.training_loader``, whose batch sampler gives each rank its
+    share of every global batch and says the global batch's size).
     The teacher's logits are computed on the fly in eval mode.
     """
+    global_size = getattr(getattr(loader, "batch_sampler", None), "global_size", None)
     teacher_device = next(teacher_model.parameters()).device
     teacher_was_training = teacher_model.training
     teacher_model.eval()
 
     def epoch_batches() -> Batches:
-        for images, labels in loader:
+        for step, (images, labels) in enumerate(loader):
             with torch.no_grad():
                 teacher_logits = teacher_model(images.to(teacher_device))
-            yield images, teacher_logits, labels
+            yield images, teacher_logits, labels, len(labels) if global_size is None else global_size(step)
 
     try:
         return _train(student_model, epoch_batches, len(loader), params, config, progress)

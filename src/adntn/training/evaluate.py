@@ -42,8 +42,8 @@ def accuracy_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> Accuracy:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Accuracy:
-    """Accuracy of ``model`` in eval mode over ``batches`` of (inputs, labels (b,)).
+def count_hits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int, int]:
+    """(top-1 hits, top-k hits, samples) of ``model`` in eval mode over ``batches`` (possibly none).
 
     Inputs go to the model's device; the model's train/eval mode is restored afterwards.
     """
@@ -53,15 +53,29 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     top1 = top5 = images = 0
     try:
         for inputs, labels in batches:
+            if len(labels) == 0:
+                continue
             with input_size_errors(inputs):
                 logits = model(inputs.to(device))
             hits1, hits5 = _correct(logits, labels)
             top1, top5, images = top1 + hits1, top5 + hits5, images + len(labels)
     finally:
         model.train(was_training)
+    return top1, top5, images
+
+
+def accuracy_of_counts(top1: int, top5: int, images: int) -> Accuracy:
     if images == 0:
         raise ValueError("no samples to evaluate")
     return Accuracy(top1=top1 / images, top5=top5 / images, images=images)
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Accuracy:
+    """Accuracy of ``model`` in eval mode over ``batches`` of (inputs, labels (b,)).
+
+    Inputs go to the model's device; the model's train/eval mode is restored afterwards.
+    """
+    return accuracy_of_counts(*count_hits(model, batches))
 
 
 def tensor_batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
