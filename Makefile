@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo-out
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench bench-speed bench-quality clean
+.PHONY: install demo test bench bench-speed bench-quality bench-runtime clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,13 +33,16 @@ test: $(STAMP)
 	MKL_CBWR=AVX2 $(BIN)/python -m pytest $(NUMERIC)
 	MKL_CBWR=COMPATIBLE $(BIN)/python -m pytest $(NUMERIC)
 
-bench: bench-speed bench-quality
+bench: bench-speed bench-quality bench-runtime
 
 bench-speed: $(STAMP)
 	$(BIN)/python bench/speed.py --out bench/results/speed.json
 
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py --out bench/results/quality.json
+
+bench-runtime: $(STAMP)
+	$(BIN)/python bench/runtime.py --out bench/results/runtime.json
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -4,7 +4,6 @@ follows the cores, and no dense weight ever generated."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -24,10 +24,9 @@ receive is edited.
 
 from __future__ import annotations
 
-import copy
 import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,14 +39,13 @@ from adntn import distributed
 from adntn.errors import AdntnError
 from adntn.data.images import (Preprocessing, Splits, class_indices, heldout_split, image_loader, image_splits,
                                relabel, resolve_preprocessing, stratified_subset, training_loader)
-from adntn.io.archive import CompressedLayer
 from adntn.models.architectures import LayerInfo
 from adntn.pipeline.assemble import generated_module, swapped_copy
 from adntn.pipeline.results import LayerResult, copy_generator
 from adntn.pipeline.options import CompressOptions, resolve_device
 from adntn.pipeline.source import Source
 from adntn.progress import Progress
-from adntn.training.distill import finetune_features, finetune_full, generated_parameters
+from adntn.training.distill import FinetuneResult, finetune_features, finetune_full, generated_parameters
 from adntn.training.evaluate import Accuracy, accuracy_of_counts, count_hits
 from adntn.training.features import (FEATURE_DTYPES, FeatureFile, cached_features, feature_cache_key, record_inputs,
                                      split_at_classifier)
@@ -197,61 +195,70 @@ def run_task_stages(source: Source, results: list[LayerResult], options: Compres
             temporary.cleanup()
 
 
-def _run_task_stages(source: Source, results: list[LayerResult], options: CompressOptions, data: TaskData,
-                     progress: Progress, cache_dir: Path | None) -> TaskOutcome:
-    splits, preprocessing = data.splits, data.preprocessing
-    layers = [result.layer for result in results]
-    extra = trained_layers(source, layers, options)
-    teacher = source.dense_model()
-    config = options.finetune
-    names = [layer.module for layer in layers]
-    cached = head_only(layers)
-    device = resolve_device(options.device)
+@dataclass(frozen=True)
+class _Run:
+    """Where stages 2 and 3 run: the head on cached trunk features (every compressed layer in the
+    classifier), or the whole model on images. ``model`` is the dense part that runs, ``prefix``
+    its module path inside the full model; the inputs recorded from it for the activation-space
+    fit (train) and its error (held out); the dense accuracy; ``finetune(student, groups)`` and
+    ``accuracy(student)`` for a copy of ``model`` with generated layers."""
 
-    if cached:
-        trunk, head = split_at_classifier(teacher)
-        trunk.to(device)
-        features = {}
-        for split, dataset in (("train", splits.train), (splits.heldout_name, splits.heldout)):
-            key = feature_cache_key(source.sha256, Path(dataset.root), preprocessing, _samples_digest(dataset))
-            features[split] = cached_features(trunk, dataset, key, cache_dir, preprocessing.batch_size,
-                                              preprocessing.workers, progress,
-                                              dtype=FEATURE_DTYPES[options.feature_dtype])
-        trunk.cpu()
-        train, heldout = features["train"], features[splits.heldout_name]
-        head_names = [name.removeprefix(HEAD) for name in names]
+    model: nn.Module
+    prefix: str
+    train_inputs: dict[str, torch.Tensor]
+    heldout_inputs: dict[str, torch.Tensor]
+    dense_accuracy: Accuracy
+    train_images: int
+    heldout_images: int
+    finetune: Callable[[nn.Module, dict], FinetuneResult]
+    accuracy: Callable[[nn.Module], Accuracy]
+    features_cached: bool
 
-        def recorded(split) -> dict[str, torch.Tensor]:
-            rows = split.features.read(0, options.record_samples)
-            inputs = record_inputs(head, head_names, [rows], options.record_samples)
-            return {name: inputs[short] for name, short in zip(names, head_names)}
 
-        train_inputs, heldout_inputs = recorded(train), recorded(heldout)
-        head.to(device)
-        dense_accuracy = _features_accuracy(head, heldout.features, config.batch_size)
-        results = _fit_activation_space(results, train_inputs, source, options, device, progress)
-        student, prefix = _student(head, results, HEAD), HEAD
-        groups = {f"{kind}:{HEAD}{name}": params for kind_name, params in generated_parameters(student).items()
-                  for kind, name in [kind_name.split(":", 1)]}
-        groups.update(_extra_groups(student, extra, prefix))
-        result = finetune_features(student, head, train.features, groups, config, progress)
-        compressed_accuracy = _features_accuracy(student, heldout.features, config.batch_size)
-        train_images, heldout_images = len(train.labels), len(heldout.labels)
-    else:
-        teacher.to(device)
-        train_loader = training_loader(splits.train, preprocessing, seed=options.seed)
-        heldout_loader = image_loader(splits.heldout, preprocessing)
-        samples = min(options.record_samples, CONV_RECORD_SAMPLES)
-        train_inputs = record_inputs(teacher, names, image_loader(splits.train, preprocessing), samples)
-        heldout_inputs = record_inputs(teacher, names, heldout_loader, samples)
-        dense_accuracy = _images_accuracy(teacher, splits.heldout, preprocessing)
-        results = _fit_activation_space(results, train_inputs, source, options, device, progress)
-        student, prefix = _student(teacher, results, ""), ""
-        groups = {**generated_parameters(student), **_extra_groups(student, extra, prefix)}
-        result = finetune_full(student, teacher, train_loader, groups, config, progress)
-        compressed_accuracy = _images_accuracy(student, splits.heldout, preprocessing)
-        train_images, heldout_images = len(splits.train), len(splits.heldout)
+def _on_features(source: Source, teacher: nn.Module, names: list[str], data: TaskData, options: CompressOptions,
+                 cache_dir: Path | None, device: torch.device, progress: Progress) -> _Run:
+    splits, preprocessing, config = data.splits, data.preprocessing, options.finetune
+    trunk, head = split_at_classifier(teacher)
+    trunk.to(device)
+    features = {}
+    for split, dataset in (("train", splits.train), (splits.heldout_name, splits.heldout)):
+        key = feature_cache_key(source.sha256, Path(dataset.root), preprocessing, _samples_digest(dataset))
+        features[split] = cached_features(trunk, dataset, key, cache_dir, preprocessing.batch_size,
+                                          preprocessing.workers, progress, dtype=FEATURE_DTYPES[options.feature_dtype])
+    trunk.cpu()
+    train, heldout = features["train"], features[splits.heldout_name]
+    head_names = [name.removeprefix(HEAD) for name in names]
 
+    def recorded(split) -> dict[str, torch.Tensor]:
+        inputs = record_inputs(head, head_names, [split.features.read(0, options.record_samples)],
+                               options.record_samples)
+        return {name: inputs[short] for name, short in zip(names, head_names)}
+
+    head.to(device)
+    return _Run(head, HEAD, recorded(train), recorded(heldout),
+                _features_accuracy(head, heldout.features, config.batch_size), len(train.labels), len(heldout.labels),
+                lambda student, groups: finetune_features(student, head, train.features, groups, config, progress),
+                lambda student: _features_accuracy(student, heldout.features, config.batch_size), True)
+
+
+def _on_images(source: Source, teacher: nn.Module, names: list[str], data: TaskData, options: CompressOptions,
+               cache_dir: Path | None, device: torch.device, progress: Progress) -> _Run:
+    splits, preprocessing, config = data.splits, data.preprocessing, options.finetune
+    teacher.to(device)
+    train_loader = training_loader(splits.train, preprocessing, seed=options.seed)
+    samples = min(options.record_samples, CONV_RECORD_SAMPLES)
+    train_inputs = record_inputs(teacher, names, image_loader(splits.train, preprocessing), samples)
+    heldout_inputs = record_inputs(teacher, names, image_loader(splits.heldout, preprocessing), samples)
+    return _Run(teacher, "", train_inputs, heldout_inputs, _images_accuracy(teacher, splits.heldout, preprocessing),
+                len(splits.train), len(splits.heldout),
+                lambda student, groups: finetune_full(student, teacher, train_loader, groups, config, progress),
+                lambda student: _images_accuracy(student, splits.heldout, preprocessing), False)
+
+
+def _trained_values(student: nn.Module, results: list[LayerResult], extra: tuple[LayerInfo, ...], prefix: str,
+                    source: Source) -> tuple[list[LayerResult], dict[str, torch.Tensor]]:
+    """The layers as the fine-tuned ``student`` holds them, and the dense tensors ``--train`` trained
+    (in the source's dtype)."""
     student.cpu()
     tuned = []
     for item in results:
@@ -261,41 +268,58 @@ def _run_task_stages(source: Source, results: list[LayerResult], options: Compre
     trained = {f"{layer.module}.{key}": value.detach().clone().to(source.state[f"{layer.module}.{key}"].dtype)
                for layer in extra
                for key, value in student.get_submodule(layer.module.removeprefix(prefix)).state_dict().items()}
-    tuned = _activation_errors(tuned, heldout_inputs, source, options.steps)
+    return tuned, trained
 
-    summary = (f"task-aware: {result.epochs} epochs of CE+KD (T={config.temperature}, KD weight {config.kd_weight}, "
-               f"{config.student_mode}) "
-               f"on {train_images:,} train images of {options.data.name}; trained: {', '.join(result.trained)}; "
-               f"accuracy on {heldout_images:,} {splits.heldout_name} images")
-    report = {
-        "training": {
-            "summary": summary,
-            "data": str(options.data),
-            "train_images": train_images,
-            "heldout_split": splits.heldout_name,
-            "heldout_images": heldout_images,
-            "preprocessing": preprocessing.describe(),
-            "preprocessing_source": data.preprocessing_source,
-            "features_cached": cached,
-            **({"feature_dtype": options.feature_dtype} if cached else {}),
-            "max_images": options.max_images,
-            "classes": {"folders": len(splits.classes), "outputs": data.outputs or len(splits.classes),
-                        "mapped_by": data.classes_source},
-            "world_size": distributed.world_size(),
-            "activation_fit": {"samples": len(next(iter(train_inputs.values()))), "steps": options.steps,
-                               "lr": options.lr, "inputs_from": "dense model, train split"},
-            "activation_error_on": f"{len(next(iter(heldout_inputs.values())))} {splits.heldout_name} samples",
-            "finetune": {**config.describe(), **result.describe()},
-            "trained": result.trained,
-        },
-        "accuracy": {
-            "split": splits.heldout_name,
-            "images": heldout_images,
-            "dense": dense_accuracy.describe(),
-            "compressed": compressed_accuracy.describe(),
-        },
-    }
+
+def _run_task_stages(source: Source, results: list[LayerResult], options: CompressOptions, data: TaskData,
+                     progress: Progress, cache_dir: Path | None) -> TaskOutcome:
+    layers = [result.layer for result in results]
+    extra = trained_layers(source, layers, options)
+    device = resolve_device(options.device)
+    names = [layer.module for layer in layers]
+    run = (_on_features if head_only(layers) else _on_images)(
+        source, source.dense_model(), names, data, options, cache_dir, device, progress)
+    results = _fit_activation_space(results, run.train_inputs, source, options, device, progress)
+    student = _student(run.model, results, run.prefix)
+    groups = {f"{kind}:{run.prefix}{name}": params for kind_name, params in generated_parameters(student).items()
+              for kind, name in [kind_name.split(":", 1)]}
+    groups.update(_extra_groups(student, extra, run.prefix))
+    result = run.finetune(student, groups)
+    compressed_accuracy = run.accuracy(student)
+    tuned, trained = _trained_values(student, results, extra, run.prefix, source)
+    tuned = _activation_errors(tuned, run.heldout_inputs, source, options.steps)
+    report = {"training": _training_report(run, result, options, data),
+              "accuracy": {"split": data.splits.heldout_name, "images": run.heldout_images,
+                           "dense": run.dense_accuracy.describe(), "compressed": compressed_accuracy.describe()}}
     return TaskOutcome(tuned, trained, report)
+
+
+def _training_report(run: _Run, result: FinetuneResult, options: CompressOptions, data: TaskData) -> dict:
+    """The report's ``training``: what was trained, on what, how."""
+    config, splits = options.finetune, data.splits
+    summary = (f"task-aware: {result.epochs} epochs of CE+KD (T={config.temperature}, KD weight {config.kd_weight}, "
+               f"{config.student_mode}) on {run.train_images:,} train images of {options.data.name}; "
+               f"trained: {', '.join(result.trained)}; accuracy on {run.heldout_images:,} {splits.heldout_name} images")
+    return {
+        "summary": summary,
+        "data": str(options.data),
+        "train_images": run.train_images,
+        "heldout_split": splits.heldout_name,
+        "heldout_images": run.heldout_images,
+        "preprocessing": data.preprocessing.describe(),
+        "preprocessing_source": data.preprocessing_source,
+        "features_cached": run.features_cached,
+        **({"feature_dtype": options.feature_dtype} if run.features_cached else {}),
+        "max_images": options.max_images,
+        "classes": {"folders": len(splits.classes), "outputs": data.outputs or len(splits.classes),
+                    "mapped_by": data.classes_source},
+        "world_size": distributed.world_size(),
+        "activation_fit": {"samples": len(next(iter(run.train_inputs.values()))), "steps": options.steps,
+                           "lr": options.lr, "inputs_from": "dense model, train split"},
+        "activation_error_on": f"{len(next(iter(run.heldout_inputs.values())))} {splits.heldout_name} samples",
+        "finetune": {**config.describe(), **result.describe()},
+        "trained": result.trained,
+    }
 
 
 def evaluate_model(model: nn.Module, metadata: dict[str, str], num_classes: int, data: Path,

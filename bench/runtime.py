@@ -1,0 +1,269 @@
+"""bench-runtime: the compressed model at inference, without its dense weights.
+
+    make bench-runtime            # or: python bench/runtime.py [--quick] [--threads 2]
+
+1. Layers: VGG-16's fc6 (4096x25088) and fc7 (4096x4096), each arch at ~2,000x and ~50,000x
+   (random cores: speed does not depend on their values), under ``auto`` (the schedule it picks is
+   shown), against the dense ``nn.Linear`` of the same shape and TensorLy-Torch's
+   ``FactorizedLinear`` (BlockTT, factorized forward) at about the same parameter count; batch 1,
+   32 and 256; median of ``--repeats`` after a warm-up; the layer's resident bytes (cores, cached
+   operands or row blocks) against the dense weight's.
+2. Whole model: torchvision VGG-16 (random weights, saved as .pth: no download) with fc6+fc7
+   compressed by ttn at 2,000x (weight-space stage only); each variant in a fresh process: the
+   directory's size, load time, resident memory after load (VmRSS, and above the imports),
+   images/s at batch 1 and 32 on 224x224 inputs; the dense model loaded from its .pth; the ONNX
+   file (``adntn export``) in onnxruntime: size, load time, latency.
+
+Writes bench/results/runtime.json and runtime.md. Timings need an idle machine: a second busy
+process on the same cores makes each multi-threaded op wait for a scheduler slice (we saw 0.1 ms
+layers take 32 ms), so the load average is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS = {"fc6": (4096, 25088), "fc7": (4096, 4096)}
+ARCHS = ("ttn", "attn", "mera", "tt", "svd")
+RATIOS = (2000, 50000)
+BATCHES = (1, 32, 256)
+MARK = "@@RESULT@@"
+
+
+def median_ms(call, repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+        if times[-1] > 2.0 and len(times) >= 3:  # slow cases: three runs are enough
+            break
+    return 1000 * statistics.median(times)
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def tltorch_layer(shape: tuple[int, int], spec, core_params: int):
+    """TensorLy-Torch's BlockTT FactorizedLinear over our legs' digits, at the rank whose weight
+    parameters come closest to ``core_params`` from below (at least rank 1)."""
+    import tltorch
+
+    best = None
+    for rank in range(1, 65):
+        layer = tltorch.FactorizedLinear(in_tensorized_features=spec.in_dims, out_tensorized_features=spec.out_dims,
+                                         factorization="blocktt", rank=rank, implementation="factorized", bias=True)
+        params = sum(p.numel() for p in layer.parameters()) - shape[0]
+        if best is not None and params > core_params:
+            break
+        best = (layer.eval(), params, rank)
+    return best
+
+
+def layer_rows(args) -> list[dict]:
+    import torch
+    from torch import nn
+
+    from adntn.errors import AdntnError
+    from adntn.models.layers import GeneratedLinear, inference_cost
+    from adntn.networks import build
+    from adntn.networks.budget import spec_for_ratio
+
+    torch.manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        for name, shape in LAYERS.items():
+            dense = nn.Linear(shape[1], shape[0]).eval()
+            for arch in args.archs:
+                for ratio in args.ratios:
+                    try:
+                        spec = spec_for_ratio(arch, shape, ratio, "tanh", label=name)
+                    except AdntnError as error:
+                        rows.append({"layer": name, "arch": arch, "ratio": ratio, "skipped": str(error)})
+                        continue
+                    generator = build(spec)
+                    with torch.no_grad():  # disentanglers off the identity, as after a fit
+                        for key, p in generator.named_parameters():
+                            if key.endswith(".p"):
+                                p.normal_(0, 0.1)
+                    layer = GeneratedLinear(generator, dense.bias).eval()
+                    tl = tltorch_layer(shape, spec, spec.core_params) if spec.n_legs > 1 else None
+                    for batch in args.batches:
+                        x = torch.randn(batch, shape[1])
+                        row = {"layer": name, "arch": arch, "ratio": round(spec.ratio), "core_params": spec.core_params,
+                               "batch": batch, "dense_ms": median_ms(lambda: dense(x), args.repeats),
+                               "adntn_ms": median_ms(lambda: layer(x), args.repeats),
+                               "schedule": layer.resolve_schedule(batch, x)}
+                        cost = inference_cost(generator, batch)[row["schedule"]]
+                        row["adntn_bytes"] = cost["bytes"]
+                        row["dense_bytes"] = 4 * spec.dense_params
+                        if tl is not None:
+                            row["tltorch_ms"] = median_ms(lambda: tl[0](x), args.repeats)
+                            row["tltorch_params"], row["tltorch_rank"] = tl[1], tl[2]
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------- whole model
+
+def child(kind: str, payload: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(payload["threads"])
+    images = {batch: torch.randn(batch, 3, 224, 224) for batch in (1, 32)}
+    if kind == "onnx":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = payload["threads"]
+        base = rss_bytes()
+        start = time.perf_counter()
+        session = onnxruntime.InferenceSession(payload["path"], options)
+        seconds = time.perf_counter() - start
+        run = {batch: (lambda x=x: session.run(None, {"input": x.numpy()})) for batch, x in images.items()}
+        result = {"load_s": seconds, "rss_after_load": rss_bytes(), "rss_above_imports": rss_bytes() - base}
+    else:
+        import adntn  # noqa: F401  (both variants pay the same imports)
+        import torchvision
+
+        base = rss_bytes()
+        start = time.perf_counter()
+        if kind == "dense":
+            model = torchvision.models.vgg16()
+            model.load_state_dict(torch.load(payload["path"], weights_only=True, mmap=False))
+            model.eval()
+        else:
+            model = adntn.load(payload["path"])
+        seconds = time.perf_counter() - start
+        result = {"load_s": seconds, "rss_after_load": rss_bytes(), "rss_above_imports": rss_bytes() - base}
+        run = {batch: (lambda x=x: model(x)) for batch, x in images.items()}
+    with torch.no_grad():
+        for batch, call in run.items():
+            result[f"images_per_s_{batch}"] = batch / (median_ms(call, payload["repeats"]) / 1000)
+    result["peak_rss"] = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+    return result
+
+
+def run_child(kind: str, payload: dict) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(payload)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = next((l for l in done.stdout.splitlines() if l.startswith(MARK)), None)
+    if line is None:
+        return {"error": (done.stderr or done.stdout)[-2000:]}
+    return json.loads(line[len(MARK):])
+
+
+def model_rows(args) -> dict:
+    import torch
+    import torchvision
+
+    import adntn
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    pth = work / "vgg16.pth"
+    if not pth.exists():
+        torch.manual_seed(0)
+        torch.save(torchvision.models.vgg16().state_dict(), pth)
+    directory = work / "vgg16.adntn"
+    if not (directory / "report.json").exists():
+        adntn.compress(pth, layers=["fc6", "fc7"], arch="ttn", ratio=2000, steps=0).save(directory, force=True)
+    onnx = work / "vgg16.onnx"
+    if not onnx.exists():
+        adntn.export_onnx(directory, onnx)
+    payload = {"threads": args.threads, "repeats": max(3, args.repeats // 2)}
+    size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    return {
+        "dense": {"bytes": pth.stat().st_size, **run_child("dense", {**payload, "path": str(pth)})},
+        "adntn": {"bytes": size, **run_child("adntn", {**payload, "path": str(directory)})},
+        "onnx": {"bytes": onnx.stat().st_size, **run_child("onnx", {**payload, "path": str(onnx)})},
+    }
+
+
+# ----------------------------------------------------------------------------------- report
+
+def markdown(results: dict) -> str:
+    lines = ["# bench-runtime: inference without dense weights", "",
+             f"{results['machine']}; {results['threads']} threads; load average {results['load_before']} before, "
+             f"{results['load_after']} after. Medians. `adntn` = the generated layer under `auto` "
+             "(schedule shown); `tltorch` = TensorLy-Torch FactorizedLinear (BlockTT, factorized forward, "
+             "rank matched to the core parameters from below).", "",
+             "| layer | arch | ratio | batch | schedule | dense ms | adntn ms | speed-up | tltorch ms (rank) "
+             "| adntn bytes | % of dense weight |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results["layers"]:
+        if "skipped" in r:
+            lines.append(f"| {r['layer']} | {r['arch']} | {r['ratio']} | - | - | - | - | - | - | - | {r['skipped']} |")
+            continue
+        tl = f"{r['tltorch_ms']:.3f} ({r['tltorch_rank']})" if "tltorch_ms" in r else "-"
+        lines.append(f"| {r['layer']} | {r['arch']} | {r['ratio']:,} | {r['batch']} | {r['schedule']} | "
+                     f"{r['dense_ms']:.3f} | {r['adntn_ms']:.3f} | {r['dense_ms'] / r['adntn_ms']:.1f}x | {tl} | "
+                     f"{r['adntn_bytes']:,} | {100 * r['adntn_bytes'] / r['dense_bytes']:.2f} |")
+    model = results.get("model")
+    if model:
+        lines += ["", "Whole model: VGG-16 (torchvision, random weights), fc6+fc7 by ttn at 2,000x, 224x224.", "",
+                  "| variant | file bytes | load s | RSS after load | RSS above imports | images/s b=1 | images/s b=32 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, row in model.items():
+            if "error" in row:
+                lines.append(f"| {name} | {row['bytes']:,} | error: {row['error'][-200:]!r} |||||")
+                continue
+            lines.append(f"| {name} | {row['bytes']:,} | {row['load_s']:.3f} | {row['rss_after_load'] / 1e6:,.0f} MB | "
+                         f"{row['rss_above_imports'] / 1e6:,.0f} MB | {row['images_per_s_1']:.2f} | "
+                         f"{row['images_per_s_32']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "PAYLOAD"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--archs", default=",".join(ARCHS))
+    parser.add_argument("--quick", action="store_true", help="fc7 only, ttn, batch 1 and 32, no whole model")
+    parser.add_argument("--no-model", action="store_true", help="skip the whole-model part")
+    parser.add_argument("--work", default="/tmp/adntn-bench-runtime")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "runtime.json")
+    args = parser.parse_args()
+    if args.child:
+        result = child(args.child[0], json.loads(args.child[1]))
+        sys.stdout.write(MARK + json.dumps(result) + "\n")
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.archs = args.archs.split(",")
+    args.ratios, args.batches = RATIOS, BATCHES
+    if args.quick:
+        LAYERS.pop("fc6")
+        args.archs, args.batches = ["ttn"], (1, 32)
+    results = {"machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores), torch {torch.__version__}",
+               "threads": args.threads, "load_before": round(os.getloadavg()[0], 2)}
+    results["layers"] = layer_rows(args)
+    if not (args.quick or args.no_model):
+        results["model"] = model_rows(args)
+    results["load_after"] = round(os.getloadavg()[0], 2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
