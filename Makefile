@@ -42,6 +42,7 @@ bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py --out bench/results/quality.json
 
 bench-runtime: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench,export]'
 	$(BIN)/python bench/runtime.py --out bench/results/runtime.json
 
 clean:
