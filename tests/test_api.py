@@ -145,3 +145,17 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
     assert (tmp_path / "mlp.adntn" / "report.json").is_file()
+
+
+def test_layer_groups_all_conv_and_fc(vgg):
+    from adntn.pipeline.source import read_source
+
+    source = read_source(vgg)
+    labels = lambda names: [layer.label for layer in source.select(names)]  # noqa: E731
+    assert labels(["fc"]) == ["fc6", "fc7"]
+    assert labels(["conv"]) == [f"conv{b}_{k}" for b, k in ((1, 1), (2, 1), (3, 1), (3, 2), (4, 1), (4, 2),
+                                                                  (5, 1), (5, 2))]
+    assert labels(["all"]) == labels(["conv"]) + ["fc6", "fc7"]
+    assert labels(["fc", "fc8"]) == ["fc6", "fc7", "fc8"]
+    with pytest.raises(adntn.AdntnError, match="named more than once"):
+        source.select(["all", "fc6"])

@@ -141,7 +141,7 @@ def _inspect_directory(directory: Path, batch: int, as_json: bool) -> None:
 def compress(
     checkpoint: Annotated[Path, typer.Argument(help="A state_dict (.pt/.pth) or .safetensors file.")],
     layers: Annotated[str, typer.Option("--layers", "-l",
-                                        help="Comma-separated layers: aliases (fc6, conv3_1) or modules (classifier.3).")],
+                                        help="Comma-separated layers: aliases (fc6, conv3_1), modules (classifier.3), or all (every conv and hidden linear layer), conv, fc (fc6, fc7).")],
     arch: Annotated[str, typer.Option(autocompletion=archs,
                                       help=f"Generator: {' | '.join(archs())} (tt and svd are baselines).")] = "ttn",
     ratio: Annotated[Optional[str], typer.Option(

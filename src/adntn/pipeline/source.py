@@ -58,13 +58,24 @@ class Source:
         raise AdntnError(f"Unknown layer '{name}'; the module's Linear and Conv2d layers are named by module "
                          f"path ({examples}{', ...' if len(self.layers) > 4 else ''}).")
 
+    def group(self, name: str) -> tuple[LayerInfo, ...] | None:
+        """The layers a group name stands for (``all``: every conv and linear layer but the
+        output layer; ``conv``: every conv; ``fc``: every linear layer but the output layer), or
+        None for any other name. The output layer (fc8) is compressed only when named."""
+        hidden = self.layers[:-1] if self.layers and self.layers[-1].kind == "linear" else self.layers
+        groups = {"all": hidden, "conv": tuple(layer for layer in self.layers if layer.kind == "conv"),
+                  "fc": tuple(layer for layer in hidden if layer.kind == "linear")}
+        return groups.get(name)
+
     def select(self, names: list[str]) -> tuple[LayerInfo, ...]:
-        """The layers called ``names``, in the given order (none missing, none twice)."""
+        """The layers called ``names`` (or by the group names of :meth:`group`), in the given
+        order (none missing, none twice)."""
         if not names:
             raise AdntnError("No layers were named; name at least one, e.g. fc6.")
+        named = [layer for name in names
+                 for layer in (self.group(name.strip()) or (self.layer(name.strip()),))]
         chosen: list[LayerInfo] = []
-        for name in names:
-            layer = self.layer(name.strip())
+        for layer in named:
             if not layer.module:
                 raise AdntnError("The module given is itself the layer; compress a module that holds it, "
                                  "e.g. nn.Sequential(layer), and name it '0'.")
