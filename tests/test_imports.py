@@ -9,7 +9,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "adntn"
 # lowest first: maths never imports I/O, the library never imports the CLI
 LAYERS = (
-    ("adntn.errors", "adntn.version", "adntn.memory", "adntn.progress", "adntn.distributed"),
+    ("adntn.errors", "adntn.version", "adntn.memory", "adntn.progress", "adntn.seeding", "adntn.distributed"),
     ("adntn.core",),
     ("adntn.networks",),
     ("adntn.io", "adntn.models", "adntn.data"),

@@ -114,3 +114,37 @@ def test_expanded_safetensors_keep_the_source_metadata(tmp_path):
     assert adntn("expand", tmp_path / "o", "-o", tmp_path / "d.safetensors").exit_code == 0
     with safe_open(str(tmp_path / "d.safetensors"), "pt") as handle:
         assert handle.metadata()["mean"] == "[0.5, 0.5, 0.5]"
+
+
+def test_an_interrupted_fine_tuning_resumes_from_its_last_epoch(setup, tmp_path):
+    """Stopped during epoch 2 of 2, the run leaves its epoch-1 state beside the output (and no
+    output); --resume finishes it with the cores an uninterrupted run writes, and removes the state."""
+    import adntn
+    from adntn.pipeline.compress import compress_to, resume_path
+
+    root, checkpoint, config, _, _ = setup
+    options = dict(ratio=20, steps=3, data=root / "data", config=config, epochs=2, batch_size=16)
+    whole = tmp_path / "whole.adntn"
+    compress_to(checkpoint, ["fc6", "fc7"], whole, **options, dropout=False)
+
+    class StopInSecondEpoch(adntn.Progress):
+        def task(self, description, total):
+            def advance(done, loss=None):
+                if description == "fine-tuning" and done > total // 2:
+                    raise KeyboardInterrupt
+            return advance
+
+    out = tmp_path / "resumed.adntn"
+    with pytest.raises(KeyboardInterrupt):
+        compress_to(checkpoint, ["fc6", "fc7"], out, progress=StopInSecondEpoch(), **options, dropout=False)
+    state = resume_path(out)
+    assert state.is_file() and not out.exists()
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    with pytest.raises(adntn.AdntnError, match="other inputs or settings"):
+        compress_to(checkpoint, ["fc6", "fc7"], out, **{**options, "epochs": 3}, dropout=False, resume=True)
+    report = compress_to(checkpoint, ["fc6", "fc7"], out, **options, dropout=False, resume=True)
+    assert not state.parent.exists()
+    assert report["training"]["finetune"]["epochs"] == 2
+    for name in ("classifier.0", "classifier.3"):
+        assert (out / "layers" / f"{name}.safetensors").read_bytes() == \
+            (whole / "layers" / f"{name}.safetensors").read_bytes()

@@ -177,6 +177,9 @@ def compress(
     cache_dir: Annotated[Optional[Path], typer.Option(
         "--cache-dir", help="Keep convolutional features here between runs (classifier layers only; "
                             "without it they go to a temporary folder on disk).")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue an interrupted fine-tuning from its last completed epoch (with --data; "
+                         "the state is kept beside the output until it is written).")] = False,
     feature_dtype: Annotated[str, typer.Option(
         "--feature-dtype", help="How cached features are stored: float16 (default; 2 bytes per value) | "
                                 "bfloat16 | float32.")] = "float16",
@@ -206,7 +209,7 @@ def compress(
         allow_pickle=allow_pickle, data=data, config=config, epochs=epochs, finetune_lr=finetune_lr,
         batch_size=batch_size, temperature=temperature, kd_weight=kd_weight, dropout=dropout,
         train=tuple(_names(train)), cache_dir=cache_dir, feature_dtype=feature_dtype, max_images=max_images,
-        class_map=class_map)
+        class_map=class_map, resume=resume)
     out_dir = out or Path(f"{checkpoint.stem}.adntn")
     if distributed.requested():
         options = replace(options, device=distributed.setup(options.device))

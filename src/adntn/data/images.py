@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets, transforms
 
 from adntn.errors import AdntnError
+from adntn.seeding import epoch_seed
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -479,7 +480,11 @@ class GlobalBatches(torch.utils.data.Sampler):
 
     def __init__(self, samples: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.samples, self.batch_size, self.rank, self.world = samples, batch_size, rank, world
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The order of epoch ``epoch`` comes from (seed, epoch): a resumed run sees the same."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return math.ceil(self.samples / self.batch_size)
@@ -489,7 +494,7 @@ class GlobalBatches(torch.utils.data.Sampler):
         return min(self.batch_size, self.samples - step * self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(self.samples, generator=self.generator)
+        order = torch.randperm(self.samples, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
         for batch in order.split(self.batch_size):
             first, last = len(batch) * self.rank // self.world, len(batch) * (self.rank + 1) // self.world
             yield batch[first:last].tolist()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -179,8 +180,12 @@ def build_report(source: Source, results: list[LayerResult], options: CompressOp
 
 
 def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
-             options: CompressOptions | None = None, progress: Progress | None = None, **kwargs) -> Compressed:
-    """Compress ``layers`` of a model in memory or a checkpoint file; see ``adntn.compress``."""
+             options: CompressOptions | None = None, progress: Progress | None = None,
+             resume_state: Path | None = None, **kwargs) -> Compressed:
+    """Compress ``layers`` of a model in memory or a checkpoint file; see ``adntn.compress``.
+
+    ``resume_state``: a file where fine-tuning saves its state after every epoch (and resumes from
+    it with ``resume``); ``compress_to`` keeps it beside the output."""
     progress = progress or Progress()
     options = CompressOptions.from_kwargs(**kwargs) if options is None else replace(options, **kwargs)
     if distributed.requested():  # torchrun: one process per device, cuda -> cuda:LOCAL_RANK
@@ -208,7 +213,7 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
     trained: dict[str, torch.Tensor] = {}
     task = None
     if data is not None:
-        outcome = run_task_stages(source, results, options, data, progress)
+        outcome = run_task_stages(source, results, options, data, progress, resume_state)
         results, trained, task = outcome.results, outcome.trained, outcome.report
     results = weight_errors(source, results, progress)
     for result in results:
@@ -231,9 +236,21 @@ def compress_to(model_or_path: nn.Module | str | Path, layers: list[str] | str, 
     Under torchrun only rank 0 writes; the other ranks return the report unwritten.
     """
     progress = progress or Progress()
-    check_destination(Path(out_dir), force=force)
-    compressed = compress(model_or_path, layers, options=options, progress=progress, **kwargs)
+    out_dir = Path(out_dir)
+    check_destination(out_dir, force=force)
+    state = resume_path(out_dir)
+    if (options.resume if options is not None else kwargs.get("resume")) and not state.is_file():
+        progress.note(f"--resume: no saved fine-tuning state ({state}); starting from the first epoch.")
+    compressed = compress(model_or_path, layers, options=options, progress=progress, resume_state=state, **kwargs)
     if not distributed.is_main():
         return compressed.report
     with progress.stage("write_archive"):
-        return write_archive(Path(out_dir), compressed.dense, list(compressed.layers), compressed.report, force=force)
+        written = write_archive(out_dir, compressed.dense, list(compressed.layers), compressed.report, force=force)
+    shutil.rmtree(state.parent, ignore_errors=True)
+    return written
+
+
+def resume_path(out_dir: Path) -> Path:
+    """Where a run writing ``out_dir`` keeps its fine-tuning state between epochs (beside the
+    staged output; removed once the output is written)."""
+    return out_dir.resolve().parent / f".{out_dir.name}.resume" / "finetune.pt"

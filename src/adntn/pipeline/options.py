@@ -68,7 +68,8 @@ class CompressOptions:
     ``cache_dir`` (trunk features kept between runs), ``feature_dtype`` (how they are stored:
     float16, bfloat16 or float32), ``record_samples`` (inputs recorded per layer for the
     activation-space fit), ``max_images`` (at most this many images per split, stratified by
-    class, seeded by ``seed``), ``class_map`` (which output each class folder is).
+    class, seeded by ``seed``), ``class_map`` (which output each class folder is), ``resume``
+    (continue an interrupted fine-tuning from its last completed epoch, see ``compress_to``).
     """
 
     arch: str = "ttn"
@@ -94,6 +95,7 @@ class CompressOptions:
     train: tuple[str, ...] = ()
     cache_dir: Path | None = None
     record_samples: int = 4096
+    resume: bool = False
     feature_dtype: str = "float16"
     max_images: int | None = None
     class_map: Path | None = None
@@ -131,8 +133,8 @@ class CompressOptions:
                                             or self.max_images < 1):
             raise AdntnError(f"--max-images must be a positive integer, not {self.max_images!r}.")
         if self.data is None and (self.config is not None or self.train or self.max_images is not None
-                                  or self.class_map is not None):
-            raise AdntnError("--config, --train, --max-images and --class-map only apply with --data.")
+                                  or self.class_map is not None or self.resume):
+            raise AdntnError("--config, --train, --max-images, --class-map and --resume only apply with --data.")
         self.finetune  # the fine-tuning settings are checked too
 
     @classmethod

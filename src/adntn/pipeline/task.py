@@ -24,6 +24,8 @@ receive is edited.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import tempfile
 from collections.abc import Callable, Mapping
@@ -45,7 +47,8 @@ from adntn.pipeline.results import LayerResult, copy_generator
 from adntn.pipeline.options import CompressOptions, resolve_device
 from adntn.pipeline.source import Source
 from adntn.progress import Progress
-from adntn.training.distill import FinetuneResult, finetune_features, finetune_full, generated_parameters
+from adntn.training.distill import (EpochCheckpoint, FinetuneResult, finetune_features, finetune_full,
+                                   generated_parameters)
 from adntn.training.evaluate import Accuracy, accuracy_of_counts, count_hits
 from adntn.training.features import (FEATURE_DTYPES, FeatureFile, cached_features, feature_cache_key, record_inputs,
                                      split_at_classifier)
@@ -176,19 +179,20 @@ def _extra_groups(student: nn.Module, extra: tuple[LayerInfo, ...], prefix: str)
 
 
 def run_task_stages(source: Source, results: list[LayerResult], options: CompressOptions, data: TaskData,
-                    progress: Progress) -> TaskOutcome:
+                    progress: Progress, state: Path | None = None) -> TaskOutcome:
     """Stages 2 and 3 on the weight-space results; ``data`` is :func:`open_data` of the options'
-    data (opened before any fitting, so bad data fails early).
+    data (opened before any fitting, so bad data fails early). With ``state`` (a file path) the
+    fine-tuning saves its state there after every epoch, and resumes from it with ``resume``.
 
     Without ``cache_dir`` the trunk features go to a temporary folder (rank 0's, shared with the
     other ranks under torchrun) that is removed when the stages end.
     """
     if options.cache_dir is not None or not head_only([result.layer for result in results]):
-        return _run_task_stages(source, results, options, data, progress, options.cache_dir)
+        return _run_task_stages(source, results, options, data, progress, options.cache_dir, state)
     temporary = tempfile.TemporaryDirectory(prefix="adntn-features-") if distributed.is_main() else None
     try:
         folder = Path(distributed.broadcast(temporary.name if temporary else None))
-        return _run_task_stages(source, results, options, data, progress, folder)
+        return _run_task_stages(source, results, options, data, progress, folder, state)
     finally:
         distributed.barrier()
         if temporary is not None:
@@ -200,7 +204,7 @@ class _Run:
     """Where stages 2 and 3 run: the head on cached trunk features (every compressed layer in the
     classifier), or the whole model on images. ``model`` is the dense part that runs, ``prefix``
     its module path inside the full model; the inputs recorded from it for the activation-space
-    fit (train) and its error (held out); the dense accuracy; ``finetune(student, groups)`` and
+    fit (train) and its error (held out); the dense accuracy; ``finetune(student, groups, checkpoint)`` and
     ``accuracy(student)`` for a copy of ``model`` with generated layers."""
 
     model: nn.Module
@@ -210,7 +214,7 @@ class _Run:
     dense_accuracy: Accuracy
     train_images: int
     heldout_images: int
-    finetune: Callable[[nn.Module, dict], FinetuneResult]
+    finetune: Callable[[nn.Module, dict, EpochCheckpoint | None], FinetuneResult]
     accuracy: Callable[[nn.Module], Accuracy]
     features_cached: bool
 
@@ -237,7 +241,8 @@ def _on_features(source: Source, teacher: nn.Module, names: list[str], data: Tas
     head.to(device)
     return _Run(head, HEAD, recorded(train), recorded(heldout),
                 _features_accuracy(head, heldout.features, config.batch_size), len(train.labels), len(heldout.labels),
-                lambda student, groups: finetune_features(student, head, train.features, groups, config, progress),
+                lambda student, groups, checkpoint: finetune_features(student, head, train.features, groups, config,
+                                                                      progress, checkpoint),
                 lambda student: _features_accuracy(student, heldout.features, config.batch_size), True)
 
 
@@ -251,7 +256,8 @@ def _on_images(source: Source, teacher: nn.Module, names: list[str], data: TaskD
     heldout_inputs = record_inputs(teacher, names, image_loader(splits.heldout, preprocessing), samples)
     return _Run(teacher, "", train_inputs, heldout_inputs, _images_accuracy(teacher, splits.heldout, preprocessing),
                 len(splits.train), len(splits.heldout),
-                lambda student, groups: finetune_full(student, teacher, train_loader, groups, config, progress),
+                lambda student, groups, checkpoint: finetune_full(student, teacher, train_loader, groups, config,
+                                                                  progress, checkpoint),
                 lambda student: _images_accuracy(student, splits.heldout, preprocessing), False)
 
 
@@ -271,8 +277,19 @@ def _trained_values(student: nn.Module, results: list[LayerResult], extra: tuple
     return tuned, trained
 
 
+def _run_key(source: Source, options: CompressOptions, student: nn.Module) -> str:
+    """What a fine-tuning run is: the checkpoint, the settings (``resume`` aside) and the student
+    it starts from (after the weight- and activation-space fits)."""
+    digest = hashlib.sha256(json.dumps({**options.describe(), "resume": None, "source": source.sha256},
+                                       sort_keys=True).encode())
+    for key, value in student.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _run_task_stages(source: Source, results: list[LayerResult], options: CompressOptions, data: TaskData,
-                     progress: Progress, cache_dir: Path | None) -> TaskOutcome:
+                     progress: Progress, cache_dir: Path | None, state: Path | None = None) -> TaskOutcome:
     layers = [result.layer for result in results]
     extra = trained_layers(source, layers, options)
     device = resolve_device(options.device)
@@ -284,7 +301,8 @@ def _run_task_stages(source: Source, results: list[LayerResult], options: Compre
     groups = {f"{kind}:{run.prefix}{name}": params for kind_name, params in generated_parameters(student).items()
               for kind, name in [kind_name.split(":", 1)]}
     groups.update(_extra_groups(student, extra, run.prefix))
-    result = run.finetune(student, groups)
+    checkpoint = None if state is None else EpochCheckpoint(state, _run_key(source, options, student), options.resume)
+    result = run.finetune(student, groups, checkpoint)
     compressed_accuracy = run.accuracy(student)
     tuned, trained = _trained_values(student, results, extra, run.prefix, source)
     tuned = _activation_errors(tuned, run.heldout_inputs, source, options.steps)

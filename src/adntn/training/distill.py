@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adntn.errors import AdntnError
+from adntn.seeding import epoch_seed
 from adntn.models.layers import GeneratedLayer
 from adntn.progress import Progress, Silent
 
@@ -179,14 +181,49 @@ def _fine_tuning_mode(model: nn.Module, trained: list[nn.Parameter], seed: int, 
             p.requires_grad_(flag)
 
 
+class EpochCheckpoint:
+    """Fine-tuning state saved after every completed epoch, so an interrupted run can resume.
+
+    ``path`` holds the epoch count, the student's and the optimizer's state and the losses so far,
+    with ``key`` (what the run was: its inputs and settings); with ``resume`` a saved state is
+    resumed from (:meth:`load`: None when the file is absent; one written for another ``key`` is
+    refused). Written atomically after each epoch.
+    """
+
+    def __init__(self, path: Path, key: str, resume: bool = False) -> None:
+        self.path, self.key, self.resume = Path(path), key, resume
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise AdntnError(f"The resume state {self.path} is unreadable; remove it to start afresh.") from None
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            raise AdntnError(f"The resume state {self.path} was written by a run with other inputs or settings; "
+                             "remove it to start afresh, or drop --resume.")
+        return state
+
+    def save(self, state: dict) -> None:
+        from adntn.io.files import atomic_write
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda temporary: torch.save({**state, "key": self.key}, temporary))
+
+
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
 # (student input, teacher logits, labels, samples in the global batch: this rank's share under torchrun)
 
 
-def _train(student: nn.Module, epoch_batches: Callable[[], Batches], steps_per_epoch: int,
+def _train(student: nn.Module, epoch_batches: Callable[[int], Batches], steps_per_epoch: int,
            params: Mapping[str, Iterable[nn.Parameter]], config: FinetuneConfig,
-           progress: Progress | None) -> FinetuneResult:
-    """Adam on ``params`` with the distillation loss, ``config.epochs`` calls of ``epoch_batches``.
+           progress: Progress | None, checkpoint: EpochCheckpoint | None = None) -> FinetuneResult:
+    """Adam on ``params`` with the distillation loss, ``epoch_batches(epoch)`` for each epoch.
+
+    With ``checkpoint`` the state after each epoch is saved, and a saved state is resumed from:
+    the epochs it completed are skipped (each epoch's shuffling and dropout come from
+    ``epoch_seed``, so the result is the uninterrupted run's).
 
     Under torchrun the student runs under DistributedDataParallel; each rank's loss (a mean over
     its share of the global batch) is weighted by share * world size / global batch, so the
@@ -204,7 +241,7 @@ def _train(student: nn.Module, epoch_batches: Callable[[], Batches], steps_per_e
     total_steps = config.epochs * steps_per_epoch
     advance = (progress or Silent()).task("fine-tuning", total_steps)
     losses: list[float] = []
-    images = steps = 0
+    images = steps = first_epoch = 0
     start = time.perf_counter()
     with _fine_tuning_mode(student, trained, config.seed + distributed.rank(), config.dropout):
         model = student
@@ -214,9 +251,16 @@ def _train(student: nn.Module, epoch_batches: Callable[[], Batches], steps_per_e
             model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
                                             broadcast_buffers=False)
         optimizer = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
-        for _ in range(config.epochs):
+        saved = checkpoint.load() if checkpoint is not None and checkpoint.resume else None
+        if saved is not None:
+            student.load_state_dict(saved["student"])
+            optimizer.load_state_dict(saved["optimizer"])
+            first_epoch, steps, losses = saved["epoch"], saved["steps"], list(saved["losses"])
+            advance(steps, losses[-1] if losses else None)
+        for epoch in range(first_epoch, config.epochs):
+            torch.manual_seed(epoch_seed(config.seed + distributed.rank(), epoch))  # this epoch's dropout
             loss_sum, images = 0.0, 0
-            for inputs, teacher_logits, labels, global_count in epoch_batches():
+            for inputs, teacher_logits, labels, global_count in epoch_batches(epoch):
                 labels = labels.to(device)
                 outputs = model(inputs.to(device))
                 if len(labels):
@@ -235,6 +279,9 @@ def _train(student: nn.Module, epoch_batches: Callable[[], Batches], steps_per_e
             loss_sum, images = distributed.sum_all([loss_sum, float(images)])
             images = int(images)
             losses.append(loss_sum / max(images, 1))
+            if checkpoint is not None and distributed.is_main():
+                checkpoint.save({"epoch": epoch + 1, "steps": steps, "losses": losses,
+                                 "student": student.state_dict(), "optimizer": optimizer.state_dict()})
     return FinetuneResult(epochs=config.epochs, images=images, steps=steps, seconds=time.perf_counter() - start,
                           final_loss=losses[-1] if losses else None, losses=losses, trained=list(groups))
 
@@ -257,9 +304,8 @@ def finetune(student: nn.Module, teacher_logits: torch.Tensor, inputs: torch.Ten
     n = len(inputs)
     if len(teacher_logits) != n or len(labels) != n:
         raise ValueError(f"inputs, teacher logits and labels differ in length: {n}, {len(teacher_logits)}, {len(labels)}")
-    shuffle = torch.Generator().manual_seed(config.seed)
-
-    def epoch_batches() -> Batches:
+    def epoch_batches(epoch: int) -> Batches:
+        shuffle = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         for index in torch.randperm(n, generator=shuffle).split(config.batch_size):
             yield inputs[index], teacher_logits[index], labels[index], len(index)
 
@@ -268,7 +314,7 @@ def finetune(student: nn.Module, teacher_logits: torch.Tensor, inputs: torch.Ten
 
 def finetune_features(student: nn.Module, teacher: nn.Module, features: "FeatureFile",
                       params: Mapping[str, Iterable[nn.Parameter]], config: FinetuneConfig,
-                      progress: Progress | None = None) -> FinetuneResult:
+                      progress: Progress | None = None, checkpoint: EpochCheckpoint | None = None) -> FinetuneResult:
     """Fine-tune ``student`` (e.g. a head with generated layers) on trunk features on disk.
 
     ``features`` (a :class:`adntn.training.features.FeatureFile`) is read in shuffled chunks
@@ -279,12 +325,12 @@ def finetune_features(student: nn.Module, teacher: nn.Module, features: "Feature
     """
     from adntn import distributed
 
-    shuffle = torch.Generator().manual_seed(config.seed)
     teacher_device = next(teacher.parameters()).device
     teacher_was_training = teacher.training
     teacher.eval()
 
-    def epoch_batches() -> Batches:
+    def epoch_batches(epoch: int) -> Batches:
+        shuffle = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         for inputs, labels in features.batches(config.batch_size, shuffle):
             first, last = distributed.shard(len(labels))
             mine, mine_labels = inputs[first:last], labels[first:last]
@@ -294,7 +340,7 @@ def finetune_features(student: nn.Module, teacher: nn.Module, features: "Feature
 
     try:
         return _train(student, epoch_batches, math.ceil(len(features) / config.batch_size), params, config,
-                      progress)
+                      progress, checkpoint)
     finally:
         teacher.train(teacher_was_training)
 
@@ -302,7 +348,7 @@ def finetune_features(student: nn.Module, teacher: nn.Module, features: "Feature
 def finetune_full(student_model: nn.Module, teacher_model: nn.Module,
                   loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
                   params: Mapping[str, Iterable[nn.Parameter]], config: FinetuneConfig,
-                  progress: Progress | None = None) -> FinetuneResult:
+                  progress: Progress | None = None, checkpoint: EpochCheckpoint | None = None) -> FinetuneResult:
     """Fine-tune a whole model with generated layers (e.g. conv layers) over image batches.
 
     ``loader`` yields (images (b, 3, H, W), labels (b,)) and must have a length (a DataLoader);
@@ -317,13 +363,17 @@ def finetune_full(student_model: nn.Module, teacher_model: nn.Module,
     teacher_was_training = teacher_model.training
     teacher_model.eval()
 
-    def epoch_batches() -> Batches:
+    sampler = getattr(loader, "batch_sampler", None)
+
+    def epoch_batches(epoch: int) -> Batches:
+        if hasattr(sampler, "set_epoch"):  # data.images.GlobalBatches: this epoch's order
+            sampler.set_epoch(epoch)
         for step, (images, labels) in enumerate(loader):
             with torch.no_grad():
                 teacher_logits = teacher_model(images.to(teacher_device))
             yield images, teacher_logits, labels, len(labels) if global_size is None else global_size(step)
 
     try:
-        return _train(student_model, epoch_batches, len(loader), params, config, progress)
+        return _train(student_model, epoch_batches, len(loader), params, config, progress, checkpoint)
     finally:
         teacher_model.train(teacher_was_training)
