@@ -28,7 +28,7 @@ from adntn.demo import small_vgg11
 from adntn.errors import AdntnError
 
 runner = CliRunner()
-SRC = Path(__file__).resolve().parent.parent / "src"
+SRC = Path(adntn.__file__).resolve().parent.parent  # the adntn under test, for subprocesses
 
 
 def adntn_cli(*args):
