@@ -7,8 +7,9 @@ is one sentence on stderr and exit status 1.
 from __future__ import annotations
 
 import functools
-import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,6 +20,7 @@ from rich.table import Table
 from adntn.core.registry import archs
 from adntn.core.spec import ACTIVATIONS
 from adntn.errors import AdntnError
+from adntn.io.files import json_text
 from adntn import networks  # noqa: F401  (registers the archs that --arch offers)
 from adntn.pipeline.options import TARGET_DTYPES
 from adntn.version import __version__
@@ -36,11 +38,22 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that the library's cleanup (``except
+    BaseException``: staging folders, temporary files) runs as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def user_errors(command):
-    """Turn AdntnError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    """Turn AdntnError (and Ctrl-C, SIGTERM) into one line on stderr and a non-zero exit."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return command(*args, **kwargs)
         except AdntnError as error:
@@ -48,8 +61,14 @@ def user_errors(command):
         except KeyboardInterrupt:
             typer.echo("adntn: interrupted; nothing was written.", err=True)
             raise typer.Exit(130) from None
+        except Terminated:
+            typer.echo("adntn: terminated; nothing was written.", err=True)
+            raise typer.Exit(128 + signal.SIGTERM) from None
         except MemoryError:
             _fail("ran out of memory; try fewer layers at a time or a machine with more memory.")
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     return wrapper
 
@@ -65,7 +84,7 @@ def _names(text: str) -> list[str]:
 
 
 def _print_json(payload: dict) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    sys.stdout.write(json_text(payload))  # strict JSON: a non-finite number is null
 
 
 def _version(value: bool) -> None:
@@ -165,17 +184,24 @@ def compress(
     data: Annotated[Optional[Path], typer.Option(
         help="ImageFolder root with train/ and val/ (or test/): fit on data and fine-tune by distillation.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Preprocessing TOML (see sample_configs/).")] = None,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs over train/ (with --data).")] = 3,
-    finetune_lr: Annotated[float, typer.Option("--finetune-lr", help="Fine-tuning learning rate (with --data).")] = 1e-2,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Fine-tuning batch size (with --data).")] = 256,
-    temperature: Annotated[float, typer.Option(help="Distillation temperature (with --data).")] = 4.0,
-    kd_weight: Annotated[float, typer.Option("--kd-weight", help="Weight of distillation vs cross-entropy.")] = 0.9,
-    dropout: Annotated[bool, typer.Option(
-        "--dropout/--no-dropout", help="Keep the model's dropout layers active while fine-tuning (with --data).")] = True,
+    epochs: Annotated[Optional[int], typer.Option(
+        help="Fine-tuning epochs over train/ (with --data; default 3).", show_default=False)] = None,
+    finetune_lr: Annotated[Optional[float], typer.Option(
+        "--finetune-lr", help="Fine-tuning learning rate (with --data; default 0.01).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Fine-tuning batch size (with --data; default 256).", show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help="Distillation temperature (with --data; default 4).", show_default=False)] = None,
+    kd_weight: Annotated[Optional[float], typer.Option(
+        "--kd-weight", help="Weight of distillation vs cross-entropy (with --data; default 0.9).",
+        show_default=False)] = None,
+    dropout: Annotated[Optional[bool], typer.Option(
+        "--dropout/--no-dropout", help="Keep the model's dropout layers active while fine-tuning (with --data; "
+                                       "default --dropout).", show_default=False)] = None,
     train: Annotated[str, typer.Option(
         help="Comma-separated dense layers to fine-tune too (e.g. fc8); by default only the generators and the compressed layers' biases train.")] = "",
     cache_dir: Annotated[Optional[Path], typer.Option(
-        "--cache-dir", help="Keep convolutional features here between runs (classifier layers only; "
+        "--cache-dir", help="Keep convolutional features here between runs (with --data; classifier layers only; "
                             "without it they go to a temporary folder on disk).")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue an interrupted fine-tuning from its last completed epoch (with --data; "

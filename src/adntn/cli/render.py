@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console, Group
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -25,20 +26,46 @@ def _fraction(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def layer_table(report: dict) -> Table:
+LAYER_COLUMNS = (("layer", "left"), ("shape", "left"), ("arch", "left"), ("bonds", "left"), ("dense", "right"),
+                 ("core", "right"), ("ratio", "right"), ("w.err", "right"), ("a.err", "right"), ("fit s", "right"))
+NARROW_DROPS = ("bonds", "shape", "fit s", "a.err")  # left out in this order while the table is too wide
+
+
+def _ratio(numerator: float, denominator: float, spec: str) -> str:
+    return f"{numerator / denominator:{spec}}x" if denominator else "-"
+
+
+def layer_table(report: dict, drop: tuple[str, ...] = ()) -> Table:
+    """One row per compressed layer; the columns named in ``drop`` are left out."""
     table = Table(title=f"adntn: {report['source']['path']} ({report['source']['model']})")
-    for column, justify in [("layer", "left"), ("shape", "left"), ("arch", "left"), ("bonds", "left"),
-                            ("dense", "right"), ("core", "right"), ("ratio", "right"),
-                            ("w.err", "right"), ("a.err", "right"), ("fit s", "right")]:
+    columns = [(column, justify) for column, justify in LAYER_COLUMNS if column not in drop]
+    for column, justify in columns:
         table.add_column(column, justify=justify, no_wrap=True)
     for row in report["layers"]:
-        table.add_row(
-            row.get("alias") or row["name"], "x".join(map(str, row["shape"])),
-            f"{row['arch']}/{row['activation']}", ",".join(map(str, row["bond_dims"])),
-            _params(row["dense_params"]), _params(row["core_params"]), f"{row['ratio']:,.0f}x",
-            _fraction(row.get("weight_rel_error")), _fraction(row.get("activation_rel_error")),
-            f"{row['fit_seconds']:.1f}",
-        )
+        ratio = row.get("ratio")
+        cells = {
+            "layer": row.get("alias") or row["name"], "shape": "x".join(map(str, row["shape"])),
+            "arch": f"{row['arch']}/{row['activation']}", "bonds": ",".join(map(str, row["bond_dims"])),
+            "dense": _params(row["dense_params"]), "core": _params(row["core_params"]),
+            "ratio": "-" if ratio is None else f"{ratio:,.0f}x",
+            "w.err": _fraction(row.get("weight_rel_error")), "a.err": _fraction(row.get("activation_rel_error")),
+            "fit s": "-" if row.get("fit_seconds") is None else f"{row['fit_seconds']:.1f}",
+        }
+        table.add_row(*(cells[column] for column, _ in columns))
+    return table
+
+
+def fitting_layer_table(report: dict, console: Console) -> Table:
+    """``layer_table`` with as many columns as fit the console whole (bonds, then shape, fit s and
+    a.err are left out on narrow consoles rather than every number cut to '102,760,…')."""
+    unbounded = console.options.update(width=1 << 16, max_width=1 << 16)  # the table's natural width
+    drop: tuple[str, ...] = ()
+    table = layer_table(report)
+    for column in NARROW_DROPS:
+        if Measurement.get(console, unbounded, table).maximum <= console.width:
+            break
+        drop += (column,)
+        table = layer_table(report, drop)
     return table
 
 
@@ -48,13 +75,13 @@ def totals_table(report: dict) -> Table:
     for column in ("", "before", "after", "ratio"):
         table.add_column(column, justify="right" if column else "left")
     table.add_row("parameters", _params(total["dense_params"]), _params(total["stored_params"]),
-                  f"{total['dense_params'] / total['stored_params']:,.1f}x")
+                  _ratio(total["dense_params"], total["stored_params"], ",.1f"))
     if total.get("stored_bytes"):
         table.add_row("bytes on disk", _bytes(total["dense_bytes"]), _bytes(total["stored_bytes"]),
-                      f"{total['dense_bytes'] / total['stored_bytes']:,.1f}x")
+                      _ratio(total["dense_bytes"], total["stored_bytes"], ",.1f"))
     table.add_row("compressed layers", _params(total["compressed_dense_params"]),
                   _params(total["compressed_core_params"]),
-                  f"{total['compressed_dense_params'] / total['compressed_core_params']:,.0f}x")
+                  _ratio(total["compressed_dense_params"], total["compressed_core_params"], ",.0f"))
     return table
 
 
@@ -83,7 +110,7 @@ def training_text(report: dict) -> Text:
 def render(report: dict, console: Console) -> None:
     """Print the tables; ``report`` is the content of report.json. The columns are described in
     the README (w.err: relative weight error, a.err: relative activation error)."""
-    parts = [layer_table(report), totals_table(report)]
+    parts = [fitting_layer_table(report, console), totals_table(report)]
     accuracy = accuracy_table(report)
     if accuracy is not None:
         parts.append(accuracy)

@@ -86,10 +86,36 @@ def _read_safetensors(path: Path, mmap: bool) -> tuple[dict[str, torch.Tensor], 
     except OSError as error:
         raise AdntnError(f"Cannot read {path}: {error.strerror or error}.") from None
     except (SafetensorError, ValueError, RuntimeError):
+        problem = _metadata_problem(path)
+        if problem:
+            raise AdntnError(f"Cannot read {path}: its safetensors metadata {problem}; "
+                             "safetensors stores strings only, so write each value as a JSON string.") from None
         raise AdntnError(
             f"Cannot read {path}: the file is empty, truncated or not a safetensors file."
         ) from None
     return tensors, metadata
+
+
+def _metadata_problem(path: Path) -> str | None:
+    """Why a safetensors header's ``__metadata__`` is not the mapping of strings to strings that
+    the format allows (what safetensors refuses with a bare parse error), or None."""
+    try:
+        with open(path, "rb") as stream:
+            (header_size,) = struct.unpack("<Q", stream.read(8))
+            if header_size > 100_000_000:
+                return None
+            header = json.loads(stream.read(header_size))
+    except (OSError, struct.error, ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict) or "__metadata__" not in header or header["__metadata__"] is None:
+        return None
+    metadata = header["__metadata__"]
+    if not isinstance(metadata, dict):
+        return f"is a {type(metadata).__name__}, not a mapping of strings to strings"
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            return f"is not a mapping of strings to strings ({key!r} is a {type(value).__name__})"
+    return None
 
 
 def _map_safetensors(path: Path, layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]

@@ -72,6 +72,10 @@ class Compressed:
         return Path(directory)
 
 
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def plan_layers(source: Source, layers: tuple[LayerInfo, ...], options: CompressOptions) -> tuple[GeneratorSpec, ...]:
     """Each layer's generator spec, from ``--bond-dim`` or its ``--ratio`` (all checked before any
     fitting: an impossible budget or a ratio for a layer not compressed fails first)."""
@@ -197,6 +201,12 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
     with progress.stage("load_checkpoint"):
         source = read_source(model_or_path, model=options.model, allow_pickle=options.allow_pickle)
     chosen = source.select(names)
+    for layer in chosen:
+        dtype = source.state[layer.weight_key].dtype
+        if dtype.is_complex or not dtype.is_floating_point:
+            kind = "complex" if dtype.is_complex else "not floating-point"
+            raise AdntnError(f"{layer.label} ({layer.module}) has a {kind} weight ({_dtype(dtype)}); adntn compresses "
+                             "real floating-point weights only, so it would lose part of it.")
     with progress.stage("check_finite"):
         check_finite(source.state, list(source.state))
     specs = plan_layers(source, chosen, options)
@@ -219,9 +229,12 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
     for result in results:
         error = result.stats["weight_rel_error"]
         if data is None and error > DATA_FREE_WARNING:
+            checkpoint = source.name if source.module is None else "CHECKPOINT"
             progress.note(f"{result.layer.label} is reproduced with relative weight error {error:.2f} at "
-                          f"{report_row(result)['ratio']:,.0f}x without data, so it is unlikely to work as is; "
-                          "pass --data to fit it to its task.")
+                          f"{report_row(result)['ratio']:,.0f}x without data, so the compressed model is unlikely "
+                          "to keep its accuracy (it may be no better than chance); fit it to its task with data: "
+                          f"adntn compress {checkpoint} --layers {result.layer.label} --data IMAGEFOLDER "
+                          "(train/ and val/ inside), or try a lower --ratio.")
     replaced = {key for result in results for key in (result.layer.weight_key, result.layer.bias_key) if key}
     dense = {key: trained.get(key, tensor) for key, tensor in source.state.items() if key not in replaced}
     report = build_report(source, results, options, time.perf_counter() - started, task)
@@ -236,6 +249,11 @@ def compress_to(model_or_path: nn.Module | str | Path, layers: list[str] | str, 
     Under torchrun only rank 0 writes; the other ranks return the report unwritten.
     """
     progress = progress or Progress()
+    if isinstance(model_or_path, (str, Path)):
+        checkpoint, target = Path(model_or_path).resolve(), Path(out_dir).absolute().parent.resolve() / Path(out_dir).name
+        if checkpoint == target or target in checkpoint.parents:
+            raise AdntnError(f"--out {out_dir} would replace the checkpoint {model_or_path} that it is compressed from; "
+                             "choose another output.")
     out_dir = Path(out_dir)
     check_destination(out_dir, force=force)
     state = resume_path(out_dir)

@@ -8,25 +8,21 @@ written and dropped; a compressed layer's weight is generated in blocks of rows
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from adntn.io.archive import DENSE_FILE, materialize, materialize_rows, read_dense, read_layers, read_report
+from adntn.io.archive import DENSE_FILE, dense_path, materialize, materialize_rows, read_dense
 from adntn.io.files import atomic_write
-from adntn.io.safetensors import SAFETENSORS_SUFFIX, safetensors_layout, stream_safetensors
+from adntn.io.safetensors import SAFETENSORS_SUFFIX, stream_safetensors
 from adntn.errors import AdntnError
 from adntn.io.torchsave import stream_torch_save
+from adntn.pipeline.load import read_archive
 
 SUFFIXES = (".pt", ".pth", SAFETENSORS_SUFFIX)
-
-
-def _check_complete(directory: Path, report: dict, keys) -> None:
-    missing = [key for key in report["keys"] if key not in keys]
-    if missing:
-        raise AdntnError(f"{directory} is incomplete: {missing[0]} is in neither dense.safetensors nor a layer file.")
 
 
 def expanded_state_dict(directory: Path) -> dict[str, torch.Tensor]:
@@ -35,28 +31,23 @@ def expanded_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     Untouched tensors come from ``dense.safetensors`` bit for bit; each compressed layer's weight
     is its generator's output cast to the original dtype, its bias is the stored one.
     """
-    report = read_report(directory)
+    report, layers, layout, _ = read_archive(directory)
     state = read_dense(directory)
-    for layer in read_layers(directory, report):
+    for layer in layers:
         state[layer.weight_key] = materialize(layer.generator, layer.dtype)
         if layer.bias is not None:
             state[layer.bias_key] = layer.bias
-    _check_complete(directory, report, state)
-    return {key: state[key] for key in report["keys"]}
+    return {key: state[key] for key in layout}
 
 
-def _stream(directory: Path, report: dict, output: Path) -> None:
+def _stream(directory: Path, output: Path) -> None:
     """Write the expanded state_dict to ``output`` (.safetensors, .pt or .pth) one tensor at a time."""
-    layers = {layer.weight_key: layer for layer in read_layers(directory, report)}
-    biases = {layer.bias_key: layer.bias for layer in layers.values() if layer.bias is not None}
+    report, read, layout, _ = read_archive(directory)  # in the original checkpoint's order
+    layers = {layer.weight_key: layer for layer in read}
+    biases = {layer.bias_key: layer.bias for layer in read if layer.bias is not None}
     path = Path(directory) / DENSE_FILE
     try:
-        with safe_open(str(path), framework="pt") as dense:
-            layout = safetensors_layout(dense)
-            layout.update({key: (layer.dtype, layer.generator.spec.shape) for key, layer in layers.items()})
-            layout.update({key: (bias.dtype, tuple(bias.shape)) for key, bias in biases.items()})
-            _check_complete(directory, report, layout)
-            layout = {key: layout[key] for key in report["keys"]}  # the original checkpoint's order
+        with safe_open(str(dense_path(directory)), framework="pt") as dense:
 
             def produce(key: str) -> torch.Tensor | Iterable[torch.Tensor]:
                 if key in layers:
@@ -79,10 +70,13 @@ def expand(directory: str | Path, out: str | Path | None = None, *,
     state_dict (``expanded_state_dict``: the whole dense weights in memory)."""
     if out is None:
         return expanded_state_dict(Path(directory))
-    output = Path(out)
+    output, directory = Path(out), Path(directory)
     if output.suffix not in SUFFIXES:
         raise AdntnError(f"The output must end in {', '.join(SUFFIXES)}, not '{output.suffix or output.name}'.")
-    if output.exists() and not force:
+    root, target = directory.resolve(), output.absolute().parent.resolve() / output.name
+    if target == root or root in target.parents:
+        raise AdntnError(f"{output} is inside the archive {directory} being expanded; write it elsewhere.")
+    if os.path.lexists(output) and not force:
         raise AdntnError(f"{output} already exists; pass --force to replace it.")
-    _stream(Path(directory), read_report(directory), output)
+    _stream(directory, output)
     return output

@@ -6,32 +6,37 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from adntn.errors import AdntnError
-from adntn.io.archive import DENSE_FILE, CompressedLayer, read_dense, read_layers, read_report
-from adntn.io.safetensors import safetensors_layout
-from adntn.models.architectures import ModelInfo, detect_model
+from adntn.io.archive import CompressedLayer, archive_layout, read_dense, read_layers, read_report
+from adntn.models.architectures import MODEL_NAMES, ModelInfo, detect_model
 from adntn.models.layers import SCHEDULES, GeneratedLayer, inference_cost
 from adntn.pipeline.assemble import assemble_model
 from adntn.pipeline.options import resolve_device
 
 
-def archive_model_info(directory: Path, layers: list[CompressedLayer]) -> ModelInfo | None:
+def read_archive(directory: Path) -> tuple[dict, list[CompressedLayer], dict, ModelInfo | None]:
+    """report.json, the layers, the expanded layout (``archive_layout``) and the torchvision model
+    of an archive, every part checked against the others before any dense tensor is read: a
+    report that names a torchvision model must have that model's keys and shapes."""
+    report = read_report(directory)
+    layers = read_layers(directory, report)
+    layout = archive_layout(directory, report, layers)
+    return report, layers, layout, archive_model_info(directory, report, layout)
+
+
+def archive_model_info(directory: Path, report: dict, layout: dict) -> ModelInfo | None:
     """The torchvision model of an archive, recognised from the shapes alone (no tensor read), or
-    None when it is not one."""
-    path = Path(directory) / DENSE_FILE
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            layout = safetensors_layout(handle)
-    except (OSError, SafetensorError) as error:
-        raise AdntnError(f"{path} is missing or corrupt ({type(error).__name__}).") from None
+    None when it is not one; refused when report.json names a torchvision model the shapes do not fit."""
     shapes = {key: torch.empty(shape, dtype=dtype, device="meta") for key, (dtype, shape) in layout.items()}
-    for layer in layers:
-        shapes[layer.weight_key] = torch.empty(layer.generator.spec.shape, device="meta")
-        if layer.bias is not None:
-            shapes[layer.bias_key] = layer.bias
+    name = report["source"]["model"]
+    if name in MODEL_NAMES:
+        try:
+            return detect_model(shapes, override=name)
+        except AdntnError as error:
+            reason = str(error).partition(": ")[2].rstrip(".") or str(error).rstrip(".")
+            raise AdntnError(f"{directory} does not hold the {name} its report.json describes: {reason}.") from None
     try:
         return detect_model(shapes)
     except AdntnError:
@@ -60,9 +65,9 @@ def load(directory: str | Path, *, model: nn.Module | None = None, schedule: str
     count (see ``models.layers``); ``factorized`` runs mera layers ``blocked``. Uncompressed layers
     hold the stored tensors. Moved to ``device`` when given."""
     directory = Path(directory)
-    report = read_report(directory)
-    layers = read_layers(directory, report)
-    info = None if model is not None else archive_model_info(directory, layers)
+    report, layers, layout, info = read_archive(directory)
+    if model is not None:
+        info = None
     if model is None and info is None:
         raise AdntnError(f"{directory} holds no torchvision AlexNet or VGG; pass the module it was compressed "
                          "from as model=... to load it.")

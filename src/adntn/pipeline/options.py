@@ -25,6 +25,12 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 MAX_BATCH_SIZE = 1 << 20
 FEATURE_DTYPE_NAMES = ("float16", "bfloat16", "float32")  # --feature-dtype (training.features.FEATURE_DTYPES)
 
+# The fine-tuning settings, which only apply with ``data``: None means this default.
+FINETUNE_DEFAULTS = {"epochs": 3, "finetune_lr": 1e-2, "batch_size": 256, "temperature": 4.0, "kd_weight": 0.9,
+                     "dropout": True}
+FINETUNE_FLAGS = {"epochs": "--epochs", "finetune_lr": "--finetune-lr", "batch_size": "--batch-size",
+                  "temperature": "--temperature", "kd_weight": "--kd-weight", "cache_dir": "--cache-dir"}
+
 
 def resolve_device(name: str) -> torch.device:
     """``--device``: cpu, cuda or cuda:N, refused with a sentence when it is not there."""
@@ -69,7 +75,8 @@ class CompressOptions:
     float16, bfloat16 or float32), ``record_samples`` (inputs recorded per layer for the
     activation-space fit), ``max_images`` (at most this many images per split, stratified by
     class, seeded by ``seed``), ``class_map`` (which output each class folder is), ``resume``
-    (continue an interrupted fine-tuning from its last completed epoch, see ``compress_to``).
+    (continue an interrupted fine-tuning from its last completed epoch, see ``compress_to``). The fine-tuning settings default to None, which means
+    ``FINETUNE_DEFAULTS`` (see ``finetune``); given without ``data`` they are refused.
     """
 
     arch: str = "ttn"
@@ -86,12 +93,12 @@ class CompressOptions:
     allow_pickle: bool = False
     data: Path | None = None
     config: Path | None = None
-    epochs: int = 3
-    finetune_lr: float = 1e-2
-    batch_size: int = 256
-    temperature: float = 4.0
-    kd_weight: float = 0.9
-    dropout: bool = True
+    epochs: int | None = None
+    finetune_lr: float | None = None
+    batch_size: int | None = None
+    temperature: float | None = None
+    kd_weight: float | None = None
+    dropout: bool | None = None
     train: tuple[str, ...] = ()
     cache_dir: Path | None = None
     record_samples: int = 4096
@@ -120,10 +127,17 @@ class CompressOptions:
         if self.target_dtype not in TARGET_DTYPES:
             raise AdntnError(f"--target-dtype must be one of {', '.join(TARGET_DTYPES)}, not '{self.target_dtype}'.")
         resolve_device(self.device)
-        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+        if self.data is None:
+            given = [flag for name, flag in FINETUNE_FLAGS.items() if getattr(self, name) is not None]
+            if self.dropout is not None:
+                given.append("--dropout" if self.dropout else "--no-dropout")
+            if given:
+                raise AdntnError(f"{given[0]} only applies with --data (the fine-tuning on images), "
+                                 "so it would be ignored; pass --data or leave it out.")
+        if not 1 <= self.setting("batch_size") <= MAX_BATCH_SIZE:
             raise AdntnError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE:,}, not {self.batch_size}.")
-        _positive_finite(self.finetune_lr, "--finetune-lr")
-        _positive_finite(self.temperature, "--temperature")
+        _positive_finite(self.setting("finetune_lr"), "--finetune-lr")
+        _positive_finite(self.setting("temperature"), "--temperature")
         if self.record_samples < 1:
             raise AdntnError(f"record_samples must be at least 1, not {self.record_samples}.")
         if self.feature_dtype not in FEATURE_DTYPE_NAMES:
@@ -153,12 +167,17 @@ class CompressOptions:
             options["train"] = tuple(options["train"])
         return cls(**options)
 
+    def setting(self, name: str):
+        """A fine-tuning setting (``FINETUNE_DEFAULTS``' names): its value, or the default when None."""
+        value = getattr(self, name)
+        return FINETUNE_DEFAULTS[name] if value is None else value
+
     @property
     def finetune(self) -> FinetuneConfig:
         """The task-aware stage's settings (its seed is ``seed``)."""
-        return FinetuneConfig(epochs=self.epochs, lr=self.finetune_lr, batch_size=self.batch_size,
-                              temperature=self.temperature, kd_weight=self.kd_weight, seed=self.seed,
-                              dropout=self.dropout)
+        return FinetuneConfig(epochs=self.setting("epochs"), lr=self.setting("finetune_lr"),
+                              batch_size=self.setting("batch_size"), temperature=self.setting("temperature"),
+                              kd_weight=self.setting("kd_weight"), seed=self.seed, dropout=self.setting("dropout"))
 
     @property
     def target_torch_dtype(self) -> torch.dtype:
@@ -169,6 +188,7 @@ class CompressOptions:
         return next((self.layer_ratios[name] for name in names if name in self.layer_ratios), self.ratio)
 
     def describe(self) -> dict:
-        """The options as JSON values (paths as strings), for the report."""
+        """The options as JSON values (paths as strings; fine-tuning defaults filled in), for the report."""
+        values = {**asdict(self), **{name: self.setting(name) for name in FINETUNE_DEFAULTS}}
         return {key: str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
-                for key, value in asdict(self).items()}
+                for key, value in values.items()}
