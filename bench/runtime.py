@@ -114,8 +114,11 @@ def layer_rows(args) -> list[dict]:
                         row["adntn_bytes"] = cost["bytes"]
                         row["dense_bytes"] = 4 * spec.dense_params
                         if tl is not None:
-                            row["tltorch_ms"] = median_ms(lambda: tl[0](x), args.repeats)
-                            row["tltorch_params"], row["tltorch_rank"] = tl[1], tl[2]
+                            try:
+                                row["tltorch_ms"] = median_ms(lambda: tl[0](x), args.repeats)
+                                row["tltorch_params"], row["tltorch_rank"] = tl[1], tl[2]
+                            except RuntimeError as error:  # e.g. its einsum runs out of letters for 16 legs
+                                row["tltorch_error"] = str(error).splitlines()[0][:120]
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     return rows
@@ -212,7 +215,8 @@ def markdown(results: dict) -> str:
         if "skipped" in r:
             lines.append(f"| {r['layer']} | {r['arch']} | {r['ratio']} | - | - | - | - | - | - | - | {r['skipped']} |")
             continue
-        tl = f"{r['tltorch_ms']:.3f} ({r['tltorch_rank']})" if "tltorch_ms" in r else "-"
+        tl = f"{r['tltorch_ms']:.3f} ({r['tltorch_rank']})" if "tltorch_ms" in r else \
+            ("fails" if "tltorch_error" in r else "-")
         lines.append(f"| {r['layer']} | {r['arch']} | {r['ratio']:,} | {r['batch']} | {r['schedule']} | "
                      f"{r['dense_ms']:.3f} | {r['adntn_ms']:.3f} | {r['dense_ms'] / r['adntn_ms']:.1f}x | {tl} | "
                      f"{r['adntn_bytes']:,} | {100 * r['adntn_bytes'] / r['dense_bytes']:.2f} |")

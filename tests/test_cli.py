@@ -321,3 +321,14 @@ def test_bfloat16_target_fits_as_well_and_is_reported(checkpoint, tmp_path, arch
         errors[dtype] = [layer["weight_rel_error"] for layer in report["layers"]]
     for full, half in zip(errors["float32"], errors["bfloat16"]):
         assert abs(full - half) < 0.01 * full + 1e-3
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--batch-size"])
+def test_integers_beyond_int64_are_one_sentence(checkpoint, tmp_path, flag):
+    _fails(["compress", checkpoint, "--layers", "fc6", "--ratio", "20", flag, str(2**64), "--out", tmp_path / "o"],
+           "must be between", tmp_path)
+
+
+def test_a_ratio_for_a_layer_that_does_not_exist(checkpoint, tmp_path):
+    _fails(["compress", checkpoint, "--layers", "fc6", "--ratio", "fc6=10,fc99=5", "--out", tmp_path / "o"],
+           "Unknown layer 'fc99'", tmp_path)

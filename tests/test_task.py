@@ -1,6 +1,7 @@
 """compress --data and eval on a tiny ImageFolder the test writes itself."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -148,3 +149,78 @@ def test_an_interrupted_fine_tuning_resumes_from_its_last_epoch(setup, tmp_path)
     for name in ("classifier.0", "classifier.3"):
         assert (out / "layers" / f"{name}.safetensors").read_bytes() == \
             (whole / "layers" / f"{name}.safetensors").read_bytes()
+
+
+def _stages_before_error(**options):
+    """The pipeline stages that ran before compress refused ``options`` (with its sentence)."""
+    import adntn
+
+    stages = []
+
+    class Recorder(adntn.Progress):
+        def stage_done(self, name, seconds):
+            stages.append(name)
+
+    with pytest.raises(adntn.AdntnError) as caught:
+        adntn.compress(options.pop("checkpoint"), progress=Recorder(), **options)
+    return stages, str(caught.value)
+
+
+def test_train_outside_the_classifier_or_unknown_is_refused_before_fitting(setup):
+    root, checkpoint, config, _, _ = setup
+    common = dict(checkpoint=checkpoint, layers=["fc6"], ratio=20, steps=3, data=root / "data", config=config)
+    stages, message = _stages_before_error(**common, train=["conv1_1"])
+    assert "fit" not in stages and "--train conv1_1 is outside the classifier" in message
+    stages, message = _stages_before_error(**common, train=["fc99"])
+    assert "fit" not in stages and "Unknown layer 'fc99'" in message
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_fitting(setup, tmp_path):
+    root, checkpoint, config, _, _ = setup
+    blocker = tmp_path / "features"
+    blocker.write_text("not a folder")
+    stages, message = _stages_before_error(checkpoint=checkpoint, layers=["fc6"], ratio=20, steps=3,
+                                           data=root / "data", config=config, cache_dir=blocker / "inner")
+    assert "fit" not in stages and f"{blocker} is a file, not a folder" in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_cache_dir_is_refused(setup, tmp_path):
+    root, checkpoint, config, _, _ = setup
+    folder = tmp_path / "features"
+    folder.mkdir(mode=0o555)
+    _, message = _stages_before_error(checkpoint=checkpoint, layers=["fc6"], ratio=20, steps=3,
+                                      data=root / "data", config=config, cache_dir=folder)
+    assert "is not writable" in message
+
+
+def test_a_poisoned_feature_cache_is_recomputed_not_trusted(setup, tmp_path):
+    """A cache with the right key but the wrong width, or labels out of range, is ignored."""
+    import adntn
+
+    root, checkpoint, config, _, _ = setup
+    cache = tmp_path / "features"
+    options = dict(layers=["fc6", "fc7"], ratio=20, steps=3, data=root / "data", config=config, epochs=1,
+                   batch_size=16, cache_dir=cache)
+    clean = adntn.compress(checkpoint, **options).report["accuracy"]
+    for meta in cache.glob("*.json"):
+        described = json.loads(meta.read_text())
+        values, labels = meta.with_suffix(".bin"), meta.with_suffix(".labels")
+        rows = described["rows"]
+        described["width"] //= 2  # same bytes, half the width: a (2 rows, w/2) view of each row
+        described["rows"] = rows
+        values.write_bytes(values.read_bytes()[:rows * described["width"] * 2])
+        labels.write_bytes(torch.full((rows,), 10_000, dtype=torch.long).numpy().tobytes())
+        meta.write_text(json.dumps(described))
+    again = adntn.compress(checkpoint, **options).report["accuracy"]
+    assert again == clean
+
+
+def test_a_diverging_fine_tuning_is_refused_not_written(setup, tmp_path):
+    root, checkpoint, config, _, _ = setup
+    out = tmp_path / "nan.adntn"
+    result = adntn("compress", checkpoint, "--layers", "fc6,fc7", "--ratio", "20", "--steps", "3",
+                   "--data", root / "data", "--config", config, "--epochs", "1", "--batch-size", "16",
+                   "--finetune-lr", "1e30", "--out", out)
+    assert result.exit_code == 1 and "diverged" in result.stderr and "--finetune-lr" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()

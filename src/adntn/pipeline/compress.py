@@ -129,6 +129,20 @@ def fit_weight_space(source: Source, layer: LayerInfo, spec: GeneratorSpec, opti
     })
 
 
+def check_converged(results: list[LayerResult], *, fine_tuned: bool) -> None:
+    """Refuse to go on with a layer whose cores or bias came out NaN or infinite (a learning rate
+    far too large): nothing non-finite is ever written."""
+    for result in results:
+        tensors = dict(result.compressed.generator.named_parameters())
+        if result.compressed.bias is not None:
+            tensors["bias"] = result.compressed.bias
+        bad = next((name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())), None)
+        if bad is not None:
+            rates = "--lr or --finetune-lr" if fine_tuned else "--lr"
+            raise AdntnError(f"The fit of {result.layer.label} diverged (its {bad} is not finite); "
+                             f"try a smaller {rates}.")
+
+
 def weight_errors(source: Source, results: list[LayerResult], progress: Progress) -> list[LayerResult]:
     """Each layer's ||W - G|| / ||W||, from row blocks of G (no whole generated weight)."""
     measured = []
@@ -215,7 +229,7 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
         from adntn.pipeline.task import open_data, run_task_stages, trained_layers
 
         data = open_data(options.data, options.config, source.metadata, source, class_map=options.class_map,
-                         max_images=options.max_images, seed=options.seed)
+                         max_images=options.max_images, seed=options.seed, cache_dir=options.cache_dir)
         trained_layers(source, list(chosen), options)
 
     torch.manual_seed(options.seed)
@@ -225,6 +239,7 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
     if data is not None:
         outcome = run_task_stages(source, results, options, data, progress, resume_state)
         results, trained, task = outcome.results, outcome.trained, outcome.report
+    check_converged(results, fine_tuned=data is not None)
     results = weight_errors(source, results, progress)
     for result in results:
         error = result.stats["weight_rel_error"]

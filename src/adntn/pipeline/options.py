@@ -127,13 +127,6 @@ class CompressOptions:
         if self.target_dtype not in TARGET_DTYPES:
             raise AdntnError(f"--target-dtype must be one of {', '.join(TARGET_DTYPES)}, not '{self.target_dtype}'.")
         resolve_device(self.device)
-        if self.data is None:
-            given = [flag for name, flag in FINETUNE_FLAGS.items() if getattr(self, name) is not None]
-            if self.dropout is not None:
-                given.append("--dropout" if self.dropout else "--no-dropout")
-            if given:
-                raise AdntnError(f"{given[0]} only applies with --data (the fine-tuning on images), "
-                                 "so it would be ignored; pass --data or leave it out.")
         if not 1 <= self.setting("batch_size") <= MAX_BATCH_SIZE:
             raise AdntnError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE:,}, not {self.batch_size}.")
         _positive_finite(self.setting("finetune_lr"), "--finetune-lr")
@@ -146,6 +139,13 @@ class CompressOptions:
         if self.max_images is not None and (isinstance(self.max_images, bool) or not isinstance(self.max_images, int)
                                             or self.max_images < 1):
             raise AdntnError(f"--max-images must be a positive integer, not {self.max_images!r}.")
+        if self.data is None:
+            given = [flag for name, flag in FINETUNE_FLAGS.items() if getattr(self, name) is not None]
+            if self.dropout is not None:
+                given.append("--dropout" if self.dropout else "--no-dropout")
+            if given:
+                raise AdntnError(f"{given[0]} only applies with --data (the fine-tuning on images), "
+                                 "so it would be ignored; pass --data or leave it out.")
         if self.data is None and (self.config is not None or self.train or self.max_images is not None
                                   or self.class_map is not None or self.resume):
             raise AdntnError("--config, --train, --max-images, --class-map and --resume only apply with --data.")

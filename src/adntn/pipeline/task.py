@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -81,8 +82,18 @@ class TaskOutcome:
     report: dict
 
 
+def check_cache_dir(cache_dir: Path) -> None:
+    """``--cache-dir`` must be a folder this process can write, or creatable: checked before any fitting."""
+    existing = next((folder for folder in (cache_dir, *cache_dir.parents) if folder.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise AdntnError(f"--cache-dir {cache_dir} cannot be used: {existing} is a file, not a folder.")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise AdntnError(f"--cache-dir {cache_dir} cannot be used: {existing} is not writable.")
+
+
 def open_data(data: Path, config: Path | None, metadata: dict[str, str], source: Source, *,
-              class_map: Path | None = None, max_images: int | None = None, seed: int = 0) -> TaskData:
+              class_map: Path | None = None, max_images: int | None = None, seed: int = 0,
+              cache_dir: Path | None = None) -> TaskData:
     """The image splits of ``data`` with their preprocessing, labels mapped to the model's outputs
     and each split cut to ``max_images`` (stratified by class, seeded)."""
     if source.info is None:
@@ -91,6 +102,8 @@ def open_data(data: Path, config: Path | None, metadata: dict[str, str], source:
     preprocessing, origin = resolve_preprocessing(config, metadata)
     splits = image_splits(data, preprocessing)
     indices, classes_source = class_indices(splits.classes, source.info.num_classes, metadata, class_map)
+    if cache_dir is not None:
+        check_cache_dir(Path(cache_dir))
     splits = replace(splits, train=stratified_subset(relabel(splits.train, indices), max_images, seed),
                      heldout=stratified_subset(relabel(splits.heldout, indices), max_images, seed))
     return TaskData(splits, preprocessing, origin, classes_source, source.info.num_classes)

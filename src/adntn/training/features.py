@@ -263,7 +263,7 @@ def cached_features(trunk: nn.Module, dataset: Dataset, key: str, cache_dir: Pat
     dtype_name = str(dtype).removeprefix("torch.")
     values, labels_path, meta = _paths(cache_dir, key)
     if reuse:
-        stored = _read_cache(meta, values, labels_path, key, len(dataset), dtype_name)
+        stored = _read_cache(meta, values, labels_path, key, len(dataset), dtype_name, dataset, trunk)
         distributed.barrier()
         if stored is not None:
             width, labels = stored
@@ -292,8 +292,10 @@ def _temporary_dir() -> str:
 
 
 def _read_cache(meta: Path, values: Path, labels_path: Path, key: str, samples: int,
-                dtype_name: str) -> tuple[int, torch.Tensor] | None:
-    """(width, labels) of a complete cache for ``key``, or None when absent, partial or another's."""
+                dtype_name: str, dataset: Dataset, trunk: nn.Module) -> tuple[int, torch.Tensor] | None:
+    """(width, labels) of a complete cache for ``key``, or None when absent, partial or another's,
+    or when its contents disagree with what the trunk gives (its width, from one image) or with the
+    dataset's labels: a damaged or tampered cache is recomputed, never trusted."""
     try:
         described = json.loads(meta.read_text())
         if (described.get("format"), described.get("key"), described.get("rows"), described.get("dtype")) != \
@@ -304,9 +306,34 @@ def _read_cache(meta: Path, values: Path, labels_path: Path, key: str, samples: 
         if values.stat().st_size != samples * width * itemsize or labels_path.stat().st_size != samples * 8:
             return None
         labels = torch.from_file(str(labels_path), shared=False, size=samples, dtype=torch.long).clone()
+        expected = dataset_labels(dataset)
+        if expected is not None and not torch.equal(labels, expected):
+            return None
+        if samples and width != _trunk_width(trunk, dataset):
+            return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return width, labels
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
+    """The labels of an ImageFolder-like dataset (its ``samples``), without reading an image."""
+    samples = getattr(dataset, "samples", None)
+    return None if samples is None else torch.tensor([label for _, label in samples], dtype=torch.long)
+
+
+@torch.no_grad()
+def _trunk_width(trunk: nn.Module, dataset: Dataset) -> int:
+    """How many features the trunk gives per image (from the first one)."""
+    image = dataset[0][0]
+    device = next(trunk.parameters()).device
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        with input_size_errors(image[None]):
+            return trunk(image[None].to(device)).flatten(1).shape[1]
+    finally:
+        trunk.train(was_training)
 
 
 @torch.no_grad()
