@@ -223,14 +223,16 @@ def markdown(results: dict) -> str:
     model = results.get("model")
     if model:
         lines += ["", "Whole model: VGG-16 (torchvision, random weights), fc6+fc7 by ttn at 2,000x, 224x224.", "",
-                  "| variant | file bytes | load s | RSS after load | RSS above imports | images/s b=1 | images/s b=32 |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| variant | file bytes | load s | RSS after load | RSS above imports | peak RSS (after the runs) "
+                  "| images/s b=1 | images/s b=32 |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, row in model.items():
             if "error" in row:
-                lines.append(f"| {name} | {row['bytes']:,} | error: {row['error'][-200:]!r} |||||")
+                lines.append(f"| {name} | {row['bytes']:,} | error: {row['error'][-200:]!r} ||||||")
                 continue
             lines.append(f"| {name} | {row['bytes']:,} | {row['load_s']:.3f} | {row['rss_after_load'] / 1e6:,.0f} MB | "
-                         f"{row['rss_above_imports'] / 1e6:,.0f} MB | {row['images_per_s_1']:.2f} | "
+                         f"{row['rss_above_imports'] / 1e6:,.0f} MB | {row['peak_rss'] / 1e6:,.0f} MB | "
+                         f"{row['images_per_s_1']:.2f} | "
                          f"{row['images_per_s_32']:.2f} |")
     return "\n".join(lines) + "\n"
 
