@@ -23,14 +23,6 @@ def adntn(*args):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "small.pt"
-    torch.save(small_vgg11().state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def compressed(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "small.adntn"
     result = adntn("compress", checkpoint, "--layers", "fc6,conv5_2", "--arch", "ttn", "--ratio", "20",

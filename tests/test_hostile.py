@@ -5,12 +5,9 @@ import json
 import math
 import os
 import shutil
-import signal
-import stat
 import subprocess
 import sys
 import textwrap
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,14 +30,6 @@ SRC = Path(adntn.__file__).resolve().parent.parent  # the adntn under test, for 
 
 def adntn_cli(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "small.pt"
-    torch.save(small_vgg11().state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
