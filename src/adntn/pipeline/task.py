@@ -241,7 +241,8 @@ def _on_features(source: Source, teacher: nn.Module, names: list[str], data: Tas
     for split, dataset in (("train", splits.train), (splits.heldout_name, splits.heldout)):
         key = feature_cache_key(source.sha256, Path(dataset.root), preprocessing, _samples_digest(dataset))
         features[split] = cached_features(trunk, dataset, key, cache_dir, preprocessing.batch_size,
-                                          preprocessing.workers, progress, dtype=FEATURE_DTYPES[options.feature_dtype])
+                                          preprocessing.workers, progress, dtype=FEATURE_DTYPES[options.feature_dtype],
+                                          width=source.info.layer("fc6").weight_shape[1])
     trunk.cpu()
     train, heldout = features["train"], features[splits.heldout_name]
     head_names = [name.removeprefix(HEAD) for name in names]
