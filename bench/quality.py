@@ -125,7 +125,7 @@ def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
         "test_images": report["accuracy"]["images"],
         "train_images": report["training"]["train_images"],
         "epochs": epochs,
-        "dropout": finetune.dropout,
+        "dropout": options.dropout,
         "trained": report["training"]["trained"],
         "seconds": round(time.perf_counter() - start, 1),
     }
