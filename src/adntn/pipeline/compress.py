@@ -194,7 +194,12 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
     chosen = source.select(names)
     with progress.stage("check_finite"):
         check_finite(source.state, list(source.state))
-    specs = plan_layers(source, chosen, options)
+    allocation = None
+    if options.budget is not None or options.total_ratio is not None:  # one budget, split by sensitivity
+        from adntn.pipeline.allocate import allocate_layers
+
+        allocation = allocate_layers(source, chosen, options, progress)
+    specs = allocation.specs if allocation is not None else plan_layers(source, chosen, options)
     data = None
     if options.data is not None:  # bad data fails before any fitting
         from adntn.pipeline.task import open_data, run_task_stages, trained_layers
@@ -219,6 +224,8 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
                           "pass --data to fit it to its task.")
     replaced = {key for result in results for key in (result.layer.weight_key, result.layer.bias_key) if key}
     dense = {key: trained.get(key, tensor) for key, tensor in source.state.items() if key not in replaced}
+    if allocation is not None:
+        task = {**(task or {}), "allocation": allocation.describe()}
     report = build_report(source, results, options, time.perf_counter() - started, task)
     return Compressed(report, tuple(result.compressed for result in results), dense, source)
 
