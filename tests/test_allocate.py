@@ -80,7 +80,7 @@ def test_allocation_stays_within_the_budget_and_reports_why(arch):
     for row, spec in zip(described["layers"], allocation.specs):
         assert row["core_params"] == spec.core_params
         assert any(c["core_params"] == spec.core_params for c in row["candidates"])
-        errors = [c["weight_rel_error"] for c in row["candidates"]]
+        errors = [c["rel_error"] for c in row["candidates"]]
         assert errors[0] >= errors[-1]
 
 

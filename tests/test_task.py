@@ -114,3 +114,17 @@ def test_expanded_safetensors_keep_the_source_metadata(tmp_path):
     assert adntn("expand", tmp_path / "o", "-o", tmp_path / "d.safetensors").exit_code == 0
     with safe_open(str(tmp_path / "d.safetensors"), "pt") as handle:
         assert handle.metadata()["mean"] == "[0.5, 0.5, 0.5]"
+
+
+def test_a_budget_with_data_is_split_by_activation_errors(setup, tmp_path):
+    root, checkpoint, config, _, _ = setup
+    result = adntn("compress", checkpoint, "--layers", "fc6,fc7", "--budget", "2k", "--steps", "2",
+                   "--data", root / "data", "--config", config, "--epochs", "1", "--batch-size", "16",
+                   "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    allocation = report["allocation"]
+    assert allocation["measure"].startswith("relative activation error")
+    assert report["total"]["compressed_core_params"] == allocation["core_params"] <= 2000
+    for row in allocation["layers"]:
+        assert row["candidates"] and all(0 <= c["rel_error"] for c in row["candidates"])

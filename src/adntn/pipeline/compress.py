@@ -194,12 +194,8 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
     chosen = source.select(names)
     with progress.stage("check_finite"):
         check_finite(source.state, list(source.state))
-    allocation = None
-    if options.budget is not None or options.total_ratio is not None:  # one budget, split by sensitivity
-        from adntn.pipeline.allocate import allocate_layers
-
-        allocation = allocate_layers(source, chosen, options, progress)
-    specs = allocation.specs if allocation is not None else plan_layers(source, chosen, options)
+    allocated = options.budget is not None or options.total_ratio is not None  # one budget for all layers
+    specs = None if allocated else plan_layers(source, chosen, options)
     data = None
     if options.data is not None:  # bad data fails before any fitting
         from adntn.pipeline.task import open_data, run_task_stages, trained_layers
@@ -207,6 +203,18 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
         data = open_data(options.data, options.config, source.metadata, source, class_map=options.class_map,
                          max_images=options.max_images, seed=options.seed)
         trained_layers(source, list(chosen), options)
+    allocation = None
+    if allocated:  # split by sensitivity: activation-space probes on a few training images with data
+        from adntn.pipeline.allocate import PROBE_IMAGES, allocate_layers
+
+        inputs = None
+        if data is not None:
+            from adntn.pipeline.task import probe_inputs
+
+            with progress.stage("probe_inputs"):
+                inputs = probe_inputs(source, chosen, options, data, PROBE_IMAGES)
+        allocation = allocate_layers(source, chosen, options, progress, inputs)
+        specs = allocation.specs
 
     torch.manual_seed(options.seed)
     results = [fit_weight_space(source, layer, spec, options, progress) for layer, spec in zip(chosen, specs)]
