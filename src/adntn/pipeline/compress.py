@@ -143,6 +143,7 @@ def report_row(result: LayerResult) -> dict:
         "name": layer.module, "alias": layer.alias, "kind": layer.kind, "shape": list(layer.weight_shape),
         "arch": spec.arch, "activation": spec.activation, "leg_dims": list(spec.leg_dims),
         "bond_dims": list(spec.bond_dims), "mix_rank": spec.mix_rank,
+        "mix_ranks": list(spec.disentangler_ranks),
         "dense_params": spec.dense_params, "core_params": spec.core_params,
         "ratio": spec.dense_params / spec.core_params,
         **result.stats,
