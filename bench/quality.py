@@ -148,6 +148,13 @@ def markdown(results: dict) -> str:
         "",
         f"{results['settings']}",
         "",
+        "Code: the rows noted (q12) ran on branch q12 (2026-12-01: attn/mera get the TTN's tree for the "
+        "budget, --budget) after the data13 merge (trunk features in a float16 file read in seeded chunks); "
+        "the others ran on the code of 2026-11-24. The same ttn-10000 structure gave 0.8789 there and 0.8266 "
+        "on q12 (ttn-10000-split), whose ttn path q12 does not change: compare rows of the same code only. "
+        "At 1 epoch, near-identical generators (fc7 identical, fc6 differing by 32-48 disentangler "
+        "parameters) end 3 points apart: one seed does not resolve 0.1 points.",
+        "",
         "| row | arch | fc6 core params (ratio) | fc7 core params (ratio) | total | epochs | test top-1 | dense top-1 | Δ points | wall s | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
