@@ -78,6 +78,14 @@ def plan_rows() -> list[dict]:
     rows.append({"id": "ttn-total424-fc8", "arch": "ttn", "ratio": None, "layer_ratios": SMALLEST_BUDGETS[424],
                  "train": ["fc8"], "extreme": True,
                  "notes": ["as ttn-total424, with the dense fc8 (40,970 parameters, not compressed) fine-tuned too (--train fc8)"]})
+    # The same budgets on the code where attn/mera get the TTN's tree for the budget and spend only
+    # the rest on disentanglers (networks.budget.spec_for_budget), and one budget for fc6+fc7 split
+    # by measured sensitivity (--budget; pipeline.allocate) instead of by hand.
+    for arch in ("ttn", "attn", "mera"):
+        rows.append({"id": f"{arch}-10000-split", "arch": arch, "ratio": 10000, "layer_ratios": {"fc6": 10000, "fc7": 10000},
+                     "notes": ["tree = the TTN's at this budget, disentanglers from what it leaves (q12)"], "extreme": False})
+    rows.append({"id": "ttn-budget424", "arch": "ttn", "ratio": None, "layer_ratios": None, "budget": 424, "extreme": True,
+                 "notes": ["--budget 424 for fc6+fc7, split by activation-space probes (q12)"]})
     order = {row_id: index for index, row_id in enumerate(PRIORITY)}
     return sorted(rows, key=lambda row: order.get(row["id"], len(order)))
 
@@ -101,7 +109,8 @@ def prepare_data(shared: Path, work: Path) -> tuple[Path, Path]:
 
 def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
     epochs = max(args.epochs, EXTREME_EPOCHS) if row["extreme"] else args.epochs
-    options = adntn.CompressOptions(arch=row["arch"], layer_ratios=row["layer_ratios"], steps=args.steps, lr=args.lr,
+    sizing = {"budget": row["budget"]} if row.get("budget") else {"layer_ratios": row["layer_ratios"]}
+    options = adntn.CompressOptions(arch=row["arch"], **sizing, steps=args.steps, lr=args.lr,
                               seed=args.seed, activation=args.activation, data=data, epochs=epochs,
                               finetune_lr=args.finetune_lr, batch_size=args.batch_size, dropout=not row["extreme"],
                               train=tuple(row.get("train", ())), cache_dir=work / "features")
@@ -118,6 +127,8 @@ def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
         "core_params_total": sum(layers[name]["core_params"] for name in LAYERS),
         "layer_ratio": {name: round(layers[name]["ratio"], 1) for name in LAYERS},
         "bond_dims": {name: layers[name]["bond_dims"] for name in LAYERS},
+        "mix_ranks": {name: layers[name]["mix_ranks"] for name in LAYERS},
+        **({"allocation": report["allocation"]} if "allocation" in report else {}),
         "weight_rel_error": {name: round(layers[name]["weight_rel_error"], 4) for name in LAYERS},
         "activation_rel_error": {name: round(layers[name]["activation_rel_error"], 4) for name in LAYERS},
         "top1": report["accuracy"]["compressed"]["top1"],
@@ -136,6 +147,13 @@ def markdown(results: dict) -> str:
         "# bench-quality: VGG-16-BN on CIFAR-10, fc6 (4096x512) + fc7 (4096x4096) compressed together",
         "",
         f"{results['settings']}",
+        "",
+        "Code: the rows noted (q12) ran on branch q12 (2026-12-01: attn/mera get the TTN's tree for the "
+        "budget, --budget) after the data13 merge (trunk features in a float16 file read in seeded chunks); "
+        "the others ran on the code of 2026-11-24. The same ttn-10000 structure gave 0.8789 there and 0.8266 "
+        "on q12 (ttn-10000-split), whose ttn path q12 does not change: compare rows of the same code only. "
+        "At 1 epoch, near-identical generators (fc7 identical, fc6 differing by 32-48 disentangler "
+        "parameters) end 3 points apart: one seed does not resolve 0.1 points.",
         "",
         "| row | arch | fc6 core params (ratio) | fc7 core params (ratio) | total | epochs | test top-1 | dense top-1 | Δ points | wall s | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -194,7 +212,7 @@ def main() -> None:
         args.out.with_suffix(".md").write_text(markdown(results))
 
     for row in rows:
-        if row["layer_ratios"] is not None:
+        if row["layer_ratios"] is not None or row.get("budget"):
             try:
                 row = run_row(row, model, data, args.work, args)
             except adntn.AdntnError as error:

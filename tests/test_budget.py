@@ -85,3 +85,41 @@ def test_zero_width_weight_is_one_error(arch, shape):
         with pytest.raises(AdntnError, match=r"^fc6 has a weight of shape .* with no entries; .*\.$") as caught:
             make()
         assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("arch", ["attn", "mera"])
+@pytest.mark.parametrize("shape,ratio", [((4096, 512), 10000), ((4096, 512), 2000), ((4096, 4096), 50000),
+                                         ((256, 64, 3, 3), 50)])
+def test_disentanglers_get_only_what_the_ttn_tree_leaves(arch, shape, ratio):
+    """At a ratio attn and mera hold the TTN's tree for that budget (same legs and bonds, so they
+    contain it) and spend only the rest on disentanglers."""
+    from dataclasses import replace
+
+    from adntn.networks import build
+
+    tree = spec_for_ratio("ttn", shape, ratio, "tanh")
+    spec = spec_for_ratio(arch, shape, ratio, "tanh")
+    assert (spec.leg_dims, spec.bond_dims) == (tree.leg_dims, tree.bond_dims)
+    assert tree.core_params <= spec.core_params <= math.prod(shape) // ratio
+    assert spec.mix_ranks is not None
+    bare = replace(spec, mix_ranks=(0,) * len(spec.mix_ranks))
+    assert bare.core_params == tree.core_params
+    assert sum(p.numel() for p in build(spec).parameters()) == spec.core_params
+
+
+@pytest.mark.parametrize("arch", ["attn", "mera"])
+@pytest.mark.parametrize("shape", [(4096, 512), (4096, 4096)])
+def test_the_smallest_attn_and_mera_are_the_smallest_ttn(arch, shape):
+    smallest = smallest_spec(arch, shape, "tanh")
+    assert smallest.core_params == smallest_spec("ttn", shape, "tanh").core_params
+    assert set(smallest.mix_ranks) == {0}
+    assert spec_for_ratio(arch, shape, smallest.ratio, "tanh").core_params == smallest.core_params
+
+
+def test_a_budget_in_parameters():
+    from adntn.networks.budget import spec_for_budget
+
+    assert spec_for_budget("ttn", (4096, 512), 158, "tanh").core_params == 158
+    assert spec_for_budget("attn", (4096, 512), 200, "tanh").core_params <= 200
+    with pytest.raises(AdntnError, match=r"cannot fit in 10 parameters with --arch mera: its smallest generator has 60"):
+        spec_for_budget("mera", (4096, 512), 10, "tanh", label="fc6")

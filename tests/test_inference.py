@@ -200,3 +200,20 @@ def test_a_generated_layer_moves_and_casts_like_any_module():
     layer = GeneratedLinear(build(spec_for_bond_dim("ttn", (12, 8), 2, "tanh")), torch.zeros(12)).cpu().double()
     assert {p.dtype for p in layer.parameters()} == {torch.float64}
     assert layer(torch.randn(3, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("mix_ranks", [(0, 0, 0), (1, 0, 2), (0, 1, 0), (1, 0, 0)])
+def test_attn_with_some_disentanglers_has_the_dense_layers_factorized_map(mix_ranks) -> None:
+    """A budget may give disentanglers to some pairs only (0: none): the factorized linear map, the
+    row blocks and the weight still agree (the middle pair is k = 3 of 8 legs)."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    net = build(replace(make_spec("attn", LINEAR_SHAPE, 8), mix_ranks=mix_ranks))
+    perturb_mixers(net)
+    assert (net.middle is not None) == (mix_ranks[1] > 0)
+    x = torch.randn(5, LINEAR_SHAPE[1])
+    with torch.no_grad():
+        weight = net()
+        assert_close(net.linear(x), x @ weight.T)
+        assert_close(torch.cat([b.reshape(-1, LINEAR_SHAPE[1]) for b in net.row_blocks()]), weight)

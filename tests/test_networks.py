@@ -4,6 +4,7 @@ SVD-based initialisation (exact where the format can represent the target) and g
 from __future__ import annotations
 
 import contextlib
+import json
 
 import math
 from dataclasses import replace
@@ -70,6 +71,11 @@ def all_specs():
             for arch in ("ttn", "attn", "mera", "tt"):
                 yield make_spec(arch, shape, n_legs, activation=activation)
         yield make_spec("svd", shape)
+        for arch in ("attn", "mera"):  # disentanglers on some pairs only, of their own ranks
+            spec = make_spec(arch, shape, 8, activation="tanh")
+            count = len(GENERATORS[arch].disentangler_dims(spec))
+            yield replace(spec, mix_ranks=tuple((0, 1, 2)[i % 3] for i in range(count)))
+            yield replace(spec, mix_ranks=(0,) * count)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -136,6 +142,23 @@ def test_param_counts_by_formula() -> None:
     assert MERA.param_count(replace(spec, arch="mera", mix_rank=3)) == tree + sum(
         2 * dims[k] * dims[k + 1] * 3 for k in (1, 3, 5)) + 4 * (2 * 4 * 3)
     assert SVD.param_count(make_spec("svd", (64, 48), bond=5)) == 5 * (64 + 48)
+    # per-disentangler ranks: 0 is none, so all zeros is the TTN itself
+    attn = replace(spec, arch="attn", mix_rank=1, mix_ranks=(0, 2, 0))
+    assert ATTN.param_count(attn) == tree + 2 * dims[3] * dims[4] * 2
+    assert ATTN.param_count(replace(attn, mix_ranks=(0, 0, 0))) == tree
+    mera = replace(spec, arch="mera", mix_rank=1, mix_ranks=(0,) * 7)
+    assert MERA.param_count(mera) == tree == MERA.param_count(replace(mera, mix_ranks=(0,) * 6 + (1,))) - 2 * 4
+
+
+def test_mix_ranks_round_trip_and_old_specs_load() -> None:
+    spec = replace(make_spec("attn", (64, 48), 8, bond=2), mix_ranks=(0, 1, 0))
+    assert GeneratorSpec.from_json(spec.to_json()) == spec
+    old = json.loads(spec.to_json())
+    del old["mix_ranks"]  # an archive written before the field existed: every pair at mix_rank
+    loaded = GeneratorSpec.from_json(json.dumps(old))
+    assert loaded.mix_ranks is None and loaded.disentangler_ranks == (2, 2, 2)
+    with pytest.raises(ValueError, match="mix_ranks has 2 values for 3 disentanglers"):
+        replace(spec, mix_ranks=(1, 1))
 
 
 def test_tt_ranks_are_capped() -> None:
@@ -186,7 +209,7 @@ def mix_reference(mixer: Disentangler, state: torch.Tensor, k: int) -> torch.Ten
 
 def attn_reference(net: ATTN) -> torch.Tensor:
     legs = net.tree.legs()
-    for k, mixer in zip(range(1, net.spec.n_legs - 2, 2), net.mixers):
+    for k, mixer in zip(net.pairs, net.mixers):
         legs = mix_reference(mixer, legs, k)
     return legs
 
@@ -199,7 +222,7 @@ def mera_reference(net: MERA) -> torch.Tensor:
         first -= len(net.bonds[h])
         for j, core in enumerate(nodes[first:first + len(net.bonds[h])]):
             state = torch.tensordot(state, core, dims=([2 * j], [2])).movedim((-2, -1), (2 * j, 2 * j + 1))
-        for k, mixer in zip(range(1, state.dim() - 2, 2), net.mixers[h]):
+        for k, mixer in zip(net.pairs[h], net.mixers[h]):
             state = mix_reference(mixer, state, k)
         if len(net.activations):
             state = net.activations[h - 1](state)
@@ -207,7 +230,7 @@ def mera_reference(net: MERA) -> torch.Tensor:
     for k, identity in enumerate(net.leaf_is_identity):
         if not identity:
             state = torch.tensordot(state, next(leaves), dims=([k], [1])).movedim(-1, k)
-    for k, mixer in zip(range(1, state.dim() - 2, 2), net.mixers[0]):
+    for k, mixer in zip(net.pairs[0], net.mixers[0]):
         state = mix_reference(mixer, state, k)
     return state
 
@@ -229,8 +252,12 @@ def tree_specs(draw, arch: str = "ttn", activation: str | None = None) -> Genera
     rows, cols = math.prod(out_dims), math.prod(in_dims)
     shape = (draw(st.integers(1, rows)), draw(st.integers(1, cols)))
     activation = activation or draw(st.sampled_from(["none", "tanh", "gelu", "relu"]))
-    return GeneratorSpec(arch, shape, out_dims, in_dims, bonds, activation,
+    spec = GeneratorSpec(arch, shape, out_dims, in_dims, bonds, activation,
                          mix_rank=draw(st.integers(1, 2)) if arch in ("attn", "mera") else 0)
+    if arch in ("attn", "mera") and draw(st.booleans()):  # each disentangler its own rank, 0: none
+        count = len(GENERATORS[arch].disentangler_dims(spec))
+        spec = replace(spec, mix_ranks=tuple(draw(st.lists(st.integers(0, 2), min_size=count, max_size=count))))
+    return spec
 
 
 @settings(max_examples=25, deadline=None)
@@ -293,7 +320,7 @@ def test_mera_with_identity_leaves_matches_the_reference(bond: int) -> None:
 def test_linear_mera_with_identity_disentanglers_is_the_ttn(spec: GeneratorSpec, seed: int) -> None:
     torch.manual_seed(seed)
     mera = MERA(spec).double()
-    tree = TTN(replace(spec, arch="ttn", mix_rank=0)).double()
+    tree = TTN(replace(spec, arch="ttn", mix_rank=0, mix_ranks=None)).double()
     tree.load_state_dict({name: value for name, value in mera.state_dict().items() if name in tree.state_dict()})
     with torch.no_grad():
         torch.testing.assert_close(mera.legs(), tree.legs())

@@ -224,3 +224,17 @@ def test_a_diverging_fine_tuning_is_refused_not_written(setup, tmp_path):
                    "--finetune-lr", "1e30", "--out", out)
     assert result.exit_code == 1 and "diverged" in result.stderr and "--finetune-lr" in result.stderr
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_a_budget_with_data_is_split_by_activation_errors(setup, tmp_path):
+    root, checkpoint, config, _, _ = setup
+    result = adntn("compress", checkpoint, "--layers", "fc6,fc7", "--budget", "2k", "--steps", "2",
+                   "--data", root / "data", "--config", config, "--epochs", "1", "--batch-size", "16",
+                   "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    allocation = report["allocation"]
+    assert allocation["measure"].startswith("relative activation error")
+    assert report["total"]["compressed_core_params"] == allocation["core_params"] <= 2000
+    for row in allocation["layers"]:
+        assert row["candidates"] and all(0 <= c["rel_error"] for c in row["candidates"])

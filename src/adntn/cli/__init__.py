@@ -164,8 +164,11 @@ def compress(
     arch: Annotated[str, typer.Option(autocompletion=archs,
                                       help=f"Generator: {' | '.join(archs())} (tt and svd are baselines).")] = "ttn",
     ratio: Annotated[Optional[str], typer.Option(
-        help="Per-layer compression ratio dense/core params, e.g. 2000, or per layer: fc6=20000,fc7=80000 "
-             "(default 2000 unless --bond-dim).")] = None,
+        help="Per-layer compression ratio dense/core params, e.g. 2000, or per layer: fc6=20000,fc7=80000, "
+             "or total:R for all layers together at dense/R, split as --budget (default 2000 unless --bond-dim).")] = None,
+    budget: Annotated[Optional[str], typer.Option(
+        help="Core parameters for all compressed layers together, e.g. 424, 10k, 1.5M: split between them by "
+             "measured sensitivity (the report's allocation shows each layer's candidates and errors).")] = None,
     bond_dim: Annotated[Optional[int], typer.Option("--bond-dim", help="Uniform bond dimension instead of --ratio.")] = None,
     activation: Annotated[str, typer.Option(autocompletion=lambda: ACTIVATIONS,
                                             help=f"Nonlinearity between levels: {' | '.join(ACTIVATIONS)}.")] = "tanh",
@@ -225,12 +228,14 @@ def compress(
     from dataclasses import replace
 
     from adntn import distributed
-    from adntn.pipeline.options import CompressOptions, parse_ratio
+    from adntn.pipeline.options import CompressOptions, parse_ratio, parse_total_ratio
     from adntn.progress import Progress, RichProgress
 
-    common_ratio, layer_ratios = parse_ratio(ratio) if ratio is not None else (None, {})
+    total_ratio = parse_total_ratio(ratio) if ratio is not None else None
+    common_ratio, layer_ratios = parse_ratio(ratio) if ratio is not None and total_ratio is None else (None, {})
     options = CompressOptions(
         arch=arch, ratio=common_ratio, layer_ratios=layer_ratios, bond_dim=bond_dim, activation=activation,
+        budget=budget, total_ratio=total_ratio,
         steps=steps, lr=lr, seed=seed, device=device, target_dtype=target_dtype, model=model,
         allow_pickle=allow_pickle, data=data, config=config, epochs=epochs, finetune_lr=finetune_lr,
         batch_size=batch_size, temperature=temperature, kd_weight=kd_weight, dropout=dropout,

@@ -39,6 +39,11 @@ class GeneratorSpec:
             and above it can carry.
         activation: the nonlinearity sigma between levels (``none`` gives a linear network).
         mix_rank: rank of each disentangler (attn, mera); 0 for the other archs.
+        mix_ranks: the rank of each disentangler on its own, in the arch's order (attn: the boundary
+            pairs k = 1, 3, ...; mera: those of level 0, the physical legs, then level 1, ...),
+            0 where there is none; None (the default, and every archive written before it
+            existed): every disentangler at ``mix_rank``. Budgets set it, so a tree can keep the
+            bonds the TTN would get and disentanglers go only where parameters are left.
     """
 
     arch: str
@@ -49,6 +54,7 @@ class GeneratorSpec:
     activation: str = "tanh"
     mix_rank: int = 0
     version: int = field(default=FORMAT_VERSION)
+    mix_ranks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         generator_class(self.arch)  # a registered arch, else the user's error
@@ -60,6 +66,12 @@ class GeneratorSpec:
             raise ValueError("out_dims and in_dims must have one factor per leg")
         if any(b < 1 for b in self.bond_dims):
             raise AdntnError("Bond dimensions must be at least 1.")
+        if self.mix_ranks is not None:
+            if any(r < 0 for r in self.mix_ranks):
+                raise AdntnError("Disentangler ranks must be 0 or more.")
+            count = len(generator_class(self.arch).disentangler_dims(self))
+            if len(self.mix_ranks) != count:
+                raise ValueError(f"mix_ranks has {len(self.mix_ranks)} values for {count} disentanglers")
         if self.rows < self.matrix_shape[0] or self.cols < self.matrix_shape[1]:
             raise ValueError("leg factors must cover the weight matrix")
 
@@ -85,6 +97,13 @@ class GeneratorSpec:
         return math.prod(self.in_dims)
 
     @property
+    def disentangler_ranks(self) -> tuple[int, ...]:
+        """The rank of each disentangler (``mix_ranks``, else ``mix_rank`` for every one)."""
+        if self.mix_ranks is not None:
+            return self.mix_ranks
+        return (self.mix_rank,) * len(generator_class(self.arch).disentangler_dims(self))
+
+    @property
     def dense_params(self) -> int:
         return math.prod(self.shape)
 
@@ -105,4 +124,6 @@ class GeneratorSpec:
         raw = json.loads(text)
         for key in ("shape", "out_dims", "in_dims", "bond_dims"):
             raw[key] = tuple(raw[key])
+        if raw.get("mix_ranks") is not None:
+            raw["mix_ranks"] = tuple(raw["mix_ranks"])
         return cls(**raw)

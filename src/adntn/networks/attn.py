@@ -42,6 +42,13 @@ def boundary_pairs(n_legs: int) -> range:
     return range(1, n_legs - 2, 2)
 
 
+def boundary_height(k: int, level: int = 0) -> int:
+    """How high in the tree the boundary between legs k and k+1 of ``level`` lies: the height of
+    the lowest node above both (the root's split is the highest)."""
+    position = k + 1
+    return level + (position & -position).bit_length() - 1
+
+
 def mix_pair(mixer: Disentangler, state: torch.Tensor, dims: tuple[int, ...], k: int) -> torch.Tensor:
     """``mixer`` (x -> x + P Q^T x) on legs (k, k+1) of ``state``, whose leading axes are legs
     ``dims``."""
@@ -97,18 +104,29 @@ class ATTN(HalvesGenerator):
 
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)
-        self.tree = TTN(replace(spec, arch="ttn", mix_rank=0))
+        self.tree = TTN(replace(spec, arch="ttn", mix_rank=0, mix_ranks=None))
         dims = spec.leg_dims
-        self.mixers = nn.ModuleList(
-            Disentangler(dims[k] * dims[k + 1], spec.mix_rank) for k in boundary_pairs(len(dims))
-        )
+        active = [(k, r) for k, r in zip(boundary_pairs(len(dims)), spec.disentangler_ranks) if r > 0]
+        self.pairs = [k for k, _ in active]  # the first legs of the pairs that have a disentangler
+        self.mixers = nn.ModuleList(Disentangler(dims[k] * dims[k + 1], r) for k, r in active)
+
+    @classmethod
+    def disentangler_sides(cls, spec: GeneratorSpec) -> list[tuple[int, int]]:
+        dims = spec.leg_dims
+        return [(dims[k], dims[k + 1]) for k in boundary_pairs(len(dims))]
+
+    @classmethod
+    def disentangler_order(cls, spec: GeneratorSpec) -> list[int]:
+        """The pair straddling the root first, then by how high the boundary lies, cheaper first."""
+        dims = cls.disentangler_dims(spec)
+        pairs = list(boundary_pairs(spec.n_legs))
+        return sorted(range(len(pairs)), key=lambda i: (-boundary_height(pairs[i]), dims[i], i))
 
     @classmethod
     def param_count(cls, spec: GeneratorSpec) -> int:
-        dims = spec.leg_dims
-        mixers = sum(Disentangler.param_count(dims[k] * dims[k + 1], spec.mix_rank)
-                     for k in boundary_pairs(len(dims)))
-        return TTN.param_count(spec) + mixers
+        mixers = sum(Disentangler.param_count(d, r)
+                     for d, r in zip(cls.disentangler_dims(spec), spec.disentangler_ranks))
+        return TTN.param_count(replace(spec, arch="ttn", mix_rank=0, mix_ranks=None)) + mixers
 
     @classmethod
     @torch.no_grad()
@@ -123,7 +141,7 @@ class ATTN(HalvesGenerator):
         applied (the middle one is ``middle``)."""
         left, right = self.tree.halves()
         dims, half = self.spec.leg_dims, self.split
-        for k, mixer in zip(boundary_pairs(len(dims)), self.mixers):
+        for k, mixer in zip(self.pairs, self.mixers):
             if k + 1 < half:
                 left = mix_pair(mixer, left, dims[:half], k)
             elif k >= half:
@@ -134,7 +152,7 @@ class ATTN(HalvesGenerator):
     def middle(self) -> Disentangler | None:
         """The disentangler on the pair (K/2-1, K/2) that straddles the root (None when K = 2)."""
         half = self.split
-        return next((mixer for k, mixer in zip(boundary_pairs(self.spec.n_legs), self.mixers) if k + 1 == half), None)
+        return next((mixer for k, mixer in zip(self.pairs, self.mixers) if k + 1 == half), None)
 
     def _middle_shape(self) -> tuple[int, int, int]:
         """(x, u*v, y): the leg tensor around the middle pair (u, v) = legs (K/2-1, K/2)."""
@@ -276,7 +294,8 @@ class ATTN(HalvesGenerator):
         return super().linear_state_bytes() + 4 * ov * iv * chi * (ox * ix * rank + oy * iy)
 
     def generation_macs(self) -> int:
-        return super().generation_macs() + self.spec.rows * self.spec.cols * self.spec.mix_rank
+        middle = self.middle
+        return super().generation_macs() + self.spec.rows * self.spec.cols * (0 if middle is None else middle.p.shape[1])
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||Y - T - E||^2 with T = L M^T and E = P C, from the messages and one pass over Y:

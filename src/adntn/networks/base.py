@@ -166,12 +166,30 @@ class Generator(nn.Module):
 
     @classmethod
     def make_spec(cls, shape: tuple[int, ...], bond_dims: tuple[int, ...], activation: str,
-                  n_legs: int) -> GeneratorSpec:
-        """The spec for ``shape`` cut into ``n_legs`` legs (``choose_leg_factors``), given bond dims."""
+                  n_legs: int, mix_ranks: tuple[int, ...] | None = None) -> GeneratorSpec:
+        """The spec for ``shape`` cut into ``n_legs`` legs (``choose_leg_factors``), given bond dims
+        (and, for archs with disentanglers, each one's rank; default: all at ``mix_rank``)."""
         rows, cols = shape[0], math.prod(shape[1:])
         out_dims, in_dims = choose_leg_factors(rows, cols, n_legs)
         return GeneratorSpec(cls.arch, tuple(shape), out_dims, in_dims, tuple(bond_dims),
-                             activation="none" if cls.linear_only else activation, mix_rank=cls.mix_rank)
+                             activation="none" if cls.linear_only else activation, mix_rank=cls.mix_rank,
+                             mix_ranks=None if mix_ranks is None else tuple(mix_ranks))
+
+    @classmethod
+    def disentangler_sides(cls, spec: GeneratorSpec) -> list[tuple[int, int]]:
+        """The two legs (dims) each disentangler ``spec`` can have mixes, in ``mix_ranks`` order
+        (none here)."""
+        return []
+
+    @classmethod
+    def disentangler_dims(cls, spec: GeneratorSpec) -> list[int]:
+        """The joint dim D of each disentangler, in ``mix_ranks`` order."""
+        return [a * b for a, b in cls.disentangler_sides(spec)]
+
+    @classmethod
+    def disentangler_order(cls, spec: GeneratorSpec) -> list[int]:
+        """Indices of ``disentangler_dims`` in the order a budget gives them parameters."""
+        return list(range(len(cls.disentangler_dims(spec))))
 
     @classmethod
     def param_count(cls, spec: GeneratorSpec) -> int:

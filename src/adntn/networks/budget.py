@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 from adntn.core.registry import generator_class
 from adntn.core.spec import GeneratorSpec
@@ -75,12 +76,71 @@ def _candidates(arch: str, shape: tuple[int, ...], activation: str, n_legs: int,
         previous = params
 
 
+def has_disentanglers(arch: str) -> bool:
+    """Whether ``arch`` is a tree with disentanglers (attn, mera): its budget goes to the tree first."""
+    return generator_class(arch).mix_rank > 0
+
+
 def smallest_spec(arch: str, shape: tuple[int, ...], activation: str) -> GeneratorSpec:
-    """The spec of ``arch`` with the fewest parameters for ``shape`` (every bond 1, best leg count)."""
+    """The spec of ``arch`` with the fewest parameters for ``shape`` (every bond 1, best leg count;
+    no disentanglers: attn's and mera's smallest is the TTN's)."""
     cls = generator_class(arch)
-    return min((cls.make_spec(tuple(shape), (1,) * cls.levels(k), activation, k)
-                for k in cls.leg_counts(*_matrix_sides(shape))),
-               key=lambda s: s.core_params)
+    specs = []
+    for k in cls.leg_counts(*_matrix_sides(shape)):
+        spec = cls.make_spec(tuple(shape), (1,) * cls.levels(k), activation, k)
+        if has_disentanglers(arch):
+            spec = replace(spec, mix_ranks=(0,) * len(cls.disentangler_sides(spec)))
+        specs.append(spec)
+    return min(specs, key=lambda s: s.core_params)
+
+
+def useful_disentangler(sides: tuple[int, int]) -> bool:
+    """Whether a disentangler on legs of these dims can do what the cores cannot: on a leg of
+    dim 1 it acts on the other leg alone, a linear map the core that makes it already has."""
+    return min(sides) > 1
+
+
+def add_disentanglers(spec: GeneratorSpec, budget: int) -> GeneratorSpec:
+    """``spec``'s tree (its bonds, as chosen) with disentanglers bought from what ``budget`` leaves:
+    rank 1 in the arch's order (``disentangler_order``) wherever one fits, then a second round of
+    ranks, and so on (at most D/2 each); none on a leg of dim 1 (``useful_disentangler``)."""
+    cls = generator_class(spec.arch)
+    sides = cls.disentangler_sides(spec)
+    ranks = [0] * len(sides)
+    bare = replace(spec, mix_ranks=tuple(ranks))
+    left = budget - bare.core_params
+    order = [i for i in cls.disentangler_order(bare) if useful_disentangler(sides[i])]
+    while True:
+        added = False
+        for i in order:
+            dim = sides[i][0] * sides[i][1]
+            cost = 2 * dim  # Disentangler.param_count(dim, 1)
+            if cost <= left and ranks[i] < dim // 2:
+                ranks[i] += 1
+                left -= cost
+                added = True
+        if not added:
+            break
+    return replace(spec, mix_ranks=tuple(ranks))
+
+
+def _largest(arch: str, shape: tuple[int, ...], budget: int, activation: str) -> GeneratorSpec | None:
+    """The largest spec of ``arch`` (no disentanglers added) with at most ``budget`` parameters,
+    on the default leg count unless another gets much more (``PREFER_DEFAULT_LEGS``); None if none fits."""
+    cls = generator_class(arch)
+    rows, cols = _matrix_sides(shape)
+    best: dict[int, GeneratorSpec] = {}
+    for n_legs in cls.leg_counts(rows, cols):
+        fitting = list(_candidates(arch, shape, activation, n_legs, budget))
+        if fitting:
+            best[n_legs] = max(fitting, key=lambda s: s.core_params)
+    if not best:
+        return None
+    top = max(best.values(), key=lambda s: s.core_params)
+    preferred = best.get(cls.default_leg_count(rows, cols))
+    if preferred is not None and preferred.core_params >= PREFER_DEFAULT_LEGS * top.core_params:
+        return preferred
+    return top
 
 
 def spec_for_ratio(arch: str, shape: tuple[int, ...], ratio: float, activation: str,
@@ -89,24 +149,34 @@ def spec_for_ratio(arch: str, shape: tuple[int, ...], ratio: float, activation: 
     _check_nonempty(shape, label)
     if not ratio > 1:
         raise AdntnError(f"The compression ratio must be greater than 1, not {ratio}.")
-    cls = generator_class(arch)
-    dense = math.prod(shape)
-    budget = int(dense // ratio)
-    rows, cols = _matrix_sides(shape)
-    best: dict[int, GeneratorSpec] = {}
-    for n_legs in cls.leg_counts(rows, cols):
-        fitting = list(_candidates(arch, shape, activation, n_legs, budget))
-        if fitting:
-            best[n_legs] = max(fitting, key=lambda s: s.core_params)
-    if not best:
+    # dense / ratio rounded down, forgiving float rounding: a spec's own ``ratio`` reaches it
+    budget = math.floor(math.prod(shape) / ratio * (1 + 1e-12))
+    return spec_for_budget(arch, shape, budget, activation, label=label, asked=ratio)
+
+
+def spec_for_budget(arch: str, shape: tuple[int, ...], budget: int, activation: str,
+                    label: str = "layer", asked: float | None = None) -> GeneratorSpec:
+    """The largest spec of ``arch`` with at most ``budget`` core parameters.
+
+    For attn and mera, the tree is the TTN's for that budget (same legs and bonds) and the
+    disentanglers get what it leaves (``add_disentanglers``): at equal parameters they contain
+    that TTN (their disentanglers start at the identity), so they need never be worse.
+    """
+    _check_nonempty(shape, label)
+    mixed = has_disentanglers(arch)
+    tree = _largest("ttn" if mixed else arch, shape, budget, activation) if budget >= 1 else None
+    if tree is None:
         smallest = smallest_spec(arch, shape, activation)
-        asked = f"{ratio:,.0f}" if ratio >= 1000 else f"{ratio:g}"
+        if asked is not None:
+            shown = f"{asked:,.0f}" if asked >= 1000 else f"{asked:g}"
+            reach = f"reach {shown}x"
+        else:
+            reach = f"fit in {budget:,} parameters"
         raise AdntnError(
-            f"{label} ({'x'.join(map(str, shape))}) cannot reach {asked}x with --arch {arch}: its smallest "
+            f"{label} ({'x'.join(map(str, shape))}) cannot {reach} with --arch {arch}: its smallest "
             f"generator has {smallest.core_params} parameters ({smallest.ratio:,.0f}x)."
         )
-    top = max(best.values(), key=lambda s: s.core_params)
-    preferred = best.get(cls.default_leg_count(rows, cols))
-    if preferred is not None and preferred.core_params >= PREFER_DEFAULT_LEGS * top.core_params:
-        return preferred
-    return top
+    if not mixed:
+        return tree
+    spec = generator_class(arch).make_spec(tuple(shape), tree.bond_dims, activation, tree.n_legs)
+    return add_disentanglers(spec, budget)

@@ -35,7 +35,7 @@ from torch import nn
 
 from adntn.core.spec import GeneratorSpec
 from adntn.memory import current_policy
-from adntn.networks.attn import boundary_pairs, mix_pair
+from adntn.networks.attn import boundary_height, boundary_pairs, mix_pair
 from adntn.networks.base import Disentangler, Generator, activation_sites, low_rank_update
 from adntn.networks.ttn import TTN, add_tree_cores, tree_bonds
 
@@ -96,9 +96,13 @@ class MERA(Generator):
     def __init__(self, spec: GeneratorSpec) -> None:
         super().__init__(spec)
         add_tree_cores(self, spec)
+        ranks = iter(spec.disentangler_ranks)
+        levels = [[(k, r) for k, r in zip(boundary_pairs(len(legs)), ranks) if r > 0]
+                  for legs in self._level_legs(spec)]
+        self.pairs = [[k for k, _ in level] for level in levels]  # per level: pairs with a disentangler
         self.mixers = nn.ModuleList(
-            nn.ModuleList(Disentangler(legs[k] * legs[k + 1], spec.mix_rank) for k in boundary_pairs(len(legs)))
-            for legs in self._level_legs(spec)
+            nn.ModuleList(Disentangler(legs[k] * legs[k + 1], r) for k, r in level)
+            for legs, level in zip(self._level_legs(spec), levels)
         )
         self.activations = activation_sites(spec, self.levels - 1)
 
@@ -109,10 +113,23 @@ class MERA(Generator):
         return [spec.leg_dims] + [tuple(bonds[h - 1]) for h in range(1, len(bonds))]
 
     @classmethod
+    def disentangler_sides(cls, spec: GeneratorSpec) -> list[tuple[int, int]]:
+        return [(legs[k], legs[k + 1]) for legs in cls._level_legs(spec) for k in boundary_pairs(len(legs))]
+
+    @classmethod
+    def disentangler_order(cls, spec: GeneratorSpec) -> list[int]:
+        """By how high the boundary each one straddles lies (the root's split first), then cheaper
+        first."""
+        places = [(h, k) for h, legs in enumerate(cls._level_legs(spec)) for k in boundary_pairs(len(legs))]
+        dims = cls.disentangler_dims(spec)
+        return sorted(range(len(places)),
+                      key=lambda i: (-boundary_height(places[i][1], places[i][0]), dims[i], i))
+
+    @classmethod
     def param_count(cls, spec: GeneratorSpec) -> int:
-        mixers = sum(Disentangler.param_count(legs[k] * legs[k + 1], spec.mix_rank)
-                     for legs in cls._level_legs(spec) for k in boundary_pairs(len(legs)))
-        return TTN.param_count(spec) + mixers
+        mixers = sum(Disentangler.param_count(d, r)
+                     for d, r in zip(cls.disentangler_dims(spec), spec.disentangler_ranks))
+        return TTN.param_count(replace(spec, arch="ttn", mix_rank=0, mix_ranks=None)) + mixers
 
     def _leaf_groups(self) -> tuple[list[Factor], list[int]]:
         """The last layer's factors (leaves with the physical disentanglers folded in) and their
@@ -124,7 +141,7 @@ class MERA(Generator):
         dims, bonds = self.spec.leg_dims, self.bonds[0]
         factors: list[Factor] = []
         in_dims, k = [], 0
-        pairs = iter(zip(boundary_pairs(len(dims)), self.mixers[0]))
+        pairs = iter(zip(self.pairs[0], self.mixers[0]))
         pair = next(pairs, None)
         while k < len(dims):
             if pair is not None and pair[0] == k:
@@ -161,7 +178,7 @@ class MERA(Generator):
             state = _kron_apply(state, [core.reshape(-1, core.shape[2]) for core in cores], self.bonds[h])
             legs = tuple(legs)
             state = state.reshape(legs)
-            for k, mixer in zip(boundary_pairs(len(legs)), self.mixers[h]):
+            for k, mixer in zip(self.pairs[h], self.mixers[h]):
                 state = mix_pair(mixer, state, legs, k)
             if capture is not None:
                 capture.append(state.reshape(-1))
@@ -238,7 +255,7 @@ class MERA(Generator):
         calibration would saturate sigma on exactly those entries. So the network starts at the
         linear fit; Adam then grows the gains where the nonlinearity helps."""
         net = cls(spec)
-        tree = TTN.from_target(replace(spec, arch="ttn", activation="none", mix_rank=0), target)
+        tree = TTN.from_target(replace(spec, arch="ttn", activation="none", mix_rank=0, mix_ranks=None), target)
         for mine, fitted in zip(net.leaves, tree.leaves):
             mine.copy_(fitted)
         for mine, fitted in zip(net.nodes, tree.nodes):

@@ -162,6 +162,7 @@ def report_row(result: LayerResult) -> dict:
         "name": layer.module, "alias": layer.alias, "kind": layer.kind, "shape": list(layer.weight_shape),
         "arch": spec.arch, "activation": spec.activation, "leg_dims": list(spec.leg_dims),
         "bond_dims": list(spec.bond_dims), "mix_rank": spec.mix_rank,
+        "mix_ranks": list(spec.disentangler_ranks),
         "dense_params": spec.dense_params, "core_params": spec.core_params,
         "ratio": spec.dense_params / spec.core_params,
         **result.stats,
@@ -223,7 +224,8 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
                              "real floating-point weights only, so it would lose part of it.")
     with progress.stage("check_finite"):
         check_finite(source.state, list(source.state))
-    specs = plan_layers(source, chosen, options)
+    allocated = options.budget is not None or options.total_ratio is not None  # one budget for all layers
+    specs = None if allocated else plan_layers(source, chosen, options)
     data = None
     if options.data is not None:  # bad data fails before any fitting
         from adntn.pipeline.task import open_data, run_task_stages, trained_layers
@@ -231,6 +233,18 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
         data = open_data(options.data, options.config, source.metadata, source, class_map=options.class_map,
                          max_images=options.max_images, seed=options.seed, cache_dir=options.cache_dir)
         trained_layers(source, list(chosen), options)
+    allocation = None
+    if allocated:  # split by sensitivity: activation-space probes on a few training images with data
+        from adntn.pipeline.allocate import PROBE_IMAGES, allocate_layers
+
+        inputs = None
+        if data is not None:
+            from adntn.pipeline.task import probe_inputs
+
+            with progress.stage("probe_inputs"):
+                inputs = probe_inputs(source, chosen, options, data, PROBE_IMAGES)
+        allocation = allocate_layers(source, chosen, options, progress, inputs)
+        specs = allocation.specs
 
     torch.manual_seed(options.seed)
     results = [fit_weight_space(source, layer, spec, options, progress) for layer, spec in zip(chosen, specs)]
@@ -252,6 +266,8 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
                           "(train/ and val/ inside), or try a lower --ratio.")
     replaced = {key for result in results for key in (result.layer.weight_key, result.layer.bias_key) if key}
     dense = {key: trained.get(key, tensor) for key, tensor in source.state.items() if key not in replaced}
+    if allocation is not None:
+        task = {**(task or {}), "allocation": allocation.describe()}
     report = build_report(source, results, options, time.perf_counter() - started, task)
     return Compressed(report, tuple(result.compressed for result in results), dense, source)
 

@@ -45,6 +45,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def parse_total_ratio(text: str) -> float | None:
+    """``--ratio total:R``: the whole set of compressed layers at dense/R (None for other forms)."""
+    head, _, value = text.partition(":")
+    if head.strip().lower() != "total" or not _:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise AdntnError(f"--ratio total:R takes a number R, not '{value}'.") from None
+
+
 def parse_ratio(text: str) -> tuple[float | None, dict[str, float]]:
     """``--ratio``: one number for every layer, or ``fc6=20000,fc7=80000`` per layer."""
     try:
@@ -66,7 +77,9 @@ class CompressOptions:
     """Everything ``compress`` does, by the CLI's names.
 
     Structure: ``arch``, ``ratio`` (one for every layer) or ``layer_ratios`` (per layer name) or
-    ``bond_dim``; ``activation``. Weight-space and activation-space fits: ``steps``, ``lr``,
+    ``bond_dim``, or one budget for all compressed layers together: ``budget`` (core parameters)
+    or ``total_ratio`` (their dense parameters / R), split by measured sensitivity
+    (``pipeline.allocate``); ``activation``. Weight-space and activation-space fits: ``steps``, ``lr``,
     ``target_dtype``. ``seed`` fixes the cores and the fine-tuning. ``device``. Reading the
     checkpoint: ``model`` (force the architecture), ``allow_pickle``. With ``data`` (an ImageFolder
     root): ``config`` (preprocessing TOML), ``epochs``, ``finetune_lr``, ``batch_size``,
@@ -83,6 +96,8 @@ class CompressOptions:
     ratio: float | None = None
     layer_ratios: dict[str, float] = field(default_factory=dict)
     bond_dim: int | None = None
+    budget: int | None = None
+    total_ratio: float | None = None
     activation: str = "tanh"
     steps: int = 200
     lr: float = 1e-2
@@ -114,7 +129,19 @@ class CompressOptions:
             raise AdntnError(f"Unknown activation '{self.activation}'; choose one of {', '.join(ACTIVATIONS)}.")
         if (self.ratio is not None or self.layer_ratios) and self.bond_dim is not None:
             raise AdntnError("Give either --ratio or --bond-dim, not both.")
-        if self.ratio is None and self.bond_dim is None and not self.layer_ratios:
+        if self.budget is not None or self.total_ratio is not None:
+            given = [flag for flag, value in (("--budget", self.budget), ("--ratio total:R", self.total_ratio),
+                                              ("--ratio", self.ratio if self.ratio is not None else (self.layer_ratios or None)),
+                                              ("--bond-dim", self.bond_dim)) if value is not None]
+            if len(given) > 1:
+                raise AdntnError(f"Give one of {' and '.join(given)}, not both: each sets the layers' sizes.")
+            if self.budget is not None:
+                from adntn.pipeline.allocate import parse_budget
+
+                object.__setattr__(self, "budget", parse_budget(self.budget))
+            if self.total_ratio is not None and not (math.isfinite(self.total_ratio) and self.total_ratio > 1):
+                raise AdntnError(f"--ratio total:R needs R greater than 1, not {self.total_ratio}.")
+        elif self.ratio is None and self.bond_dim is None and not self.layer_ratios:
             object.__setattr__(self, "ratio", DEFAULT_RATIO)
         for ratio in [self.ratio, *self.layer_ratios.values()]:
             if ratio is not None and not math.isfinite(ratio):
@@ -160,6 +187,15 @@ class CompressOptions:
             raise AdntnError(f"Unknown option '{unknown[0]}'; the options are {', '.join(sorted(known))}.")
         if isinstance(options.get("ratio"), Mapping):  # ratio={"fc6": 20000, "fc7": 80000}
             options["layer_ratios"] = {str(k): float(v) for k, v in options.pop("ratio").items()}
+        elif isinstance(options.get("ratio"), str):  # ratio="total:5000" or "fc6=20000,fc7=80000" or "2000"
+            text = options.pop("ratio")
+            total = parse_total_ratio(text)
+            if total is not None:
+                options["total_ratio"] = total
+            else:
+                options["ratio"], layer_ratios = parse_ratio(text)
+                if layer_ratios:
+                    options["layer_ratios"] = layer_ratios
         for name in ("data", "config", "cache_dir", "class_map"):
             if options.get(name) is not None:
                 options[name] = Path(options[name])

@@ -150,6 +150,18 @@ def trained_layers(source: Source, layers: list[LayerInfo], options: CompressOpt
     return extra
 
 
+def probe_inputs(source: Source, layers: tuple[LayerInfo, ...], options: CompressOptions, data: TaskData,
+                 images: int) -> dict[str, torch.Tensor]:
+    """Each layer's inputs from the dense model on ``images`` training images (stratified by class,
+    seeded; conv layers: at most ``CONV_RECORD_SAMPLES``): what a budget's allocation probes fit."""
+    teacher = source.dense_model()
+    subset = stratified_subset(data.splits.train, images, options.seed)
+    samples = images if head_only(list(layers)) else min(images, CONV_RECORD_SAMPLES)
+    with torch.no_grad():
+        return record_inputs(teacher, [layer.module for layer in layers], image_loader(subset, data.preprocessing),
+                             samples)
+
+
 def _fit_activation_space(results: list[LayerResult], inputs: Mapping[str, torch.Tensor], source: Source,
                           options: CompressOptions, device: torch.device, progress: Progress) -> list[LayerResult]:
     fitted = []

@@ -1,0 +1,119 @@
+"""One parameter budget for all compressed layers (--budget, --ratio total:R), split by sensitivity."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adntn.cli import app
+from adntn.demo import small_vgg11
+from adntn.errors import AdntnError
+from adntn.networks.budget import smallest_spec, spec_for_budget
+from adntn.pipeline.allocate import Candidate, allocate, candidate_budgets, greedy, parse_budget
+from adntn.pipeline.options import CompressOptions
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("text,value", [("424", 424), ("10k", 10_000), ("1.5M", 1_500_000), ("2K", 2000), (77, 77)])
+def test_budget_spellings(text, value):
+    assert parse_budget(text) == value
+
+
+@pytest.mark.parametrize("text", ["ten", "1.5", "0", "-3", "1.2345k"])
+def test_bad_budgets_are_one_sentence(text):
+    with pytest.raises(AdntnError, match="--budget"):
+        parse_budget(text)
+
+
+def test_options_take_one_sizing_only():
+    assert CompressOptions(budget="10k").budget == 10_000
+    assert CompressOptions.from_kwargs(ratio="total:5000").total_ratio == 5000
+    assert CompressOptions.from_kwargs(ratio="fc6=20,fc7=30").layer_ratios == {"fc6": 20, "fc7": 30}
+    with pytest.raises(AdntnError, match="Give one of --budget and --bond-dim"):
+        CompressOptions(budget=400, bond_dim=3)
+    with pytest.raises(AdntnError, match="R greater than 1"):
+        CompressOptions(total_ratio=0.5)
+
+
+def _spec(params):  # a stand-in: Candidate reads only core_params off the spec
+    return type("Spec", (), {"core_params": params})()
+
+
+def test_greedy_gives_parameters_where_the_error_drops_most_per_parameter():
+    flat = [Candidate(_spec(10), 0.5), Candidate(_spec(20), 0.49), Candidate(_spec(40), 0.48)]
+    steep = [Candidate(_spec(10), 0.9), Candidate(_spec(20), 0.5), Candidate(_spec(40), 0.2)]
+    assert greedy([flat, steep], 50) == (0, 2)
+    assert greedy([flat, steep], 20) == (0, 0)
+    # a larger candidate may be worth it even when the next one is not (non-convex ladders)
+    bumpy = [Candidate(_spec(10), 0.9), Candidate(_spec(15), 0.9), Candidate(_spec(30), 0.1)]
+    assert greedy([flat, bumpy], 40) == (0, 2)
+
+
+def test_candidate_ladder_ends_at_the_largest():
+    budgets = candidate_budgets(60, 400)
+    assert budgets[0] == 60 and budgets[-1] == 400 and budgets == sorted(budgets)
+
+
+@pytest.mark.parametrize("arch", ["ttn", "attn"])
+def test_allocation_stays_within_the_budget_and_reports_why(arch):
+    torch.manual_seed(0)
+    # a low-rank layer (cheap to fit) and a full-rank one: the budget goes where it helps
+    low = torch.randn(64, 2) @ torch.randn(2, 48)
+    full = torch.randn(64, 64)
+    total = smallest_spec(arch, (64, 48), "tanh").core_params + smallest_spec(arch, (64, 64), "tanh").core_params + 300
+    allocation = allocate([("a", low), ("b", full)], total, arch, "tanh", steps=3)
+    assert allocation.used <= total
+    described = allocation.describe()
+    json.dumps(described)
+    assert [row["layer"] for row in described["layers"]] == ["a", "b"]
+    for row, spec in zip(described["layers"], allocation.specs):
+        assert row["core_params"] == spec.core_params
+        assert any(c["core_params"] == spec.core_params for c in row["candidates"])
+        errors = [c["rel_error"] for c in row["candidates"]]
+        assert errors[0] >= errors[-1]
+
+
+def test_a_budget_below_the_smallest_generators_is_refused():
+    with pytest.raises(AdntnError, match="below the smallest generators of --arch ttn"):
+        allocate([("a", torch.randn(64, 48)), ("b", torch.randn(64, 64))], 10, "ttn", "tanh", steps=0)
+
+
+def test_spec_for_budget_matches_the_ratio_solver():
+    spec = spec_for_budget("ttn", (4096, 512), 209, "tanh")
+    assert spec.core_params == 158
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "small.pt"
+    torch.save(small_vgg11().state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("flag", [("--budget", "1.2k"), ("--ratio", "total:40")])
+def test_cli_budget_for_all_layers(checkpoint, tmp_path, flag):
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["compress", str(checkpoint), "--layers", "fc6,fc7", *flag, "--steps", "2",
+                                      "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    total = report["allocation"]["budget"]
+    if flag[0] == "--budget":
+        assert total == 1200
+    else:
+        assert total == math.floor(sum(layer["dense_params"] for layer in report["layers"]) / 40)
+    assert report["total"]["compressed_core_params"] == report["allocation"]["core_params"] <= total
+    assert [row["core_params"] for row in report["allocation"]["layers"]] == [
+        layer["core_params"] for layer in report["layers"]]
