@@ -147,31 +147,37 @@ class FeatureFile:
                 start: int = 0, stop: int | None = None):
         """(features float32 (b, width), labels (b,)) of rows [start, stop), ``batch_size`` at a time.
 
-        With ``generator`` the order is shuffled: the chunks in a random order, then the rows
-        within each chunk (rows left over at a chunk's end open the next chunk's first batch);
-        without it the rows come in order.
+        Without ``generator`` the rows come in order, a chunk at a time. With it, in one seeded
+        permutation of all the rows, each batch's rows read by positioned reads (sorted, for
+        locality): every batch is a uniform sample of the split. (Shuffling only chunks and the rows
+        within them is not: the rows are stored in class order, so a 32 MiB chunk of CIFAR-10's
+        512-wide features held seven of its ten classes, and one epoch of such batches cost the
+        reference ttn-10000 row 5 points of top-1: 0.8266 against 0.8767.)
         """
         stop = self.rows if stop is None else min(stop, self.rows)
-        starts = list(range(start, stop, self.chunk_rows))
-        order = torch.randperm(len(starts), generator=generator).tolist() if generator is not None \
-            else range(len(starts))
-        carry_x, carry_y = torch.empty(0, self.width), torch.empty(0, dtype=torch.long)
-        for index in order:
-            first = starts[index]
-            last = min(first + self.chunk_rows, stop)
-            x, y = self.read(first, last), self.labels[first:last]
-            if generator is not None:
-                permutation = torch.randperm(len(y), generator=generator)
-                x, y = x[permutation], y[permutation]
-            if len(carry_y):
-                x, y = torch.cat([carry_x, x]), torch.cat([carry_y, y])
-            full = len(y) // batch_size * batch_size
-            for begin in range(0, full, batch_size):
-                yield x[begin:begin + batch_size], y[begin:begin + batch_size]
-            carry_x, carry_y = x[full:].clone(), y[full:].clone()
-            del x, y
-        if len(carry_y):
-            yield carry_x, carry_y
+        if generator is None:
+            for first in range(start, stop, self.chunk_rows):
+                x, y = self.read(first, min(first + self.chunk_rows, stop)), self.labels[first:min(first + self.chunk_rows, stop)]
+                for begin in range(0, len(y), batch_size):
+                    yield x[begin:begin + batch_size], y[begin:begin + batch_size]
+            return
+        order = torch.randperm(stop - start, generator=generator) + start
+        with open(self.path, "rb") as handle:
+            fd = handle.fileno()
+            for indices in order.split(batch_size):
+                yield self._rows(fd, indices), self.labels[indices]
+
+    def _rows(self, fd: int, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` (in that order) as float32 (len, width), by positioned reads."""
+        ranked = torch.argsort(indices)
+        buffer = bytearray(len(indices) * self.row_bytes)
+        view = memoryview(buffer)
+        for slot, row in zip(ranked.tolist(), indices[ranked].tolist()):
+            chunk = os.pread(fd, self.row_bytes, row * self.row_bytes)
+            if len(chunk) != self.row_bytes:
+                raise AdntnError(f"The feature file {self.path} is shorter than its {self.rows:,} rows.")
+            view[slot * self.row_bytes:(slot + 1) * self.row_bytes] = chunk
+        return torch.frombuffer(buffer, dtype=self.dtype).view(len(indices), self.width).float()
 
 
 class CachedFeatures(NamedTuple):
