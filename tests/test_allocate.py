@@ -10,7 +10,6 @@ import torch
 from typer.testing import CliRunner
 
 from adntn.cli import app
-from adntn.demo import small_vgg11
 from adntn.errors import AdntnError
 from adntn.networks.budget import smallest_spec, spec_for_budget
 from adntn.pipeline.allocate import Candidate, allocate, candidate_budgets, greedy, parse_budget
@@ -92,14 +91,6 @@ def test_a_budget_below_the_smallest_generators_is_refused():
 def test_spec_for_budget_matches_the_ratio_solver():
     spec = spec_for_budget("ttn", (4096, 512), 209, "tanh")
     assert spec.core_params == 158
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "small.pt"
-    torch.save(small_vgg11().state_dict(), path)
-    return path
 
 
 @pytest.mark.parametrize("flag", [("--budget", "1.2k"), ("--ratio", "total:40")])
