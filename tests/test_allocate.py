@@ -16,12 +16,7 @@ from adntn.pipeline.allocate import Candidate, allocate, candidate_budgets, gree
 from adntn.pipeline.options import CompressOptions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("text,value", [("424", 424), ("10k", 10_000), ("1.5M", 1_500_000), ("2K", 2000), (77, 77)])

@@ -22,12 +22,7 @@ ARCHS = ("ttn", "attn", "mera", "tt", "svd")
 LINEAR_SHAPE, CONV_SHAPE = (53, 30), (16, 4, 3, 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generator(arch: str, shape: tuple[int, ...], n_legs: int = 4, seed: int = 0) -> Generator:

@@ -32,13 +32,7 @@ SHAPES = [(8, 3, 3, 3), (10, 64), (64, 48), (13, 34)]  # (13, 34): prime rows, p
 TREES = ("ttn", "attn", "mera")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread is as fast and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_spec(arch: str, shape: tuple[int, ...], n_legs: int = 4, bond: int = 3,
