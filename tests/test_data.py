@@ -466,6 +466,22 @@ def test_shuffled_chunks_visit_every_row_once_and_are_seeded(tmp_path):
     assert torch.cat([y for _, y in stored.batches(8, start=10, stop=23)]).tolist() == list(range(10, 23))
 
 
+def test_feature_sample_is_stratified_not_the_first_rows(tmp_path):
+    """Rows are stored in class order: the activation stage's sample must hold every class."""
+    from adntn.training.features import FeatureFile
+
+    labels = torch.arange(5).repeat_interleave(20)  # 5 classes of 20 rows, in class order
+    values = torch.randn(100, 3)
+    (tmp_path / "f.bin").write_bytes(values.numpy().tobytes())
+    stored = FeatureFile(tmp_path / "f.bin", 100, 3, torch.float32, labels)
+    x, y = stored.sample(25, seed=0)
+    assert torch.bincount(y, minlength=5).tolist() == [5] * 5
+    indices = [i for i in range(100) if any(torch.equal(values[i], row) for row in x)]
+    assert torch.equal(values[indices], x) and torch.equal(labels[indices], y)
+    assert torch.equal(stored.sample(25, seed=0)[0], x) and not torch.equal(stored.sample(25, seed=1)[0], x)
+    assert torch.equal(stored.sample(500, seed=0)[0], values)
+
+
 def test_float16_overflow_is_refused(image_root, tmp_path):
     splits = image_splits(image_root, PLAIN)
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -440,20 +441,28 @@ def relabel(folder: datasets.ImageFolder, indices: dict[str, int]) -> datasets.I
     return copy_
 
 
-def stratified_subset(folder: datasets.ImageFolder, max_images: int | None, seed: int) -> datasets.ImageFolder:
-    """A copy of ``folder`` with at most ``max_images`` samples, each class in proportion to its
-    share (a seeded random choice within each class), kept in folder order."""
-    if max_images is None or max_images >= len(folder.samples):
-        return folder
+def stratified_indices(labels: Sequence[int], max_count: int | None, seed: int) -> list[int]:
+    """At most ``max_count`` positions of ``labels``, each class in proportion to its share (a seeded
+    random choice within each class), in ascending order; all of them when ``max_count`` is None."""
+    if max_count is None or max_count >= len(labels):
+        return list(range(len(labels)))
     generator = torch.Generator().manual_seed(seed)
     by_class: dict[int, list[int]] = {}
-    for index, (_, label) in enumerate(folder.samples):
-        by_class.setdefault(label, []).append(index)
+    for index, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(index)
     ranked = []  # (position within the class as a fraction, class, sample index)
     for label, members in sorted(by_class.items()):
         order = torch.randperm(len(members), generator=generator).tolist()
         ranked += [((position + 0.5) / len(members), label, members[i]) for position, i in enumerate(order)]
-    chosen = sorted(index for _, _, index in sorted(ranked)[:max_images])
+    return sorted(index for _, _, index in sorted(ranked)[:max_count])
+
+
+def stratified_subset(folder: datasets.ImageFolder, max_images: int | None, seed: int) -> datasets.ImageFolder:
+    """A copy of ``folder`` with at most ``max_images`` samples (:func:`stratified_indices`), kept in
+    folder order."""
+    if max_images is None or max_images >= len(folder.samples):
+        return folder
+    chosen = stratified_indices([label for _, label in folder.samples], max_images, seed)
     copy_ = copy.copy(folder)
     copy_.samples = [folder.samples[i] for i in chosen]
     copy_.imgs = copy_.samples

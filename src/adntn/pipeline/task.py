@@ -259,9 +259,9 @@ def _on_features(source: Source, teacher: nn.Module, names: list[str], data: Tas
     train, heldout = features["train"], features[splits.heldout_name]
     head_names = [name.removeprefix(HEAD) for name in names]
 
-    def recorded(split) -> dict[str, torch.Tensor]:
-        inputs = record_inputs(head, head_names, [split.features.read(0, options.record_samples)],
-                               options.record_samples)
+    def recorded(split) -> dict[str, torch.Tensor]:  # a stratified sample: the file is in class order
+        sample, _ = split.features.sample(options.record_samples, options.seed)
+        inputs = record_inputs(head, head_names, [sample], options.record_samples)
         return {name: inputs[short] for name, short in zip(names, head_names)}
 
     head.to(device)
@@ -278,8 +278,9 @@ def _on_images(source: Source, teacher: nn.Module, names: list[str], data: TaskD
     teacher.to(device)
     train_loader = training_loader(splits.train, preprocessing, seed=options.seed)
     samples = min(options.record_samples, CONV_RECORD_SAMPLES)
-    train_inputs = record_inputs(teacher, names, image_loader(splits.train, preprocessing), samples)
-    heldout_inputs = record_inputs(teacher, names, image_loader(splits.heldout, preprocessing), samples)
+    train_inputs, heldout_inputs = (  # stratified samples: folders are read in class order
+        record_inputs(teacher, names, image_loader(stratified_subset(split, samples, options.seed), preprocessing),
+                      samples) for split in (splits.train, splits.heldout))
     return _Run(teacher, "", train_inputs, heldout_inputs, _images_accuracy(teacher, splits.heldout, preprocessing),
                 len(splits.train), len(splits.heldout),
                 lambda student, groups, checkpoint: finetune_full(student, teacher, train_loader, groups, config,

@@ -317,8 +317,8 @@ def finetune_features(student: nn.Module, teacher: nn.Module, features: "Feature
                       progress: Progress | None = None, checkpoint: EpochCheckpoint | None = None) -> FinetuneResult:
     """Fine-tune ``student`` (e.g. a head with generated layers) on trunk features on disk.
 
-    ``features`` (a :class:`adntn.training.features.FeatureFile`) is read in shuffled chunks
-    (chunk order, then rows within a chunk, from ``config.seed``), so memory holds one chunk
+    ``features`` (a :class:`adntn.training.features.FeatureFile`) is read a batch at a time, in
+    one permutation of all its rows from ``config.seed`` and the epoch, so memory holds one batch
     whatever its number of rows. The teacher's logits (``teacher`` in eval mode, e.g. the dense
     head) are computed per batch. Under torchrun every rank reads the same global batches and
     trains on its contiguous share of each.

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from adntn.data.images import ImageLoader, Preprocessing
+from adntn.data.images import ImageLoader, Preprocessing, stratified_indices
 from adntn.errors import AdntnError
 from adntn.progress import Progress, Silent
 
@@ -166,6 +166,14 @@ class FeatureFile:
             fd = handle.fileno()
             for indices in order.split(batch_size):
                 yield self._rows(fd, indices), self.labels[indices]
+
+    def sample(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features float32 (m, width), labels (m,)) of m = min(count, rows) rows, each class in
+        proportion to its share (``stratified_indices``; the rows are stored in class order, so the
+        first rows would be one class), in file order."""
+        indices = torch.tensor(stratified_indices(self.labels.tolist(), count, seed), dtype=torch.long)
+        with open(self.path, "rb") as handle:
+            return self._rows(handle.fileno(), indices), self.labels[indices]
 
     def _rows(self, fd: int, indices: torch.Tensor) -> torch.Tensor:
         """Rows ``indices`` (in that order) as float32 (len, width), by positioned reads."""
