@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from adntn.cli import app
 from adntn.errors import AdntnError
 from adntn.networks.budget import smallest_spec, spec_for_budget
-from adntn.pipeline.allocate import Candidate, allocate, candidate_budgets, greedy, parse_budget
+from adntn.pipeline.allocate import Candidate, allocate, candidate_budgets, fit_measures, greedy, parse_budget
 from adntn.pipeline.options import CompressOptions
 
 
@@ -66,7 +66,8 @@ def test_allocation_stays_within_the_budget_and_reports_why(arch):
     low = torch.randn(64, 2) @ torch.randn(2, 48)
     full = torch.randn(64, 64)
     total = smallest_spec(arch, (64, 48), "tanh").core_params + smallest_spec(arch, (64, 64), "tanh").core_params + 300
-    allocation = allocate([("a", low), ("b", full)], total, arch, "tanh", steps=3)
+    measures, name = fit_measures([low, full], None, steps=3)
+    allocation = allocate([("a", tuple(low.shape)), ("b", tuple(full.shape))], total, arch, "tanh", measures, name)
     assert allocation.used <= total
     described = allocation.describe()
     json.dumps(described)
@@ -74,13 +75,13 @@ def test_allocation_stays_within_the_budget_and_reports_why(arch):
     for row, spec in zip(described["layers"], allocation.specs):
         assert row["core_params"] == spec.core_params
         assert any(c["core_params"] == spec.core_params for c in row["candidates"])
-        errors = [c["rel_error"] for c in row["candidates"]]
+        errors = [c["measure"] for c in row["candidates"]]
         assert errors[0] >= errors[-1]
 
 
 def test_a_budget_below_the_smallest_generators_is_refused():
     with pytest.raises(AdntnError, match="below the smallest generators of --arch ttn"):
-        allocate([("a", torch.randn(64, 48)), ("b", torch.randn(64, 64))], 10, "ttn", "tanh", steps=0)
+        allocate([("a", (64, 48)), ("b", (64, 64))], 10, "ttn", "tanh", [], "unused")
 
 
 def test_spec_for_budget_matches_the_ratio_solver():

@@ -226,7 +226,7 @@ def test_a_diverging_fine_tuning_is_refused_not_written(setup, tmp_path):
     assert "Traceback" not in result.output and not out.exists()
 
 
-def test_a_budget_with_data_is_split_by_activation_errors(setup, tmp_path):
+def test_a_budget_with_data_is_split_by_distillation_probes(setup, tmp_path):
     root, checkpoint, config, _, _ = setup
     result = adntn("compress", checkpoint, "--layers", "fc6,fc7", "--budget", "2k", "--steps", "2",
                    "--data", root / "data", "--config", config, "--epochs", "1", "--batch-size", "16",
@@ -234,7 +234,7 @@ def test_a_budget_with_data_is_split_by_activation_errors(setup, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     allocation = report["allocation"]
-    assert allocation["measure"].startswith("relative activation error")
+    assert allocation["measure"].startswith("distillation loss")
     assert report["total"]["compressed_core_params"] == allocation["core_params"] <= 2000
     for row in allocation["layers"]:
-        assert row["candidates"] and all(0 <= c["rel_error"] for c in row["candidates"])
+        assert row["candidates"] and all(0 <= c["measure"] for c in row["candidates"])

@@ -168,7 +168,8 @@ def compress(
              "or total:R for all layers together at dense/R, split as --budget (default 2000 unless --bond-dim).")] = None,
     budget: Annotated[Optional[str], typer.Option(
         help="Core parameters for all compressed layers together, e.g. 424, 10k, 1.5M: split between them by "
-             "measured sensitivity (the report's allocation shows each layer's candidates and errors).")] = None,
+             "measured sensitivity, with --data a short distillation probe per candidate size (the report's "
+             "allocation shows every candidate and its measure).")] = None,
     bond_dim: Annotated[Optional[int], typer.Option("--bond-dim", help="Uniform bond dimension instead of --ratio.")] = None,
     activation: Annotated[str, typer.Option(autocompletion=lambda: ACTIVATIONS,
                                             help=f"Nonlinearity between levels: {' | '.join(ACTIVATIONS)}.")] = "tanh",

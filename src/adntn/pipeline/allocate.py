@@ -2,15 +2,22 @@
 
 The budget is split by measured sensitivity, not in proportion to the layers' sizes. For each
 layer, a ladder of candidate sizes (from its smallest generator up, each about sqrt(2) times the
-last, via ``networks.budget.spec_for_budget``) is fitted briefly (the SVD-based initialisation,
-then ``PROBE_STEPS`` Adam steps) and its relative error measured: in activation space,
-||X W^T - X G^T|| / ||X W^T|| on inputs X recorded from the dense model on a few training images,
-when there is data (``--data``); else in weight space, ||W - G|| / ||W||. (At 10,000x the weight
-error of VGG-16's fc6 is 0.998 for every candidate: weight space cannot tell them apart there.)
-Then, starting from every layer at its smallest candidate, the next parameters go, again
-and again, to the layer and larger candidate whose error drops most per parameter added, as long
-as the total fits: a greedy marginal allocation of the summed relative errors. ``Allocation``
-keeps every candidate with its error and the choice, for the report.
+last, via ``networks.budget.spec_for_budget``) is measured by a *measure*: a function from a
+candidate spec to a number, lower is better. With data and every compressed layer in the
+classifier, the measure is a short distillation probe (``pipeline.task.distillation_measures``):
+the candidate alone replaces its layer, is fitted briefly and fine-tuned for a few steps on
+cached trunk features, and its distillation loss is measured on training rows it did not see.
+(Errors before fine-tuning do not rank sizes: at 10,000x the activation error of VGG-16's fc6
+moves 0.830 -> 0.827 from 60 to 329 parameters and its weight error stays at 0.998, while the
+fine-tuned accuracy moves by points.) Otherwise it is the relative error after a brief fit
+(``PROBE_STEPS`` Adam steps from the SVD-based init): in activation space,
+||X W^T - X G^T|| / ||X W^T|| on inputs X recorded from the dense model, with data; in weight
+space, ||W - G|| / ||W||, without.
+
+Then, starting from every layer at its smallest candidate, the next parameters go, again and
+again, to the layer and larger candidate whose measure drops most per parameter added, as long
+as the total fits: a greedy marginal allocation of the summed measures. ``Allocation`` keeps
+every candidate with its measure and the choice, for the report.
 """
 
 from __future__ import annotations
@@ -25,13 +32,12 @@ import torch
 from adntn.core.registry import generator_class
 from adntn.core.spec import GeneratorSpec
 from adntn.errors import AdntnError
+from adntn.networks.base import Generator
 from adntn.networks.budget import smallest_spec, spec_for_budget
 from adntn.training.fit import fit
 from adntn.training.objectives import ActivationObjective, WeightObjective
 
 PROBE_STEPS = 20  # Adam steps of each candidate's probe fit
-PROBE_IMAGES = 1024  # training images whose layer inputs the probes fit (stratified by class)
-PROBE_RANK = 256  # input directions kept by a linear layer's activation probe (as the activation stage)
 LADDER = math.sqrt(2)  # each candidate budget is this times the last
 _SUFFIXES = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
 
@@ -56,7 +62,7 @@ def parse_budget(text: str | int) -> int:
 @dataclass(frozen=True)
 class Candidate:
     spec: GeneratorSpec
-    error: float  # relative error after the probe fit (activation space with data, else weight space)
+    value: float  # the measure of this size (lower is better): see the module docstring
 
     @property
     def params(self) -> int:
@@ -87,13 +93,13 @@ class Allocation:
             "core_params": self.used,
             "measure": self.measure,
             "rule": "from each layer's smallest candidate, the next parameters go to the layer and larger "
-                    "candidate with the largest drop in relative error per parameter added, while the "
+                    "candidate with the largest drop in the measure per parameter added, while the "
                     "total fits",
             "layers": [
-                {"layer": label, "core_params": cands[i].params, "rel_error": round(cands[i].error, 4),
+                {"layer": label, "core_params": cands[i].params, "measure": round(cands[i].value, 5),
                  "candidates": [{"core_params": c.params, "bond_dims": list(c.spec.bond_dims),
                                  "n_legs": c.spec.n_legs, "mix_ranks": list(c.spec.mix_ranks or []),
-                                 "rel_error": round(c.error, 4)} for c in cands]}
+                                 "measure": round(c.value, 5)} for c in cands]}
                 for label, cands, i in zip(self.labels, self.candidates, self.chosen)
             ],
         }
@@ -118,22 +124,29 @@ def ladder(arch: str, shape: tuple[int, ...], activation: str, largest: int, lab
     return [specs[k] for k in sorted(specs)]
 
 
-def probe_error(weight: torch.Tensor, spec: GeneratorSpec, steps: int = PROBE_STEPS, lr: float = 1e-2,
-                seed: int = 0, targets: dict | None = None, activation: ActivationObjective | None = None) -> float:
-    """Relative error of ``spec`` fitted to ``weight``: SVD-based init, then ``steps`` Adam steps
-    (the best seen; ``fit``) on ``activation`` (an ``ActivationObjective``) when given, else in
-    weight space. ``targets`` caches the leg-form targets by leg factors."""
+Measure = Callable[[GeneratorSpec], float]  # a candidate's measure, lower is better
+
+
+def fit_measure(weight: torch.Tensor, objective: ActivationObjective | None = None, *, steps: int = PROBE_STEPS,
+                lr: float = 1e-2, seed: int = 0) -> Measure:
+    """A candidate's relative error after :func:`probe_fit` to ``weight`` (on ``objective`` when given)."""
+    targets: dict = {}
+    return lambda spec: probe_fit(weight, spec, targets, objective, steps=steps, lr=lr, seed=seed)[1]
+
+
+def probe_fit(weight: torch.Tensor, spec: GeneratorSpec, targets: dict, objective: ActivationObjective | None = None,
+              *, steps: int = PROBE_STEPS, lr: float = 1e-2, seed: int = 0) -> tuple[Generator, float]:
+    """``spec``'s generator fitted briefly to ``weight`` and its relative error: SVD-based init, then
+    ``steps`` Adam steps (the best seen; ``fit``) on ``objective`` (activation space) when given,
+    else in weight space. ``targets`` caches the leg-form targets by leg factorisation."""
     cls = generator_class(spec.arch)
     key = (spec.arch == "svd", spec.out_dims, spec.in_dims)
-    target = None if targets is None else targets.get(key)
-    if target is None:
-        target = cls.fit_target(spec, weight)
-        if targets is not None:
-            targets[key] = target
+    if key not in targets:
+        targets[key] = cls.fit_target(spec, weight)
     torch.manual_seed(seed)
-    generator = cls.from_target(spec, target)
-    result = fit(generator, WeightObjective(target) if activation is None else activation, steps=steps, lr=lr)
-    return math.sqrt(max(result.best_loss, 0.0))
+    generator = cls.from_target(spec, targets[key])
+    result = fit(generator, WeightObjective(targets[key]) if objective is None else objective, steps=steps, lr=lr)
+    return generator, math.sqrt(max(result.best_loss, 0.0))
 
 
 def greedy(candidates: Sequence[Sequence[Candidate]], total: int) -> tuple[int, ...]:
@@ -147,7 +160,7 @@ def greedy(candidates: Sequence[Sequence[Candidate]], total: int) -> tuple[int, 
             for j in range(chosen[layer] + 1, len(cands)):
                 extra = cands[j].params - now.params
                 if 0 < extra <= left:
-                    gain = (now.error - cands[j].error) / extra
+                    gain = (now.value - cands[j].value) / extra
                     if gain > best:
                         best, move = gain, (layer, j, extra)
         if move is None:
@@ -156,32 +169,35 @@ def greedy(candidates: Sequence[Sequence[Candidate]], total: int) -> tuple[int, 
         chosen[layer], left = j, left - extra
 
 
-def allocate(layers: Sequence[tuple[str, torch.Tensor]], total: int, arch: str, activation: str, *,
-             steps: int = PROBE_STEPS, lr: float = 1e-2, seed: int = 0,
-             objectives: Sequence[ActivationObjective | None] | None = None,
+def allocate(layers: Sequence[tuple[str, tuple[int, ...]]], total: int, arch: str, activation: str,
+             measures: Sequence[Measure], measure_name: str,
              on_layer: Callable[[str, int], None] | None = None) -> Allocation:
-    """Split ``total`` core parameters between ``layers`` ((label, weight) pairs) by sensitivity:
-    each layer's probes are fitted on its ``objectives`` entry (activation space) when given."""
-    objectives = list(objectives) if objectives is not None else [None] * len(layers)
-    smallest = [smallest_spec(arch, tuple(w.shape), activation).core_params for _, w in layers]
+    """Split ``total`` core parameters between ``layers`` ((label, weight shape) pairs) by
+    sensitivity: every candidate size of layer i is measured by ``measures[i]``."""
+    smallest = [smallest_spec(arch, shape, activation).core_params for _, shape in layers]
     if sum(smallest) > total:
         parts = ", ".join(f"{label} {n:,}" for (label, _), n in zip(layers, smallest))
         raise AdntnError(f"--budget {total:,} is below the smallest generators of --arch {arch} for these layers: "
                          f"{sum(smallest):,} parameters ({parts}).")
     all_candidates = []
-    for (label, weight), low, objective in zip(layers, smallest, objectives):
-        specs = ladder(arch, tuple(weight.shape), activation, total - (sum(smallest) - low), label)
+    for (label, shape), low, measure in zip(layers, smallest, measures):
+        specs = ladder(arch, shape, activation, total - (sum(smallest) - low), label)
         if on_layer is not None:
             on_layer(label, len(specs))
-        targets: dict = {}
-        all_candidates.append(tuple(Candidate(spec, probe_error(weight, spec, steps, lr, seed, targets, objective))
-                                    for spec in specs))
-        del targets
+        all_candidates.append(tuple(Candidate(spec, measure(spec)) for spec in specs))
     chosen = greedy(all_candidates, total)
-    space = ("weight error ||W - G|| / ||W||" if all(o is None for o in objectives) else
+    return Allocation(total, tuple(label for label, _ in layers), tuple(all_candidates), chosen, measure_name)
+
+
+def fit_measures(weights: Sequence[torch.Tensor], objectives: Sequence[ActivationObjective] | None, *,
+                 steps: int = PROBE_STEPS, lr: float = 1e-2, seed: int = 0) -> tuple[list[Measure], str]:
+    """:func:`fit_measure` for each layer (activation space when ``objectives`` are given) and
+    the report's words for it."""
+    objectives = list(objectives) if objectives is not None else [None] * len(weights)
+    space = ("weight error ||W - G|| / ||W||" if objectives[0] is None else
              "activation error ||X W^T - X G^T|| / ||X W^T|| on the layer's recorded inputs X")
-    measure = f"relative {space}, after the SVD-based init and {steps} Adam steps (lr {lr:g}) on it"
-    return Allocation(total, tuple(label for label, _ in layers), tuple(all_candidates), chosen, measure)
+    name = f"relative {space}, after the SVD-based init and {steps} Adam steps (lr {lr:g}) on it"
+    return [fit_measure(w, o, steps=steps, lr=lr, seed=seed) for w, o in zip(weights, objectives)], name
 
 
 def total_budget(layers, options) -> int:
@@ -192,21 +208,15 @@ def total_budget(layers, options) -> int:
     return math.floor(dense / options.total_ratio * (1 + 1e-12))
 
 
-def allocate_layers(source, layers, options, progress, inputs: dict[str, torch.Tensor] | None = None) -> Allocation:
-    """``allocate`` for the compressed ``layers`` of ``source`` under ``--budget`` / ``--ratio total:R``;
-    ``inputs`` (module name -> recorded layer inputs) makes the probes activation-space ones."""
+def allocate_layers(layers, options, progress, measures: Sequence[Measure], measure_name: str) -> Allocation:
+    """``allocate`` for the compressed ``layers`` (``LayerInfo``) under ``--budget`` /
+    ``--ratio total:R``, each measured by its entry of ``measures``."""
     total = total_budget(layers, options)
-    pairs = [(layer.label, source.state[layer.weight_key]) for layer in layers]
-    objectives = None
-    if inputs is not None:
-        objectives = [ActivationObjective(source.state[layer.weight_key], inputs[layer.module], layer.stride,
-                                          layer.padding, max_rank=PROBE_RANK) for layer in layers]
     with progress.stage("allocate"):
-        allocation = allocate(pairs, total, options.arch, options.activation, lr=options.lr, seed=options.seed,
-                              objectives=objectives,
+        allocation = allocate([(layer.label, tuple(layer.weight_shape)) for layer in layers], total, options.arch,
+                              options.activation, measures, measure_name,
                               on_layer=lambda label, n: progress.note(
                                   f"allocating the budget of {total:,}: probing {n} sizes of {label}"))
     for row in allocation.describe()["layers"]:
-        progress.note(f"{row['layer']}: {row['core_params']:,} core parameters (relative error "
-                      f"{row['rel_error']:.3f} after the probe fit)")
+        progress.note(f"{row['layer']}: {row['core_params']:,} core parameters (measure {row['measure']:.4g})")
     return allocation

@@ -1,6 +1,8 @@
 """The compress pipeline: a model or checkpoint in, a :class:`Compressed` value out.
 
     read_source -> Source.select -> plan_layers (each layer's spec, chosen once)
+      -> [with data] task.task_run (trunk features cached, or images opened, once)
+      -> [with --budget] allocate (candidate sizes measured: distillation probes with data)
       -> fit_weight_space (SVD-based init, then ||W - G|| / ||W||; --steps, --lr)
       -> [with data] task.run_task_stages: activation space (the layer's outputs on recorded
          inputs), then task-aware fine-tuning of all compressed layers together by distillation
@@ -13,6 +15,7 @@ notes and each stage's wall time (``Progress.stage``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import shutil
@@ -216,7 +219,44 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
     with progress.stage("load_checkpoint"):
         source = read_source(model_or_path, model=options.model, allow_pickle=options.allow_pickle)
     chosen = source.select(names)
-    for layer in chosen:
+    _check_weights(source, chosen, progress)
+    allocated = options.budget is not None or options.total_ratio is not None  # one budget for all layers
+    specs = None if allocated else plan_layers(source, chosen, options)
+    data = None
+    if options.data is not None:  # bad data fails before any fitting
+        from adntn.pipeline.task import open_data, trained_layers
+
+        data = open_data(options.data, options.config, source.metadata, source, class_map=options.class_map,
+                         max_images=options.max_images, seed=options.seed, cache_dir=options.cache_dir)
+        trained_layers(source, list(chosen), options)
+    with _task_run(source, chosen, options, data, progress) as run:
+        allocation = _allocate(source, chosen, options, progress, run) if allocated else None
+        if allocation is not None:
+            specs = allocation.specs
+        torch.manual_seed(options.seed)
+        results = [fit_weight_space(source, layer, spec, options, progress) for layer, spec in zip(chosen, specs)]
+        trained: dict[str, torch.Tensor] = {}
+        task = None
+        if run is not None:
+            from adntn.pipeline.task import run_task_stages
+
+            outcome = run_task_stages(run, source, results, options, data, progress, resume_state)
+            results, trained, task = outcome.results, outcome.trained, outcome.report
+    check_converged(results, fine_tuned=data is not None)
+    results = weight_errors(source, results, progress)
+    if data is None:
+        _warn_data_free(source, results, progress)
+    replaced = {key for result in results for key in (result.layer.weight_key, result.layer.bias_key) if key}
+    dense = {key: trained.get(key, tensor) for key, tensor in source.state.items() if key not in replaced}
+    if allocation is not None:
+        task = {**(task or {}), "allocation": allocation.describe()}
+    report = build_report(source, results, options, time.perf_counter() - started, task)
+    return Compressed(report, tuple(result.compressed for result in results), dense, source)
+
+
+def _check_weights(source: Source, layers: tuple[LayerInfo, ...], progress: Progress) -> None:
+    """Refuse complex or integer weights in ``layers`` and any NaN/Inf or float32-overflowing tensor."""
+    for layer in layers:
         dtype = source.state[layer.weight_key].dtype
         if dtype.is_complex or not dtype.is_floating_point:
             kind = "complex" if dtype.is_complex else "not floating-point"
@@ -224,52 +264,43 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
                              "real floating-point weights only, so it would lose part of it.")
     with progress.stage("check_finite"):
         check_finite(source.state, list(source.state))
-    allocated = options.budget is not None or options.total_ratio is not None  # one budget for all layers
-    specs = None if allocated else plan_layers(source, chosen, options)
-    data = None
-    if options.data is not None:  # bad data fails before any fitting
-        from adntn.pipeline.task import open_data, run_task_stages, trained_layers
 
-        data = open_data(options.data, options.config, source.metadata, source, class_map=options.class_map,
-                         max_images=options.max_images, seed=options.seed, cache_dir=options.cache_dir)
-        trained_layers(source, list(chosen), options)
-    allocation = None
-    if allocated:  # split by sensitivity: activation-space probes on a few training images with data
-        from adntn.pipeline.allocate import PROBE_IMAGES, allocate_layers
 
-        inputs = None
-        if data is not None:
-            from adntn.pipeline.task import probe_inputs
-
-            with progress.stage("probe_inputs"):
-                inputs = probe_inputs(source, chosen, options, data, PROBE_IMAGES)
-        allocation = allocate_layers(source, chosen, options, progress, inputs)
-        specs = allocation.specs
-
-    torch.manual_seed(options.seed)
-    results = [fit_weight_space(source, layer, spec, options, progress) for layer, spec in zip(chosen, specs)]
-    trained: dict[str, torch.Tensor] = {}
-    task = None
-    if data is not None:
-        outcome = run_task_stages(source, results, options, data, progress, resume_state)
-        results, trained, task = outcome.results, outcome.trained, outcome.report
-    check_converged(results, fine_tuned=data is not None)
-    results = weight_errors(source, results, progress)
+def _warn_data_free(source: Source, results: list[LayerResult], progress: Progress) -> None:
+    """A note for each layer fitted without data whose weight error makes the model unlikely to work."""
     for result in results:
         error = result.stats["weight_rel_error"]
-        if data is None and error > DATA_FREE_WARNING:
+        if error > DATA_FREE_WARNING:
             checkpoint = source.name if source.module is None else "CHECKPOINT"
             progress.note(f"{result.layer.label} is reproduced with relative weight error {error:.2f} at "
                           f"{report_row(result)['ratio']:,.0f}x without data, so the compressed model is unlikely "
                           "to keep its accuracy (it may be no better than chance); fit it to its task with data: "
                           f"adntn compress {checkpoint} --layers {result.layer.label} --data IMAGEFOLDER "
                           "(train/ and val/ inside), or try a lower --ratio.")
-    replaced = {key for result in results for key in (result.layer.weight_key, result.layer.bias_key) if key}
-    dense = {key: trained.get(key, tensor) for key, tensor in source.state.items() if key not in replaced}
-    if allocation is not None:
-        task = {**(task or {}), "allocation": allocation.describe()}
-    report = build_report(source, results, options, time.perf_counter() - started, task)
-    return Compressed(report, tuple(result.compressed for result in results), dense, source)
+
+
+def _task_run(source: Source, layers: tuple[LayerInfo, ...], options: CompressOptions, data, progress: Progress):
+    """``task.task_run`` when there is data (features cached or images opened once, for the
+    budget's probes and the data-aware stages), else a context holding None."""
+    if data is None:
+        return contextlib.nullcontext()
+    from adntn.pipeline.task import task_run
+
+    return task_run(source, list(layers), options, data, progress)
+
+
+def _allocate(source: Source, layers: tuple[LayerInfo, ...], options: CompressOptions, progress: Progress, run):
+    """The split of ``--budget`` / ``--ratio total:R``: measured in ``run`` (with data), else by weight-space probes."""
+    from adntn.pipeline.allocate import allocate_layers, fit_measures
+
+    if run is None:
+        measures, name = fit_measures([source.state[layer.weight_key] for layer in layers], None, lr=options.lr,
+                                      seed=options.seed)
+    else:
+        from adntn.pipeline.task import allocation_measures
+
+        measures, name = allocation_measures(run, source, list(layers), options)
+    return allocate_layers(layers, options, progress, measures, name)
 
 
 def compress_to(model_or_path: nn.Module | str | Path, layers: list[str] | str, out_dir: str | Path, *,

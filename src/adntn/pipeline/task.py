@@ -29,7 +29,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,13 +43,16 @@ from adntn import distributed
 from adntn.errors import AdntnError
 from adntn.data.images import (Preprocessing, Splits, class_indices, heldout_split, image_loader, image_splits,
                                relabel, resolve_preprocessing, stratified_subset, training_loader)
+from adntn.io.archive import CompressedLayer
 from adntn.models.architectures import LayerInfo
+from adntn.pipeline.allocate import PROBE_STEPS, Measure, fit_measures, probe_fit
 from adntn.pipeline.assemble import generated_module, swapped_copy
 from adntn.pipeline.results import LayerResult, copy_generator
 from adntn.pipeline.options import CompressOptions, resolve_device
 from adntn.pipeline.source import Source
 from adntn.progress import Progress
-from adntn.training.distill import (EpochCheckpoint, FinetuneResult, finetune_features, finetune_full,
+from adntn.training.distill import (EpochCheckpoint, FinetuneResult, distillation_loss, finetune, finetune_features,
+                                   finetune_full, logits_of,
                                    generated_parameters)
 from adntn.training.evaluate import Accuracy, accuracy_of_counts, count_hits
 from adntn.training.features import (FEATURE_DTYPES, FeatureFile, cached_features, feature_cache_key, record_inputs,
@@ -56,6 +60,10 @@ from adntn.training.features import (FEATURE_DTYPES, FeatureFile, cached_feature
 from adntn.training.fit import fit
 from adntn.training.objectives import ActivationObjective
 
+PROBE_ROWS = 5120  # training rows of a budget's distillation probes: PROBE_HELD measure, the rest train
+PROBE_HELD = 1024
+PROBE_EPOCHS = 2  # passes of each probe's fine-tuning over its rows (64 steps of PROBE_BATCH)
+PROBE_BATCH = 128
 CONV_RECORD_SAMPLES = 32  # conv inputs are whole feature maps (64x224x224 floats = 12.8 MB each)
 COVARIANCE_RANK = 256  # input directions kept by the activation-space fit of a linear layer
 HEAD = "classifier."
@@ -150,18 +158,6 @@ def trained_layers(source: Source, layers: list[LayerInfo], options: CompressOpt
     return extra
 
 
-def probe_inputs(source: Source, layers: tuple[LayerInfo, ...], options: CompressOptions, data: TaskData,
-                 images: int) -> dict[str, torch.Tensor]:
-    """Each layer's inputs from the dense model on ``images`` training images (stratified by class,
-    seeded; conv layers: at most ``CONV_RECORD_SAMPLES``): what a budget's allocation probes fit."""
-    teacher = source.dense_model()
-    subset = stratified_subset(data.splits.train, images, options.seed)
-    samples = images if head_only(list(layers)) else min(images, CONV_RECORD_SAMPLES)
-    with torch.no_grad():
-        return record_inputs(teacher, [layer.module for layer in layers], image_loader(subset, data.preprocessing),
-                             samples)
-
-
 def _fit_activation_space(results: list[LayerResult], inputs: Mapping[str, torch.Tensor], source: Source,
                           options: CompressOptions, device: torch.device, progress: Progress) -> list[LayerResult]:
     fitted = []
@@ -203,21 +199,24 @@ def _extra_groups(student: nn.Module, extra: tuple[LayerInfo, ...], prefix: str)
             for layer in extra}
 
 
-def run_task_stages(source: Source, results: list[LayerResult], options: CompressOptions, data: TaskData,
-                    progress: Progress, state: Path | None = None) -> TaskOutcome:
-    """Stages 2 and 3 on the weight-space results; ``data`` is :func:`open_data` of the options'
-    data (opened before any fitting, so bad data fails early). With ``state`` (a file path) the
-    fine-tuning saves its state there after every epoch, and resumes from it with ``resume``.
-
-    Without ``cache_dir`` the trunk features go to a temporary folder (rank 0's, shared with the
-    other ranks under torchrun) that is removed when the stages end.
-    """
-    if options.cache_dir is not None or not head_only([result.layer for result in results]):
-        return _run_task_stages(source, results, options, data, progress, options.cache_dir, state)
+@contextmanager
+def task_run(source: Source, layers: list[LayerInfo], options: CompressOptions, data: TaskData,
+             progress: Progress) -> Iterator[_Run]:
+    """The :class:`_Run` of stages 2 and 3 for ``layers``: trunk features cached on disk when every
+    layer is in the classifier (in ``options.cache_dir``, else in a temporary folder, rank 0's,
+    shared with the other ranks under torchrun, removed on exit), else the whole model on images.
+    ``data`` is :func:`open_data` of the options' data."""
+    trained_layers(source, layers, options)
+    device = resolve_device(options.device)
+    names = [layer.module for layer in layers]
+    on = _on_features if head_only(layers) else _on_images
+    if options.cache_dir is not None or not head_only(layers):
+        yield on(source, source.dense_model(), names, data, options, options.cache_dir, device, progress)
+        return
     temporary = tempfile.TemporaryDirectory(prefix="adntn-features-") if distributed.is_main() else None
     try:
         folder = Path(distributed.broadcast(temporary.name if temporary else None))
-        return _run_task_stages(source, results, options, data, progress, folder, state)
+        yield on(source, source.dense_model(), names, data, options, folder, device, progress)
     finally:
         distributed.barrier()
         if temporary is not None:
@@ -230,7 +229,8 @@ class _Run:
     classifier), or the whole model on images. ``model`` is the dense part that runs, ``prefix``
     its module path inside the full model; the inputs recorded from it for the activation-space
     fit (train) and its error (held out); the dense accuracy; ``finetune(student, groups, checkpoint)`` and
-    ``accuracy(student)`` for a copy of ``model`` with generated layers."""
+    ``accuracy(student)`` for a copy of ``model`` with generated layers; on features,
+    ``train_sample(n)``: a stratified sample of n training rows (``FeatureFile.sample``)."""
 
     model: nn.Module
     prefix: str
@@ -242,6 +242,7 @@ class _Run:
     finetune: Callable[[nn.Module, dict, EpochCheckpoint | None], FinetuneResult]
     accuracy: Callable[[nn.Module], Accuracy]
     features_cached: bool
+    train_sample: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None  # (inputs, labels) of n rows
 
 
 def _on_features(source: Source, teacher: nn.Module, names: list[str], data: TaskData, options: CompressOptions,
@@ -269,7 +270,8 @@ def _on_features(source: Source, teacher: nn.Module, names: list[str], data: Tas
                 _features_accuracy(head, heldout.features, config.batch_size), len(train.labels), len(heldout.labels),
                 lambda student, groups, checkpoint: finetune_features(student, head, train.features, groups, config,
                                                                       progress, checkpoint),
-                lambda student: _features_accuracy(student, heldout.features, config.batch_size), True)
+                lambda student: _features_accuracy(student, heldout.features, config.batch_size), True,
+                lambda count: train.features.sample(count, options.seed))
 
 
 def _on_images(source: Source, teacher: nn.Module, names: list[str], data: TaskData, options: CompressOptions,
@@ -315,14 +317,14 @@ def _run_key(source: Source, options: CompressOptions, student: nn.Module) -> st
     return digest.hexdigest()
 
 
-def _run_task_stages(source: Source, results: list[LayerResult], options: CompressOptions, data: TaskData,
-                     progress: Progress, cache_dir: Path | None, state: Path | None = None) -> TaskOutcome:
+def run_task_stages(run: _Run, source: Source, results: list[LayerResult], options: CompressOptions,
+                    data: TaskData, progress: Progress, state: Path | None = None) -> TaskOutcome:
+    """Stages 2 and 3 on the weight-space ``results`` in ``run`` (:func:`task_run` of their layers).
+    With ``state`` (a file path) the fine-tuning saves its state there after every epoch, and
+    resumes from it with ``resume``."""
     layers = [result.layer for result in results]
     extra = trained_layers(source, layers, options)
     device = resolve_device(options.device)
-    names = [layer.module for layer in layers]
-    run = (_on_features if head_only(layers) else _on_images)(
-        source, source.dense_model(), names, data, options, cache_dir, device, progress)
     results = _fit_activation_space(results, run.train_inputs, source, options, device, progress)
     student = _student(run.model, results, run.prefix)
     groups = {f"{kind}:{run.prefix}{name}": params for kind_name, params in generated_parameters(student).items()
@@ -337,6 +339,46 @@ def _run_task_stages(source: Source, results: list[LayerResult], options: Compre
               "accuracy": {"split": data.splits.heldout_name, "images": run.heldout_images,
                            "dense": run.dense_accuracy.describe(), "compressed": compressed_accuracy.describe()}}
     return TaskOutcome(tuned, trained, report)
+
+
+def allocation_measures(run: _Run, source: Source, layers: list[LayerInfo],
+                        options: CompressOptions) -> tuple[list[Measure], str]:
+    """How a budget's candidate sizes are measured in ``run`` (see ``pipeline.allocate``): by a
+    distillation probe on cached features, else by the activation error on the recorded inputs."""
+    if run.train_sample is None:
+        objectives = [ActivationObjective(source.state[layer.weight_key], run.train_inputs[layer.module],
+                                          layer.stride, layer.padding, max_rank=COVARIANCE_RANK) for layer in layers]
+        return fit_measures([source.state[layer.weight_key] for layer in layers], objectives,
+                            lr=options.lr, seed=options.seed)
+    inputs, labels = run.train_sample(PROBE_ROWS)
+    teacher_logits = logits_of(run.model, inputs, PROBE_BATCH)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(options.seed))
+    held, rows = order[:min(PROBE_HELD, len(labels) // 5)], order[min(PROBE_HELD, len(labels) // 5):]
+    config = replace(options.finetune, epochs=PROBE_EPOCHS, batch_size=PROBE_BATCH)
+
+    def measure_for(layer: LayerInfo) -> Measure:
+        weight, targets = source.state[layer.weight_key], {}
+        objective = ActivationObjective(weight, run.train_inputs[layer.module], layer.stride, layer.padding,
+                                        max_rank=COVARIANCE_RANK)
+        bias = source.state.get(layer.bias_key) if layer.has_bias else None
+
+        def measure(spec) -> float:
+            generator, _ = probe_fit(weight, spec, targets, objective, lr=options.lr, seed=options.seed)
+            compressed = CompressedLayer(layer.module, layer.alias, generator,
+                                         None if bias is None else bias.detach().clone(), weight.dtype)
+            student = swapped_copy(run.model, {layer.module.removeprefix(run.prefix): generated_module(compressed)})
+            device = next(run.model.parameters()).device
+            student.to(device)
+            finetune(student, teacher_logits[rows], inputs[rows], labels[rows], generated_parameters(student), config)
+            logits = logits_of(student, inputs[held], PROBE_BATCH)
+            return float(distillation_loss(logits, teacher_logits[held], labels[held].to(logits.device), config))
+
+        return measure
+
+    name = (f"distillation loss (T={config.temperature}, KD weight {config.kd_weight}) on {len(held):,} training "
+            f"rows, after the SVD-based init, {PROBE_STEPS} activation-space Adam steps and {PROBE_EPOCHS} epochs "
+            f"of fine-tuning (batch {PROBE_BATCH}) on {len(rows):,} other training rows, the layer alone compressed")
+    return [measure_for(layer) for layer in layers], name
 
 
 def _training_report(run: _Run, result: FinetuneResult, options: CompressOptions, data: TaskData) -> dict:

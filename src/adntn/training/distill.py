@@ -218,7 +218,8 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
 
 def _train(student: nn.Module, epoch_batches: Callable[[int], Batches], steps_per_epoch: int,
            params: Mapping[str, Iterable[nn.Parameter]], config: FinetuneConfig,
-           progress: Progress | None, checkpoint: EpochCheckpoint | None = None) -> FinetuneResult:
+           progress: Progress | None, checkpoint: EpochCheckpoint | None = None,
+           data_parallel: bool = True) -> FinetuneResult:
     """Adam on ``params`` with the distillation loss, ``epoch_batches(epoch)`` for each epoch.
 
     With ``checkpoint`` the state after each epoch is saved, and a saved state is resumed from:
@@ -228,7 +229,8 @@ def _train(student: nn.Module, epoch_batches: Callable[[int], Batches], steps_pe
     Under torchrun the student runs under DistributedDataParallel; each rank's loss (a mean over
     its share of the global batch) is weighted by share * world size / global batch, so the
     averaged gradient is the global batch's mean gradient even when the shares differ. The
-    dropout masks come from ``seed + rank``.
+    dropout masks come from ``seed + rank``. With ``data_parallel`` False the run is this
+    process's alone (each rank runs the same steps on the same batches).
     """
     from adntn import distributed
 
@@ -237,13 +239,14 @@ def _train(student: nn.Module, epoch_batches: Callable[[int], Batches], steps_pe
     if not trained:
         raise ValueError("no parameters to fine-tune")
     device = trained[0].device
-    world = distributed.world_size()
+    world = distributed.world_size() if data_parallel else 1
+    rank = distributed.rank() if data_parallel else 0
     total_steps = config.epochs * steps_per_epoch
     advance = (progress or Silent()).task("fine-tuning", total_steps)
     losses: list[float] = []
     images = steps = first_epoch = 0
     start = time.perf_counter()
-    with _fine_tuning_mode(student, trained, config.seed + distributed.rank(), config.dropout):
+    with _fine_tuning_mode(student, trained, config.seed + rank, config.dropout):
         model = student
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -258,7 +261,7 @@ def _train(student: nn.Module, epoch_batches: Callable[[int], Batches], steps_pe
             first_epoch, steps, losses = saved["epoch"], saved["steps"], list(saved["losses"])
             advance(steps, losses[-1] if losses else None)
         for epoch in range(first_epoch, config.epochs):
-            torch.manual_seed(epoch_seed(config.seed + distributed.rank(), epoch))  # this epoch's dropout
+            torch.manual_seed(epoch_seed(config.seed + rank, epoch))  # this epoch's dropout
             loss_sum, images = 0.0, 0
             for inputs, teacher_logits, labels, global_count in epoch_batches(epoch):
                 labels = labels.to(device)
@@ -276,7 +279,8 @@ def _train(student: nn.Module, epoch_batches: Callable[[int], Batches], steps_pe
                 steps += 1
                 images += len(labels)
                 advance(steps, loss_sum / max(images, 1))
-            loss_sum, images = distributed.sum_all([loss_sum, float(images)])
+            if data_parallel:
+                loss_sum, images = distributed.sum_all([loss_sum, float(images)])
             images = int(images)
             losses.append(loss_sum / max(images, 1))
             if checkpoint is not None and distributed.is_main():
@@ -300,6 +304,8 @@ def finetune(student: nn.Module, teacher_logits: torch.Tensor, inputs: torch.Ten
         params: named groups of parameters to train (see :func:`generated_parameters`).
         config: hyper-parameters; ``config.seed`` fixes the shuffling and the dropout masks.
         progress: receives the step count and the epoch's running mean loss (default: silent).
+
+    The run is this process's alone: under torchrun every rank runs the same steps.
     """
     n = len(inputs)
     if len(teacher_logits) != n or len(labels) != n:
@@ -309,7 +315,8 @@ def finetune(student: nn.Module, teacher_logits: torch.Tensor, inputs: torch.Ten
         for index in torch.randperm(n, generator=shuffle).split(config.batch_size):
             yield inputs[index], teacher_logits[index], labels[index], len(index)
 
-    return _train(student, epoch_batches, math.ceil(n / config.batch_size), params, config, progress)
+    return _train(student, epoch_batches, math.ceil(n / config.batch_size), params, config, progress,
+                  data_parallel=False)
 
 
 def finetune_features(student: nn.Module, teacher: nn.Module, features: "FeatureFile",
