@@ -245,3 +245,17 @@ def test_attn_caches_under_one_percent_of_an_fc7_like_weight() -> None:
     net = build(spec_for_ratio("attn", (4096, 4096), 2000, "tanh"))
     assert net.middle is not None
     assert net.linear_state_bytes() < 0.01 * 4 * net.spec.dense_params
+
+
+def test_auto_choice_is_remembered_per_batch_and_follows_a_new_generator() -> None:
+    """``auto`` remembers its choice per batch size for the generator it holds; a generator put in
+    its place is costed afresh (here one without a factorized form: blocked)."""
+    layer = GeneratedLinear(generator("ttn", LINEAR_SHAPE), None).eval()
+    x = torch.randn(2, LINEAR_SHAPE[1])
+    with torch.no_grad():
+        first = layer.resolve_schedule(2, x)
+        cost = inference_cost(layer.generator, 2)
+        assert first == ("factorized" if cost["factorized"]["flops"] < cost["dense"]["flops"] else "blocked")
+        assert layer.resolve_schedule(2, x) == first
+        layer.generator = generator("mera", LINEAR_SHAPE)
+        assert layer.resolve_schedule(2, x) == "blocked"
