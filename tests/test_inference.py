@@ -13,10 +13,11 @@ from torch.nn import functional as F
 
 from adntn.models.layers import GeneratedConv2d, GeneratedLinear, inference_cost
 from adntn.networks import build
-from adntn.networks.budget import spec_for_bond_dim
+from adntn.networks.budget import spec_for_bond_dim, spec_for_ratio
 from adntn.networks.base import Generator
 
 from test_networks import make_spec, perturb_mixers
+from tolerances import assert_close_scaled
 
 ARCHS = ("ttn", "attn", "mera", "tt", "svd")
 LINEAR_SHAPE, CONV_SHAPE = (53, 30), (16, 4, 3, 3)
@@ -212,3 +213,49 @@ def test_attn_with_some_disentanglers_has_the_dense_layers_factorized_map(mix_ra
         weight = net()
         assert_close(net.linear(x), x @ weight.T)
         assert_close(torch.cat([b.reshape(-1, LINEAR_SHAPE[1]) for b in net.row_blocks()]), weight)
+
+
+@pytest.mark.parametrize("shape, order, fold", [((53, 30), "left", "right"), ((64, 64), "right", "left"),
+                                                ((16, 256), "left", "left"), ((40, 128), "right", "right")])
+def test_attn_middle_correction_reads_the_main_operands(shape, order, fold) -> None:
+    """Q is folded into the smaller half and the other is read from the main GEMM operands, for
+    both contraction orders and both folds: the factorized map and its gradients equal the dense
+    layer's, and the cache holds exactly ``linear_state_bytes`` beyond the cores."""
+    torch.manual_seed(0)
+    net = build(spec_for_bond_dim("attn", shape, 2, "tanh"))
+    perturb_mixers(net)
+    assert (net.linear_order, net._middle_fold()) == (order, fold)
+    x = torch.randn(6, shape[1], requires_grad=True)
+    with torch.no_grad():
+        assert_close(net.linear(x), x @ net().T)
+        ops = net.cached("linear", net.linear_operands)
+    cores = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    tensors = [t for t in (ops["a"], ops["b"], *ops["middle"][1])]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+                if t.untyped_storage().data_ptr() not in cores}
+    assert sum(storages.values()) == net.linear_state_bytes()
+    grads = torch.autograd.grad(net.linear(x).square().sum(), [x, *net.parameters()])
+    dense = torch.autograd.grad((x @ net().T).square().sum(), [x, *net.parameters()])
+    assert_close_scaled(grads, dense)
+
+
+def test_attn_caches_under_one_percent_of_an_fc7_like_weight() -> None:
+    """VGG's fc7 (4096x4096) at 2,000x: the operands aTTN caches for its factorized map (the TTN's
+    two GEMM operands and one half with Q folded in) stay below 1% of the dense weight's bytes."""
+    net = build(spec_for_ratio("attn", (4096, 4096), 2000, "tanh"))
+    assert net.middle is not None
+    assert net.linear_state_bytes() < 0.01 * 4 * net.spec.dense_params
+
+
+def test_auto_choice_is_remembered_per_batch_and_follows_a_new_generator() -> None:
+    """``auto`` remembers its choice per batch size for the generator it holds; a generator put in
+    its place is costed afresh (here one without a factorized form: blocked)."""
+    layer = GeneratedLinear(generator("ttn", LINEAR_SHAPE), None).eval()
+    x = torch.randn(2, LINEAR_SHAPE[1])
+    with torch.no_grad():
+        first = layer.resolve_schedule(2, x)
+        cost = inference_cost(layer.generator, 2)
+        assert first == ("factorized" if cost["factorized"]["flops"] < cost["dense"]["flops"] else "blocked")
+        assert layer.resolve_schedule(2, x) == first
+        layer.generator = generator("mera", LINEAR_SHAPE)
+        assert layer.resolve_schedule(2, x) == "blocked"

@@ -31,6 +31,7 @@ from adntn.networks import Generator
 
 SCHEDULES = ("auto", "factorized", "blocked", "dense")
 FLOAT_BYTES = 4
+AUTO_MEMO = 64  # batch sizes whose auto choice a layer remembers
 
 
 def _core_bytes(generator: Generator) -> int:
@@ -94,13 +95,28 @@ class GeneratedLayer(nn.Module):
         """The schedule a forward on ``batch`` rows runs (``blocked`` with a gradient wanted: dense)."""
         grad = self._wants_grad(x)
         if self._schedule == "auto":
-            cost = inference_cost(self.generator, batch)
-            if cost["factorized"] is not None and cost["factorized"]["flops"] < cost["dense"]["flops"]:
+            if self._factorized_is_cheaper(batch):
                 return "factorized"
             return "dense" if grad else "blocked"
         if self._schedule == "blocked" and grad:
             return "dense"
         return self._schedule
+
+    def _factorized_is_cheaper(self, batch: int) -> bool:
+        """Whether ``inference_cost`` has the factorized flops below the dense ones for ``batch``
+        rows; remembered per batch size for this generator (the cost depends on its spec and
+        structure only, not on the cores' values), up to ``AUTO_MEMO`` sizes."""
+        memo = self.__dict__.get("_auto_memo")
+        if memo is None or memo[0] is not self.generator:
+            memo = (self.generator, {})
+            self.__dict__["_auto_memo"] = memo
+        choice = memo[1].get(batch)
+        if choice is None:
+            cost = inference_cost(self.generator, batch)
+            choice = cost["factorized"] is not None and cost["factorized"]["flops"] < cost["dense"]["flops"]
+            if len(memo[1]) < AUTO_MEMO:
+                memo[1][batch] = choice
+        return choice
 
     def _matmul(self, schedule: str, flat: torch.Tensor) -> torch.Tensor:
         """x W^T (no bias) for ``flat`` (M, in*kh*kw) by the factorized or the blocked schedule."""

@@ -89,13 +89,20 @@ class _AddMiddle(torch.autograd.Function):
         return grad, grad_p, grad_c
 
 
-MIDDLE_LINEAR = "nacdg,ucwdr,xavbr,ygvb->nxuwy"
+# the middle correction's action on the input, by index: X n a c d g = (batch, i_x, i_u, i_v, i_y);
+# P u c w d r = (o_u, i_u, o_v, i_v, rank); L and M the halves in the layout of the GEMM operands
+# that hold them (x s b a t or a t b x s; b q g p y or q g p y b, with (s, t) = (o_u', i_u') and
+# (p, q) = (o_v', i_v') the digits of the middle legs u', v'); Q s t p q r folded into one of them
+MIDDLE_OUT = "nxuwy"
+L_VIEW = {"left": "xsbat", "right": "atbxs"}
+M_VIEW = {"left": "bqgpy", "right": "qgpyb"}
+L_FOLDED, M_FOLDED = "xapqbr", "ygstbr"
 
 
 @functools.lru_cache(maxsize=128)
-def _middle_linear(*shapes: tuple[int, ...]):
-    """The contraction of ``MIDDLE_LINEAR`` for these shapes, in the order of fewest flops."""
-    return opt_einsum.contract_expression(MIDDLE_LINEAR, *shapes, optimize="optimal")
+def _middle_linear(equation: str, *shapes: tuple[int, ...]):
+    """The contraction ``equation`` for these shapes, in the order of fewest flops."""
+    return opt_einsum.contract_expression(equation, *shapes, optimize="optimal")
 
 
 class ATTN(HalvesGenerator):
@@ -229,22 +236,45 @@ class ATTN(HalvesGenerator):
         return (math.prod(rows[:half - 1]), math.prod(cols[:half - 1]), rows[half - 1], cols[half - 1],
                 rows[half], cols[half], math.prod(rows[half + 1:]), math.prod(cols[half + 1:]))
 
+    def _middle_fold(self) -> str:
+        """Which half Q is folded into for the correction: "left" (L Q: o_x i_x d_v b r values
+        per rank) or "right" (M Q: o_y i_y d_u b r), the smaller; the other half is read from
+        the main GEMM operand that already holds it."""
+        ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
+        return "left" if ox * ix * ov * iv <= oy * iy * ou * iu else "right"
+
+    def _half_views(self, ops: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """L and M as views of the main GEMM operands (no copy): in ``linear_order`` "left",
+        A = (o_x, o_u, b, i_x, i_u) and B = (b, i_v, i_y, o_v, o_y); in "right", B =
+        (i_x, i_u, b, o_x, o_u) and A = (i_v, i_y, o_v, o_y, b)."""
+        ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
+        chi = self._digit_sizes()[4]
+        if self.linear_order == "left":
+            return ops["a"].reshape(ox, ou, chi, ix, iu), ops["b"].reshape(chi, iv, iy, ov, oy)
+        return ops["b"].reshape(ix, iu, chi, ox, ou), ops["a"].reshape(iv, iy, ov, oy, chi)
+
     def linear_operands(self) -> dict[str, torch.Tensor]:
-        """The TTN's operands and, with a middle disentangler, those of its correction (see
-        ``correct_linear``): P5 (o_u, i_u, o_v, i_v, r), LQ (o_x, i_x, d_v, b, r) and
-        M (o_y, i_y, d_v, b)."""
-        ops = super().linear_operands()
+        """The TTN's operands and, with a middle disentangler, its correction's (see
+        ``correct_linear``): "middle" = (equation, (P, folded, view)), with P (o_u, i_u, o_v,
+        i_v, r) a view of the cores, folded = L Q or M Q (``_middle_fold``, the only tensor it
+        adds) and view the other half, a view of the main operands."""
+        left, right = self.halves()
+        ops = self.halves_operands(left, right)
         middle = self.middle
         if middle is None:
             return ops
-        left, right = ops["halves"]
-        rows, cols, half = self.spec.out_dims, self.spec.in_dims, self.split
         ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
-        du, dv, rank, chi = ou * iu, ov * iv, middle.p.shape[1], left.shape[1]
-        outer_left = digits_first(left.reshape(ox * ix, du, chi), rows[:half - 1], cols[:half - 1])
-        ops["lq"] = torch.einsum("xaub,uvr->xavbr", outer_left, middle.q.reshape(du, dv, rank)).contiguous()
-        ops["m"] = digits_first(right.reshape(dv, oy * iy, chi).transpose(0, 1), rows[half + 1:], cols[half + 1:])
-        ops["p5"] = middle.p.reshape(ou, iu, ov, iv, rank)
+        rank = middle.p.shape[1]
+        q = middle.q.reshape(ou, iu, ov, iv, rank)
+        half_l, half_m = self._half_views(ops)
+        order = self.linear_order
+        if self._middle_fold() == "left":
+            folded = torch.einsum(f"{L_VIEW[order]},stpqr->{L_FOLDED}", half_l, q)
+            equation, operands = f"nacdg,ucwdr,{L_FOLDED},{M_VIEW[order]}->{MIDDLE_OUT}", (folded, half_m)
+        else:
+            folded = torch.einsum(f"{M_VIEW[order]},stpqr->{M_FOLDED}", half_m, q)
+            equation, operands = f"nacdg,ucwdr,{L_VIEW[order]},{M_FOLDED}->{MIDDLE_OUT}", (half_l, folded)
+        ops["middle"] = (equation, (middle.p.reshape(ou, iu, ov, iv, rank), *operands))
         return ops
 
     def correct_linear(self, out: torch.Tensor, flat: torch.Tensor, ops: dict) -> torch.Tensor:
@@ -252,46 +282,55 @@ class ATTN(HalvesGenerator):
 
         On the legs the correction is E[x, (u, v), y] = sum_r P[(u, v), r] C[x, r, y] with
         C[x, r, y] = sum_{u'v'b} Q[(u', v'), r] L[x, u', b] M[v', y, b]. Splitting every leg into
-        its row and column digits (x = (o_x, i_x), u = (o_u, i_u), ...) and folding Q into the
-        left half, LQ[o_x, i_x, v', b, r] = sum_u' L[o_x, i_x, u', b] Q[(u', v'), r], its action
-        on X[n, i_x, i_u, i_v, i_y] (the padded input) is exactly
+        its row and column digits (x = (o_x, i_x), u = (o_u, i_u), ...), its action on
+        X[n, i_x, i_u, i_v, i_y] (the padded input) is exactly
 
-            dy[n, o_x, o_u, o_v, o_y] = sum_{r, b, v', i_x, i_u, i_v, i_y}
-                P[(o_u, i_u), (o_v, i_v), r] LQ[o_x, i_x, v', b, r] M[v', (o_y, i_y), b] X[n, i_x, i_u, i_v, i_y]
+            dy[n, o_x, o_u, o_v, o_y] = sum_{r, b, u', v', i_x, i_u, i_v, i_y}
+                P[(o_u, i_u), (o_v, i_v), r] L[o_x, i_x, u', b] Q[u', v', r] M[v', (o_y, i_y), b] X[n, i_x, i_u, i_v, i_y]
 
-        (``MIDDLE_LINEAR``), contracted pairwise in the order of fewest flops for the batch
-        (opt_einsum, GEMMs via tensordot): no N-sized tensor, nor C (N / (d_u d_v) per rank)."""
-        if "lq" not in ops:
+        with Q folded into the smaller half (``_middle_fold``) and the other read from the main
+        operands, contracted pairwise in the order of fewest flops for the batch (opt_einsum,
+        GEMMs via tensordot): no N-sized tensor."""
+        if "middle" not in ops:
             return out
+        equation, operands = ops["middle"]
         ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
-        grid = flat.view(flat.shape[0], ix, iu, iv, iy)
-        operands = (grid, ops["p5"], ops["lq"], ops["m"])
+        operands = (flat.view(flat.shape[0], ix, iu, iv, iy), *operands)
         if torch.compiler.is_compiling():  # traced (export, ONNX): pairwise, keeping the batch symbolic
-            return out + pairwise_einsum(MIDDLE_LINEAR, operands).reshape(out.shape)
-        expr = _middle_linear(*(tuple(t.shape) for t in operands))
+            return out + pairwise_einsum(equation, operands).reshape(out.shape)
+        expr = _middle_linear(equation, *(tuple(t.shape) for t in operands))
         return out + expr(*operands, backend="torch").reshape(out.shape)
 
-    def _middle_linear_macs(self, batch: int) -> int:
-        middle = self.middle
-        if middle is None:
-            return 0
+    def _middle_shapes(self, batch: int) -> tuple[str, list[tuple[int, ...]]]:
+        """The correction's equation and operand shapes for ``batch`` rows (``linear_operands``)."""
         ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
-        chi, rank = self._digit_sizes()[4], middle.p.shape[1]
-        shapes = [(batch, ix, iu, iv, iy), (ou, iu, ov, iv, rank), (ox, ix, ov * iv, chi, rank),
-                  (oy, iy, ov * iv, chi)]
-        info = opt_einsum.contract_path(MIDDLE_LINEAR, *shapes, shapes=True, optimize="optimal")[1]
+        chi, rank = self._digit_sizes()[4], self.middle.p.shape[1]
+        order = self.linear_order
+        views = {"left": {"l": (ox, ou, chi, ix, iu), "m": (chi, iv, iy, ov, oy)},
+                 "right": {"l": (ix, iu, chi, ox, ou), "m": (iv, iy, ov, oy, chi)}}[order]
+        head = [(batch, ix, iu, iv, iy), (ou, iu, ov, iv, rank)]
+        if self._middle_fold() == "left":
+            return (f"nacdg,ucwdr,{L_FOLDED},{M_VIEW[order]}->{MIDDLE_OUT}",
+                    head + [(ox, ix, ov, iv, chi, rank), views["m"]])
+        return (f"nacdg,ucwdr,{L_VIEW[order]},{M_FOLDED}->{MIDDLE_OUT}",
+                head + [views["l"], (oy, iy, ou, iu, chi, rank)])
+
+    def _middle_linear_macs(self, batch: int) -> int:
+        if self.middle is None:
+            return 0
+        equation, shapes = self._middle_shapes(batch)
+        info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="optimal")[1]
         return int(info.opt_cost) // 2
 
     def linear_macs(self, batch: int) -> int:
         return super().linear_macs(batch) + self._middle_linear_macs(batch)
 
     def linear_state_bytes(self) -> int:
-        middle = self.middle
-        if middle is None:
+        """The TTN's operands plus the folded half of the middle correction (``_middle_fold``)."""
+        if self.middle is None:
             return super().linear_state_bytes()
-        ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
-        chi, rank = self._digit_sizes()[4], middle.p.shape[1]
-        return super().linear_state_bytes() + 4 * ov * iv * chi * (ox * ix * rank + oy * iy)
+        _, shapes = self._middle_shapes(1)
+        return super().linear_state_bytes() + 4 * math.prod(shapes[2 if self._middle_fold() == "left" else 3])
 
     def generation_macs(self) -> int:
         middle = self.middle

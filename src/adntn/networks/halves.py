@@ -217,10 +217,13 @@ class HalvesGenerator(Generator):
         return "left" if x * chi * j * (i + y) <= i * y * chi * (j + x) else "right"
 
     def linear_operands(self) -> dict[str, torch.Tensor]:
+        """The GEMM operands of ``linear`` (``halves_operands``); subclasses add their correction's."""
+        return self.halves_operands(*self.halves())
+
+    def halves_operands(self, left: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
         """The regrouped halves as GEMM operands for ``linear_order`` (``_regrouped``: L (x, i, b),
         R (y, b, j)): "left": A = L as (x b, i), B = R as (b j, y); "right": A = R as (j, y b),
-        B = L as (i b, x). Subclasses add their correction's operands."""
-        left, right = self.halves()
+        B = L as (i b, x). Only these two are kept (the halves themselves are not)."""
         lg, rg = _regrouped(left, right, self.spec, self.split)
         (x, i, chi), (y, _, j) = lg.shape, rg.shape
         if self.linear_order == "left":
@@ -229,7 +232,7 @@ class HalvesGenerator(Generator):
         else:
             a = rg.permute(2, 0, 1).reshape(j, y * chi)
             b = lg.permute(1, 2, 0).reshape(i * chi, x)
-        return {"a": a, "b": b, "halves": (left, right)}
+        return {"a": a, "b": b}
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """y = x W^T for x (..., in*kh*kw), W never formed; autograd-correct.
