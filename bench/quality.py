@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import tarfile
 import time
@@ -29,6 +30,8 @@ from adntn.networks.budget import smallest_spec, spec_for_ratio
 from adntn.progress import RichProgress
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMIT = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                        text=True).stdout.strip() or None
 LAYERS = {"fc6": (4096, 512), "fc7": (4096, 4096)}
 ARCHS = adntn.networks.archs()
 RATIOS = (2000, 10000, 50000)
@@ -78,14 +81,12 @@ def plan_rows() -> list[dict]:
     rows.append({"id": "ttn-total424-fc8", "arch": "ttn", "ratio": None, "layer_ratios": SMALLEST_BUDGETS[424],
                  "train": ["fc8"], "extreme": True,
                  "notes": ["as ttn-total424, with the dense fc8 (40,970 parameters, not compressed) fine-tuned too (--train fc8)"]})
-    # The same budgets on the code where attn/mera get the TTN's tree for the budget and spend only
-    # the rest on disentanglers (networks.budget.spec_for_budget), and one budget for fc6+fc7 split
-    # by measured sensitivity (--budget; pipeline.allocate) instead of by hand.
+    # one budget for fc6+fc7, split by measured sensitivity (--budget; pipeline.allocate), not by hand
     for arch in ("ttn", "attn", "mera"):
-        rows.append({"id": f"{arch}-10000-split", "arch": arch, "ratio": 10000, "layer_ratios": {"fc6": 10000, "fc7": 10000},
-                     "notes": ["tree = the TTN's at this budget, disentanglers from what it leaves (q12)"], "extreme": False})
-    rows.append({"id": "ttn-budget424", "arch": "ttn", "ratio": None, "layer_ratios": None, "budget": 424, "extreme": True,
-                 "notes": ["--budget 424 for fc6+fc7, split by activation-space probes (q12)"]})
+        for total in SMALLEST_BUDGETS:
+            rows.append({"id": f"{arch}-budget{total}", "arch": arch, "ratio": None, "layer_ratios": None,
+                         "budget": total, "extreme": True,
+                         "notes": [f"--budget {total} for fc6+fc7, split by distillation probes"]})
     order = {row_id: index for index, row_id in enumerate(PRIORITY)}
     return sorted(rows, key=lambda row: order.get(row["id"], len(order)))
 
@@ -139,6 +140,7 @@ def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
         "dropout": options.dropout,
         "trained": report["training"]["trained"],
         "seconds": round(time.perf_counter() - start, 1),
+        "commit": COMMIT,
     }
 
 
@@ -148,25 +150,22 @@ def markdown(results: dict) -> str:
         "",
         f"{results['settings']}",
         "",
-        "Code: the rows noted (q12) ran on branch q12 (2026-12-01: attn/mera get the TTN's tree for the "
-        "budget, --budget) after the data13 merge (trunk features in a float16 file read in seeded chunks); "
-        "the others ran on the code of 2026-11-24. The same ttn-10000 structure gave 0.8789 there and 0.8266 "
-        "on q12 (ttn-10000-split), whose ttn path q12 does not change: compare rows of the same code only. "
-        "At 1 epoch, near-identical generators (fc7 identical, fc6 differing by 32-48 disentangler "
-        "parameters) end 3 points apart: one seed does not resolve 0.1 points.",
+        "Code: each row names the commit it ran on (`commit`; rows without one ran on the code of "
+        "2026-11-24). Compare rows of the same code only: the feature-cache shuffling fix (2026-12-01) and "
+        "the stratified recording of the activation stage's inputs (2026-12-02) changed every data-aware row.",
         "",
-        "| row | arch | fc6 core params (ratio) | fc7 core params (ratio) | total | epochs | test top-1 | dense top-1 | Δ points | wall s | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | arch | fc6 core params (ratio) | fc7 core params (ratio) | total | epochs | test top-1 | dense top-1 | Δ points | wall s | commit | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         if "top1" not in row:
-            lines.append(f"| {row['id']} | {row['arch']} | - | - | - | - | - | - | - | - | {'; '.join(row['notes']) or row.get('error', '')} |")
+            lines.append(f"| {row['id']} | {row['arch']} | - | - | - | - | - | - | - | - | - | {'; '.join(row['notes']) or row.get('error', '')} |")
             continue
         delta = 100 * (row["top1"] - row["dense_top1"])
         lines.append(
             f"| {row['id']} | {row['arch']} | {row['core_params']['fc6']:,} ({row['layer_ratio']['fc6']:,.0f}x) | "
             f"{row['core_params']['fc7']:,} ({row['layer_ratio']['fc7']:,.0f}x) | {row['core_params_total']:,} | {row['epochs']}{'' if row.get('dropout', True) else ', no dropout'} | "
-            f"{row['top1']:.4f} | {row['dense_top1']:.4f} | {delta:+.2f} | {row['seconds']:,.0f} | {'; '.join(row['notes'])} |"
+            f"{row['top1']:.4f} | {row['dense_top1']:.4f} | {delta:+.2f} | {row['seconds']:,.0f} | {row.get('commit', '-')} | {'; '.join(row['notes'])} |"
         )
     return "\n".join(lines) + "\n"
 
