@@ -33,6 +33,7 @@ training features at lr 1e-2; top-1 on the 10,000 test images, dense 0.878):
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -251,8 +252,11 @@ def _train(student: nn.Module, epoch_batches: Callable[[int], Batches], steps_pe
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            # batch norm is frozen, so its buffers are the same on every rank: no sync per forward
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                       inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
             model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
-                                            broadcast_buffers=False)
+                                            **no_sync)
         optimizer = torch.optim.Adam(trained, lr=config.lr, weight_decay=config.weight_decay)
         saved = checkpoint.load() if checkpoint is not None and checkpoint.resume else None
         if saved is not None:
