@@ -333,12 +333,29 @@ def run_task_stages(run: _Run, source: Source, results: list[LayerResult], optio
     checkpoint = None if state is None else EpochCheckpoint(state, _run_key(source, options, student), options.resume)
     result = run.finetune(student, groups, checkpoint)
     compressed_accuracy = run.accuracy(student)
+    warning = chance_warning(compressed_accuracy, run.dense_accuracy, len(data.splits.classes), result)
+    if warning is not None:
+        progress.note(warning)
     tuned, trained = _trained_values(student, results, extra, run.prefix, source)
     tuned = _activation_errors(tuned, run.heldout_inputs, source, options.steps)
     report = {"training": _training_report(run, result, options, data),
               "accuracy": {"split": data.splits.heldout_name, "images": run.heldout_images,
                            "dense": run.dense_accuracy.describe(), "compressed": compressed_accuracy.describe()}}
     return TaskOutcome(tuned, trained, report)
+
+
+def chance_warning(compressed: Accuracy, dense: Accuracy, classes: int, result: FinetuneResult) -> str | None:
+    """A note when the fine-tuned model scores no better than guessing among ``classes`` (plus a
+    margin of 3 standard errors) while the dense one does: its fine-tuning never took off from
+    the plateau where the generators start (at 10,000x their outputs are nearly uncorrelated with
+    the layer's: activation error ~1)."""
+    chance = 1 / max(classes, 1)
+    margin = 3 * math.sqrt(chance * (1 - chance) / max(compressed.images, 1))
+    if compressed.top1 > chance + margin or dense.top1 <= chance + margin:
+        return None
+    loss = "" if result.final_loss is None else f" (final training loss {result.final_loss:.3g})"
+    return (f"The compressed model scores at chance, top-1 {compressed.top1:.3f} against the dense {dense.top1:.3f}: "
+            f"its fine-tuning did not take off{loss}; try another --seed, more --epochs or a lower --ratio.")
 
 
 def allocation_measures(run: _Run, source: Source, layers: list[LayerInfo],
