@@ -208,6 +208,7 @@ def markdown(results: dict) -> str:
              f"{results['load_after']} after. Medians. `adntn` = the generated layer under `auto` "
              "(schedule shown); `tltorch` = TensorLy-Torch FactorizedLinear (BlockTT, factorized forward, "
              "rank matched to the core parameters from below).", "",
+             *([results["rerun"] + ".", ""] if "rerun" in results else []),
              "| layer | arch | ratio | batch | schedule | dense ms | adntn ms | speed-up | tltorch ms (rank) "
              "| adntn bytes | % of dense weight |",
              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
