@@ -97,3 +97,31 @@ def test_relative_error_of_row_blocks_equals_that_of_the_whole() -> None:
         relative_error(a, b[:49].split(11))
     with pytest.raises(ValueError, match="more rows"):
         relative_error(a[:40], b.split(11))
+
+
+@pytest.mark.parametrize("arch", ["attn", "mera"])
+def test_fit_without_mix_trains_the_tree_and_leaves_the_disentanglers(arch):
+    """``mix=False``: the disentanglers stay bit for bit and keep no gradient; the tree moves."""
+    from adntn.core.registry import generator_class
+    from adntn.networks.base import Disentangler
+
+    torch.manual_seed(0)
+    weight = torch.randn(16, 16)
+    from adntn.core.spec import GeneratorSpec
+    from adntn.core.tensorize import choose_leg_factors
+
+    spec = GeneratorSpec(arch, (16, 16), *choose_leg_factors(16, 16, 4), (3, 3), "tanh", mix_rank=2)
+    for mix in (False, True):
+        generator = generator_class(arch).from_target(spec, generator_class(arch).fit_target(spec, weight))
+        mixers = [m for m in generator.modules() if isinstance(m, Disentangler)]
+        assert mixers
+        before = {name: value.clone() for name, value in generator.state_dict().items()}
+        fit(generator, WeightObjective(generator_class(arch).fit_target(spec, weight)), steps=5, lr=1e-2, mix=mix)
+        ids = {id(p) for m in mixers for p in m.parameters()}
+        mixing = {name for name, p in generator.named_parameters() if id(p) in ids}
+        moved = {name for name, value in generator.state_dict().items() if not torch.equal(value, before[name])}
+        assert moved - mixing, "the tree must train"
+        assert bool(moved & mixing) == mix
+        assert all(p.requires_grad for m in mixers for p in m.parameters())
+        if not mix:
+            assert all(p.grad is None for m in mixers for p in m.parameters())

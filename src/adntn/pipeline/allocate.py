@@ -129,23 +129,27 @@ Measure = Callable[[GeneratorSpec], float]  # a candidate's measure, lower is be
 
 def fit_measure(weight: torch.Tensor, objective: ActivationObjective | None = None, *, steps: int = PROBE_STEPS,
                 lr: float = 1e-2, seed: int = 0) -> Measure:
-    """A candidate's relative error after :func:`probe_fit` to ``weight`` (on ``objective`` when given)."""
+    """A candidate's relative error after :func:`probe_fit` to ``weight`` (on ``objective`` when
+    given, with the disentanglers at the identity as the data-aware stages keep them)."""
     targets: dict = {}
-    return lambda spec: probe_fit(weight, spec, targets, objective, steps=steps, lr=lr, seed=seed)[1]
+    return lambda spec: probe_fit(weight, spec, targets, objective, steps=steps, lr=lr, seed=seed,
+                                  mix=objective is None)[1]
 
 
 def probe_fit(weight: torch.Tensor, spec: GeneratorSpec, targets: dict, objective: ActivationObjective | None = None,
-              *, steps: int = PROBE_STEPS, lr: float = 1e-2, seed: int = 0) -> tuple[Generator, float]:
+              *, steps: int = PROBE_STEPS, lr: float = 1e-2, seed: int = 0, mix: bool = True) -> tuple[Generator, float]:
     """``spec``'s generator fitted briefly to ``weight`` and its relative error: SVD-based init, then
     ``steps`` Adam steps (the best seen; ``fit``) on ``objective`` (activation space) when given,
-    else in weight space. ``targets`` caches the leg-form targets by leg factorisation."""
+    else in weight space (``mix``: the disentanglers train too). ``targets`` caches the leg-form
+    targets by leg factorisation."""
     cls = generator_class(spec.arch)
     key = (spec.arch == "svd", spec.out_dims, spec.in_dims)
     if key not in targets:
         targets[key] = cls.fit_target(spec, weight)
     torch.manual_seed(seed)
     generator = cls.from_target(spec, targets[key])
-    result = fit(generator, WeightObjective(targets[key]) if objective is None else objective, steps=steps, lr=lr)
+    result = fit(generator, WeightObjective(targets[key]) if objective is None else objective, steps=steps, lr=lr,
+                 mix=mix)
     return generator, math.sqrt(max(result.best_loss, 0.0))
 
 

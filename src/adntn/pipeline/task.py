@@ -167,7 +167,7 @@ def _fit_activation_space(results: list[LayerResult], inputs: Mapping[str, torch
                                         layer.stride, layer.padding, max_rank=COVARIANCE_RANK)
         generator.to(device)
         advance = progress.task(f"fit {layer.label} on data", options.steps)
-        fit(generator, objective, steps=options.steps, lr=options.lr,
+        fit(generator, objective, steps=options.steps, lr=options.lr, mix=False,  # see compress.fit_weight_space
             on_step=lambda step, loss: advance(step, math.sqrt(max(loss, 0.0))))
         fitted.append(result.with_stats(activation_fit_energy=objective.energy))
     return fitted
@@ -385,7 +385,7 @@ def allocation_measures(run: _Run, source: Source, layers: list[LayerInfo],
         bias = source.state.get(layer.bias_key) if layer.has_bias else None
 
         def measure(spec) -> float:
-            generator, _ = probe_fit(weight, spec, targets, objective, lr=options.lr, seed=options.seed)
+            generator, _ = probe_fit(weight, spec, targets, objective, lr=options.lr, seed=options.seed, mix=False)
             compressed = CompressedLayer(layer.module, layer.alias, generator,
                                          None if bias is None else bias.detach().clone(), weight.dtype)
             student = swapped_copy(run.model, {layer.module.removeprefix(run.prefix): generated_module(compressed)})
@@ -424,7 +424,8 @@ def _training_report(run: _Run, result: FinetuneResult, options: CompressOptions
                     "mapped_by": data.classes_source},
         "world_size": distributed.world_size(),
         "activation_fit": {"samples": len(next(iter(run.train_inputs.values()))), "steps": options.steps,
-                           "lr": options.lr, "inputs_from": "dense model, train split"},
+                           "lr": options.lr, "inputs_from": "dense model, train split (stratified sample)",
+                           "trains": "the tree; disentanglers stay at the identity until fine-tuning"},
         "activation_error_on": f"{len(next(iter(run.heldout_inputs.values())))} {splits.heldout_name} samples",
         "finetune": {**config.describe(), **result.describe()},
         "trained": result.trained,
