@@ -206,7 +206,6 @@ def task_run(source: Source, layers: list[LayerInfo], options: CompressOptions, 
     layer is in the classifier (in ``options.cache_dir``, else in a temporary folder, rank 0's,
     shared with the other ranks under torchrun, removed on exit), else the whole model on images.
     ``data`` is :func:`open_data` of the options' data."""
-    trained_layers(source, layers, options)
     device = resolve_device(options.device)
     names = [layer.module for layer in layers]
     on = _on_features if head_only(layers) else _on_images
