@@ -6,20 +6,13 @@ import zipfile
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from adntn.io.archive import read_layer
 from adntn.models.architectures import build_model, detect_model
 from adntn.io.checkpoint import load_state_dict
-from adntn.cli import app
 from adntn.demo import small_vgg11
 from adntn.training.objectives import relative_error
-
-runner = CliRunner()
-
-
-def adntn(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from cli_runs import fails_in_one_sentence as _fails, invoke as adntn
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +103,6 @@ def test_existing_output_needs_force(checkpoint, compressed):
     assert result.exit_code == 1
     assert "already exists; pass --force" in result.stderr
     assert (compressed / "report.json").read_bytes() == before
-
-
-def _fails(args, fragment, tmp_path):
-    before = sorted(p.name for p in tmp_path.iterdir())
-    result = adntn(*args)
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("adntn: error: "), result.stderr
-    assert fragment in lines[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
-    return lines[0]
 
 
 def test_missing_checkpoint(tmp_path):

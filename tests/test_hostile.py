@@ -16,20 +16,14 @@ import torch
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 import adntn
-from adntn.cli import app
 from adntn.cli.render import render
 from adntn.demo import small_vgg11
 from adntn.errors import AdntnError
+from cli_runs import fails_in_one_sentence as _one_sentence, invoke as adntn_cli
 
-runner = CliRunner()
 SRC = Path(adntn.__file__).resolve().parent.parent  # the adntn under test, for subprocesses
-
-
-def adntn_cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +42,6 @@ def archive(pristine, tmp_path):
 
 
 FC6 = "classifier.0"
-
-
-def _one_sentence(args, fragment, folder):
-    before = sorted(p.name for p in folder.iterdir())
-    result = adntn_cli(*args)
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("adntn: error: "), result.stderr
-    assert fragment in lines[0], lines[0]
-    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written
-    return lines[0]
 
 
 WATCHDOG = textwrap.dedent("""
