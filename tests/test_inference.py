@@ -216,11 +216,16 @@ def test_attn_with_some_disentanglers_has_the_dense_layers_factorized_map(mix_ra
 
 
 @pytest.mark.parametrize("shape, order, fold", [((53, 30), "left", "right"), ((64, 64), "right", "left"),
-                                                ((16, 256), "left", "left"), ((40, 128), "right", "right")])
-def test_attn_middle_correction_reads_the_main_operands(shape, order, fold) -> None:
-    """Q is folded into the smaller half and the other is read from the main GEMM operands, for
-    both contraction orders and both folds: the factorized map and its gradients equal the dense
-    layer's, and the cache holds exactly ``linear_state_bytes`` beyond the cores."""
+                                                ((16, 256), "left", "left"), ((40, 128), "right", "right"),
+                                                ((53, 30), "left", None), ((64, 64), "right", None)])
+def test_attn_middle_correction_reads_the_main_operands(shape, order, fold, monkeypatch) -> None:
+    """Q is folded into the smaller half (or, where that would not fit, kept apart) and the halves
+    are read from the main GEMM operands, for both contraction orders and both folds: the
+    factorized map and its gradients equal the dense layer's, and the cache holds exactly
+    ``linear_state_bytes`` beyond the cores."""
+    from adntn.networks import attn
+
+    monkeypatch.setattr(attn, "FOLD_SHARE", float("inf") if fold else 0.0)
     torch.manual_seed(0)
     net = build(spec_for_bond_dim("attn", shape, 2, "tanh"))
     perturb_mixers(net)
@@ -239,12 +244,16 @@ def test_attn_middle_correction_reads_the_main_operands(shape, order, fold) -> N
     assert_close_scaled(grads, dense)
 
 
-def test_attn_caches_under_one_percent_of_an_fc7_like_weight() -> None:
-    """VGG's fc7 (4096x4096) at 2,000x: the operands aTTN caches for its factorized map (the TTN's
-    two GEMM operands and one half with Q folded in) stay below 1% of the dense weight's bytes."""
-    net = build(spec_for_ratio("attn", (4096, 4096), 2000, "tanh"))
+@pytest.mark.parametrize("shape, folds", [((4096, 4096), False), ((4096, 25088), True)])
+def test_attn_holds_under_one_percent_of_vgg_weights_at_2000x(shape, folds) -> None:
+    """VGG's fc7 (4096x4096) and fc6 (4096x25088) at 2,000x: the cores and the operands aTTN caches
+    for its factorized map stay within 1% of the dense weight's bytes; fc6 has room for the folded
+    half (Q in it), fc7 does not and keeps Q apart."""
+    net = build(spec_for_ratio("attn", shape, 2000, "tanh"))
     assert net.middle is not None
-    assert net.linear_state_bytes() < 0.01 * 4 * net.spec.dense_params
+    assert (net._middle_fold() is not None) == folds
+    cores = sum(4 * p.numel() for p in net.parameters())
+    assert cores + net.linear_state_bytes() <= 0.01 * 4 * net.spec.dense_params
 
 
 def test_auto_choice_is_remembered_per_batch_and_follows_a_new_generator() -> None:

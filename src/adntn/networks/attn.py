@@ -97,6 +97,8 @@ MIDDLE_OUT = "nxuwy"
 L_VIEW = {"left": "xsbat", "right": "atbxs"}
 M_VIEW = {"left": "bqgpy", "right": "qgpyb"}
 L_FOLDED, M_FOLDED = "xapqbr", "ygstbr"
+Q_VIEW = "stpqr"
+FOLD_SHARE = 0.01  # see ATTN._middle_fold
 
 
 @functools.lru_cache(maxsize=128)
@@ -236,12 +238,19 @@ class ATTN(HalvesGenerator):
         return (math.prod(rows[:half - 1]), math.prod(cols[:half - 1]), rows[half - 1], cols[half - 1],
                 rows[half], cols[half], math.prod(rows[half + 1:]), math.prod(cols[half + 1:]))
 
-    def _middle_fold(self) -> str:
+    def _middle_fold(self) -> str | None:
         """Which half Q is folded into for the correction: "left" (L Q: o_x i_x d_v b r values
         per rank) or "right" (M Q: o_y i_y d_u b r), the smaller; the other half is read from
-        the main GEMM operand that already holds it."""
+        the main GEMM operand that already holds it. None (Q stays apart, contracted at each
+        forward) when the folded half would take the layer's inference memory, cores included,
+        above ``FOLD_SHARE`` of the dense weight's bytes: folding buys 1.1-1.7x on the
+        correction at batch 1-32 and nothing at 256 (measured on VGG-16's fc6 and fc7)."""
         ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
-        return "left" if ox * ix * ov * iv <= oy * iy * ou * iu else "right"
+        side = "left" if ox * ix * ov * iv <= oy * iy * ou * iu else "right"
+        x, i, y, j, chi = self._digit_sizes()
+        folded = chi * self.middle.p.shape[1] * min(ox * ix * ov * iv, oy * iy * ou * iu)
+        inference = sum(p.numel() for p in self.parameters()) + chi * (x * i + y * j) + folded
+        return side if inference <= FOLD_SHARE * self.spec.dense_params else None
 
     def _half_views(self, ops: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """L and M as views of the main GEMM operands (no copy): in ``linear_order`` "left",
@@ -257,7 +266,8 @@ class ATTN(HalvesGenerator):
         """The TTN's operands and, with a middle disentangler, its correction's (see
         ``correct_linear``): "middle" = (equation, (P, folded, view)), with P (o_u, i_u, o_v,
         i_v, r) a view of the cores, folded = L Q or M Q (``_middle_fold``, the only tensor it
-        adds) and view the other half, a view of the main operands."""
+        adds) and view the other half, a view of the main operands; without a fold, (P, L, Q, M)
+        with both halves views."""
         left, right = self.halves()
         ops = self.halves_operands(left, right)
         middle = self.middle
@@ -268,12 +278,16 @@ class ATTN(HalvesGenerator):
         q = middle.q.reshape(ou, iu, ov, iv, rank)
         half_l, half_m = self._half_views(ops)
         order = self.linear_order
-        if self._middle_fold() == "left":
-            folded = torch.einsum(f"{L_VIEW[order]},stpqr->{L_FOLDED}", half_l, q)
+        fold = self._middle_fold()
+        if fold == "left":
+            folded = torch.einsum(f"{L_VIEW[order]},{Q_VIEW}->{L_FOLDED}", half_l, q)
             equation, operands = f"nacdg,ucwdr,{L_FOLDED},{M_VIEW[order]}->{MIDDLE_OUT}", (folded, half_m)
-        else:
-            folded = torch.einsum(f"{M_VIEW[order]},stpqr->{M_FOLDED}", half_m, q)
+        elif fold == "right":
+            folded = torch.einsum(f"{M_VIEW[order]},{Q_VIEW}->{M_FOLDED}", half_m, q)
             equation, operands = f"nacdg,ucwdr,{L_VIEW[order]},{M_FOLDED}->{MIDDLE_OUT}", (half_l, folded)
+        else:
+            equation = f"nacdg,ucwdr,{L_VIEW[order]},{Q_VIEW},{M_VIEW[order]}->{MIDDLE_OUT}"
+            operands = (half_l, q, half_m)
         ops["middle"] = (equation, (middle.p.reshape(ou, iu, ov, iv, rank), *operands))
         return ops
 
@@ -288,8 +302,8 @@ class ATTN(HalvesGenerator):
             dy[n, o_x, o_u, o_v, o_y] = sum_{r, b, u', v', i_x, i_u, i_v, i_y}
                 P[(o_u, i_u), (o_v, i_v), r] L[o_x, i_x, u', b] Q[u', v', r] M[v', (o_y, i_y), b] X[n, i_x, i_u, i_v, i_y]
 
-        with Q folded into the smaller half (``_middle_fold``) and the other read from the main
-        operands, contracted pairwise in the order of fewest flops for the batch (opt_einsum,
+        with Q folded into the smaller half where that fits (``_middle_fold``) and the halves read
+        from the main operands, contracted pairwise in the order of fewest flops for the batch (opt_einsum,
         GEMMs via tensordot): no N-sized tensor."""
         if "middle" not in ops:
             return out
@@ -309,11 +323,15 @@ class ATTN(HalvesGenerator):
         views = {"left": {"l": (ox, ou, chi, ix, iu), "m": (chi, iv, iy, ov, oy)},
                  "right": {"l": (ix, iu, chi, ox, ou), "m": (iv, iy, ov, oy, chi)}}[order]
         head = [(batch, ix, iu, iv, iy), (ou, iu, ov, iv, rank)]
-        if self._middle_fold() == "left":
+        fold = self._middle_fold()
+        if fold == "left":
             return (f"nacdg,ucwdr,{L_FOLDED},{M_VIEW[order]}->{MIDDLE_OUT}",
                     head + [(ox, ix, ov, iv, chi, rank), views["m"]])
-        return (f"nacdg,ucwdr,{L_VIEW[order]},{M_FOLDED}->{MIDDLE_OUT}",
-                head + [views["l"], (oy, iy, ou, iu, chi, rank)])
+        if fold == "right":
+            return (f"nacdg,ucwdr,{L_VIEW[order]},{M_FOLDED}->{MIDDLE_OUT}",
+                    head + [views["l"], (oy, iy, ou, iu, chi, rank)])
+        return (f"nacdg,ucwdr,{L_VIEW[order]},{Q_VIEW},{M_VIEW[order]}->{MIDDLE_OUT}",
+                head + [views["l"], (ou, iu, ov, iv, rank), views["m"]])
 
     def _middle_linear_macs(self, batch: int) -> int:
         if self.middle is None:
@@ -326,11 +344,12 @@ class ATTN(HalvesGenerator):
         return super().linear_macs(batch) + self._middle_linear_macs(batch)
 
     def linear_state_bytes(self) -> int:
-        """The TTN's operands plus the folded half of the middle correction (``_middle_fold``)."""
-        if self.middle is None:
+        """The TTN's operands plus the folded half of the middle correction, if any (``_middle_fold``)."""
+        fold = None if self.middle is None else self._middle_fold()
+        if fold is None:
             return super().linear_state_bytes()
         _, shapes = self._middle_shapes(1)
-        return super().linear_state_bytes() + 4 * math.prod(shapes[2 if self._middle_fold() == "left" else 3])
+        return super().linear_state_bytes() + 4 * math.prod(shapes[2 if fold == "left" else 3])
 
     def generation_macs(self) -> int:
         middle = self.middle
