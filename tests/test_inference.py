@@ -156,6 +156,31 @@ def test_the_cache_follows_an_optimizer_step(arch: str, monkeypatch) -> None:
     assert_close(after, expected)
 
 
+@pytest.mark.parametrize("change", ["copy_", "new data", "double"])
+def test_the_cache_follows_a_core_changed_outside_an_optimizer(change: str) -> None:
+    """An in-place write (version), a new ``.data`` (pointer) and a cast (dtype) each rebuild the
+    cached operands: the factorized map is the dense one of the changed cores."""
+    torch.manual_seed(0)
+    net = generator("ttn", LINEAR_SHAPE)
+    layer = GeneratedLinear(net, None, schedule="factorized")
+    x = torch.randn(3, LINEAR_SHAPE[1])
+    with torch.no_grad():
+        before = layer(x)
+        core = net.root
+        if change == "copy_":
+            core.mul_(2.0)
+        elif change == "new data":
+            core.data = core.data * 2.0
+        else:
+            layer.double()
+            x = x.double()
+        after = layer(x)
+        assert_close(after, F.linear(x, net()))
+    assert after.dtype == (torch.float64 if change == "double" else torch.float32)
+    if change != "double":
+        assert not torch.allclose(after, before)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_auto_picks_a_schedule_from_the_cost(arch: str) -> None:
     net = generator(arch, (64, 48))

@@ -284,12 +284,15 @@ class Generator(nn.Module):
 
         With grad enabled and a core requiring grad, always rebuilt (fine-tuning gets correct
         gradients). Otherwise cached, keyed on every parameter's ``data_ptr`` and ``_version``
-        (an optimizer step or a ``copy_`` bumps the version; a new ``.data`` moves the pointer). Under
-        tracing it builds every time, so an exported graph computes them from the cores."""
-        params = list(self.parameters())
+        (an optimizer step or a ``copy_`` bumps the version; a new ``.data`` moves the pointer) and
+        on the first one's dtype and device. Under tracing it builds every time, so an exported
+        graph computes them from the cores. (The key is read on every forward: it walks the
+        modules' own parameter dicts, not the de-duplicating ``parameters()``; with the shorter
+        key, 18 us instead of 34 for VGG's fc6 at batch 1.)"""
+        params = [p for module in self.modules() for p in module._parameters.values() if p is not None]
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return build()  # traced (torch.export, torch.compile, ONNX): the operands are part of the graph
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        key = (params[0].dtype, params[0].device, *((p.data_ptr(), p._version) for p in params))
         entry = self.__dict__.get("_inference_cache")
         if entry is None or entry[0] != key:
             entry = (key, {})

@@ -258,7 +258,8 @@ class HalvesGenerator(Generator):
         a, b = ops["a"], ops["b"]
         xs, i, y, j, chi = self._digit_sizes()
         if self.linear_order == "left":
-            t = torch.matmul(a, flat.reshape(n, i, j))  # (n, x b, j)
+            # (n, x b, j); one plain GEMM for a single row (the broadcast bmm costs ~20 us more)
+            t = a @ flat.view(i, j) if n == 1 else torch.matmul(a, flat.reshape(n, i, j))
             out = (t.view(n * xs, chi * j) @ b).view(n, xs * y)
         else:
             u = (flat.reshape(n * i, j) @ a).view(n, i, y, chi)
