@@ -125,3 +125,30 @@ def test_fit_without_mix_trains_the_tree_and_leaves_the_disentanglers(arch):
         assert all(p.requires_grad for m in mixers for p in m.parameters())
         if not mix:
             assert all(p.grad is None for m in mixers for p in m.parameters())
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-covariance", "conv"])
+def test_the_mean_residual_moves_the_mean_output_onto_the_dense_one(kind):
+    """Adding ``mean_residual`` to the bias gives the compressed layer the dense layer's mean
+    output over the recorded inputs (per output; a convolution's over its positions too), for
+    inputs with a large mean as ReLU features have; the covariance form keeps the exact mean."""
+    from torch.nn import functional as F
+
+    from adntn.networks import build
+
+    torch.manual_seed(0)
+    if kind == "conv":
+        weight, inputs, bias = torch.randn(6, 3, 3, 3), torch.rand(20, 3, 8, 8) + 1.0, torch.randn(6)
+        objective = ActivationObjective(weight, inputs, padding=(1, 1))
+        layer = lambda w, b: F.conv2d(inputs, w, b, padding=1).mean((0, 2, 3))  # noqa: E731
+    else:
+        weight, inputs, bias = torch.randn(16, 32), torch.rand(100, 32) + 1.0, torch.randn(16)
+        objective = ActivationObjective(weight, inputs, max_rank=4 if kind == "linear-covariance" else None)
+        layer = lambda w, b: (inputs @ w.T + b).mean(0)  # noqa: E731
+    net = build(spec_for_bond_dim("ttn", tuple(weight.shape), 1, "tanh"))
+    with torch.no_grad():
+        generated = net()
+        before = (layer(generated, bias) - layer(weight, bias)).abs().max()
+        corrected = layer(generated, bias + objective.mean_residual(weight, net))
+    assert before > 0.1
+    assert_close_scaled(corrected, layer(weight, bias), scale=float(layer(weight, bias).abs().max()))

@@ -57,6 +57,8 @@ def test_report_says_what_was_trained_on_what(setup):
         assert 0 <= report["accuracy"][name]["top1"] <= report["accuracy"][name]["top5"] <= 1
     for layer in report["layers"]:
         assert layer["activation_rel_error"] >= 0 and 0 < layer["activation_fit_energy"] <= 1
+        assert layer["bias_shift"] > 0
+    assert training["activation_fit"]["bias"].startswith("moved so each output's mean")
 
 
 def test_eval_of_the_directory_matches_the_reported_accuracy(setup):

@@ -59,6 +59,9 @@ class ActivationObjective:
         self.energy = 1.0
         inputs = inputs.detach().float()
         weight = weight.detach().float()
+        # what the mean output needs (``mean_residual``): the mean input row of a linear layer,
+        # the inputs themselves for a convolution (kept whole below)
+        self.input_mean = inputs.mean(0, keepdim=True) if weight.dim() == 2 else None
         if weight.dim() == 2 and max_rank is not None and max_rank < min(inputs.shape):
             covariance = (inputs.T @ inputs).double()
             values, vectors = torch.linalg.eigh(covariance)
@@ -80,6 +83,19 @@ class ActivationObjective:
 
     def __call__(self, generator: Generator) -> torch.Tensor:
         return (self._apply(generator()) - self.target).pow(2).sum() / self.norm_sq
+
+    def _mean_output(self, weight: torch.Tensor) -> torch.Tensor:
+        """f(X; weight) averaged over the recorded rows (and a convolution's output positions): (out,)."""
+        if weight.dim() == 2:
+            return (self.input_mean @ weight.T).reshape(-1)
+        return F.conv2d(self.inputs, weight, stride=self.stride, padding=self.padding).mean((0, 2, 3))
+
+    @torch.no_grad()
+    def mean_residual(self, weight: torch.Tensor, generator: Generator) -> torch.Tensor:
+        """mean f(X; W) - mean f(X; G) over the recorded inputs, shape (out,): added to the dense
+        bias, the compressed layer's mean output is the dense one's (the bias correction of
+        post-training quantization, Nagel et al. 2019; the least-squares bias for this G)."""
+        return self._mean_output(weight.detach().float()) - self._mean_output(generator())
 
 
 @torch.no_grad()
