@@ -228,7 +228,13 @@ def test_a_diverging_fine_tuning_is_refused_not_written(setup, tmp_path):
     assert "Traceback" not in result.output and not out.exists()
 
 
-def test_a_budget_with_data_is_split_by_distillation_probes(setup, tmp_path):
+def test_a_budget_with_data_is_split_by_distillation_probes(setup, tmp_path, monkeypatch):
+    """Every candidate is probed with its bias corrected as the activation stage corrects it."""
+    from adntn.pipeline import task
+
+    corrected = []
+    original = task._corrected_bias
+    monkeypatch.setattr(task, "_corrected_bias", lambda *args: corrected.append(1) or original(*args))
     root, checkpoint, config, _, _ = setup
     result = adntn("compress", checkpoint, "--layers", "fc6,fc7", "--budget", "2k", "--steps", "2",
                    "--data", root / "data", "--config", config, "--epochs", "1", "--batch-size", "16",
@@ -240,6 +246,8 @@ def test_a_budget_with_data_is_split_by_distillation_probes(setup, tmp_path):
     assert report["total"]["compressed_core_params"] == allocation["core_params"] <= 2000
     for row in allocation["layers"]:
         assert row["candidates"] and all(0 <= c["measure"] for c in row["candidates"])
+    probed = sum(len(row["candidates"]) for row in allocation["layers"])
+    assert len(corrected) == probed + len(allocation["layers"])  # each probe, then each chosen layer
 
 
 def test_a_model_left_at_chance_is_named_in_a_note():

@@ -1,7 +1,9 @@
 """The data-aware stages of ``compress --data`` and the held-out evaluation of ``adntn eval``.
 
 Stage 2 (activation space): each generator is refined on ||X W^T - X G^T|| / ||X W^T|| for inputs
-X of its layer recorded from the dense model on training images. Stage 3 (task-aware): all
+X of its layer recorded from the dense model on training images, and its bias then moved so that
+its mean output on X is the dense layer's (``_bias_corrected``; the budget's distillation probes
+do the same). Stage 3 (task-aware): all
 compressed layers are fine-tuned together on cross-entropy plus distillation from the dense
 model's logits. Every accuracy is measured on the held-out split (val/ or test/).
 
@@ -45,6 +47,7 @@ from adntn.data.images import (Preprocessing, Splits, class_indices, heldout_spl
                                relabel, resolve_preprocessing, stratified_subset, training_loader)
 from adntn.io.archive import CompressedLayer
 from adntn.models.architectures import LayerInfo
+from adntn.networks import Generator
 from adntn.pipeline.allocate import PROBE_STEPS, Measure, fit_measures, probe_fit
 from adntn.pipeline.assemble import generated_module, swapped_copy
 from adntn.pipeline.results import LayerResult, copy_generator
@@ -185,10 +188,16 @@ def _bias_corrected(result: LayerResult, objective: ActivationObjective, weight:
     bias = result.compressed.bias
     if bias is None:
         return result
-    shift = objective.mean_residual(weight, result.compressed.generator)
-    corrected = (bias.float() + shift.to(bias.device)).to(bias.dtype)
-    moved = float(shift.norm() / bias.float().norm().clamp_min(1e-30))
+    corrected = _corrected_bias(bias, objective, weight, result.compressed.generator)
+    moved = float((corrected.float() - bias.float()).norm() / bias.float().norm().clamp_min(1e-30))
     return replace(result, compressed=replace(result.compressed, bias=corrected)).with_stats(bias_shift=moved)
+
+
+def _corrected_bias(bias: torch.Tensor, objective: ActivationObjective, weight: torch.Tensor,
+                    generator: Generator) -> torch.Tensor:
+    """``bias`` plus ``objective.mean_residual`` of ``generator``, in the bias's dtype and device."""
+    shift = objective.mean_residual(weight.to(next(generator.parameters()).device), generator)
+    return (bias.float() + shift.to(bias.device)).to(bias.dtype)
 
 
 @torch.no_grad()
@@ -403,8 +412,8 @@ def allocation_measures(run: _Run, source: Source, layers: list[LayerInfo],
 
         def measure(spec) -> float:
             generator, _ = probe_fit(weight, spec, targets, objective, lr=options.lr, seed=options.seed, mix=False)
-            compressed = CompressedLayer(layer.module, layer.alias, generator,
-                                         None if bias is None else bias.detach().clone(), weight.dtype)
+            compressed = CompressedLayer(layer.module, layer.alias, generator, None if bias is None else
+                                         _corrected_bias(bias.detach(), objective, weight, generator), weight.dtype)
             student = swapped_copy(run.model, {layer.module.removeprefix(run.prefix): generated_module(compressed)})
             device = next(run.model.parameters()).device
             student.to(device)
