@@ -173,7 +173,7 @@ def _fit_activation_space(results: list[LayerResult], inputs: Mapping[str, torch
         fit(generator, objective, steps=options.steps, lr=options.lr, mix=False,  # see compress.fit_weight_space
             on_step=lambda step, loss: advance(step, math.sqrt(max(loss, 0.0))))
         fitted.append(_bias_corrected(result.with_stats(activation_fit_energy=objective.energy), objective,
-                                      source.state[layer.weight_key].to(device)))
+                                      source.state[layer.weight_key]))
     return fitted
 
 
