@@ -54,6 +54,17 @@ def test_greedy_gives_parameters_where_the_error_drops_most_per_parameter():
     assert greedy([flat, bumpy], 40) == (0, 2)
 
 
+def test_greedy_weighs_relative_drops():
+    # the probe losses of fc6 and fc7 of the CIFAR-10 VGG-16-BN at --budget 200: absolute drops
+    # chose 82 + 106 (0.8539 top-1 after fine-tuning), relative ones 125 + 73 (0.8744)
+    fc6 = [Candidate(_spec(60), 9.83), Candidate(_spec(82), 3.22), Candidate(_spec(125), 0.52)]
+    fc7 = [Candidate(_spec(66), 7.08), Candidate(_spec(73), 5.37), Candidate(_spec(106), 1.81)]
+    assert greedy([fc6, fc7], 200) == (2, 1)
+    # an exact fit (measure 0) is the best a layer can get, not an error
+    exact = [Candidate(_spec(10), 0.5), Candidate(_spec(20), 0.0)]
+    assert greedy([exact, fc7], 86) == (1, 0)
+
+
 def test_candidate_ladder_ends_at_the_largest():
     budgets = candidate_budgets(60, 400)
     assert budgets[0] == 60 and budgets[-1] == 400 and budgets == sorted(budgets)

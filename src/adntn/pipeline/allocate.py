@@ -15,9 +15,14 @@ fine-tuned accuracy moves by points.) Otherwise it is the relative error after a
 space, ||W - G|| / ||W||, without.
 
 Then, starting from every layer at its smallest candidate, the next parameters go, again and
-again, to the layer and larger candidate whose measure drops most per parameter added, as long
-as the total fits: a greedy marginal allocation of the summed measures. ``Allocation`` keeps
-every candidate with its measure and the choice, for the report.
+again, to the layer and larger candidate whose measure drops most *relatively* per parameter
+added (the drop in log measure), as long as the total fits: a greedy marginal allocation of the
+summed log measures, i.e. of their product. Relative, not absolute: the layers are fine-tuned
+together, and a layer whose probe loss is large on its own can still be carried by the others.
+On the CIFAR-10 VGG-16-BN at ``--budget 200`` for fc6+fc7 (3 epochs, seed 0), absolute drops chose
+82 + 106 parameters (probe losses 3.22 + 1.81) and reached 0.8539 top-1; relative drops choose
+125 + 73 (0.52 and 5.37), which reached 0.8744 (dense 0.8780). At ``--budget 424`` both choose
+158 + 260. ``Allocation`` keeps every candidate with its measure and the choice, for the report.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from adntn.training.objectives import ActivationObjective, WeightObjective
 
 PROBE_STEPS = 20  # Adam steps of each candidate's probe fit
 LADDER = math.sqrt(2)  # each candidate budget is this times the last
+MEASURE_FLOOR = 1e-12  # a measure of 0 counts as this in the log (an exact fit)
 _SUFFIXES = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
 
 
@@ -93,8 +99,8 @@ class Allocation:
             "core_params": self.used,
             "measure": self.measure,
             "rule": "from each layer's smallest candidate, the next parameters go to the layer and larger "
-                    "candidate with the largest drop in the measure per parameter added, while the "
-                    "total fits",
+                    "candidate with the largest relative drop in the measure (in log measure) per "
+                    "parameter added, while the total fits",
             "layers": [
                 {"layer": label, "core_params": cands[i].params, "measure": round(cands[i].value, 5),
                  "candidates": [{"core_params": c.params, "bond_dims": list(c.spec.bond_dims),
@@ -157,6 +163,7 @@ def greedy(candidates: Sequence[Sequence[Candidate]], total: int) -> tuple[int, 
     """Indices of the chosen candidate per layer (see the module docstring)."""
     chosen = [0] * len(candidates)
     left = total - sum(c[0].params for c in candidates)
+    logs = [[math.log(max(c.value, MEASURE_FLOOR)) for c in cands] for cands in candidates]
     while True:
         best, move = 0.0, None
         for layer, cands in enumerate(candidates):
@@ -164,7 +171,7 @@ def greedy(candidates: Sequence[Sequence[Candidate]], total: int) -> tuple[int, 
             for j in range(chosen[layer] + 1, len(cands)):
                 extra = cands[j].params - now.params
                 if 0 < extra <= left:
-                    gain = (now.value - cands[j].value) / extra
+                    gain = (logs[layer][chosen[layer]] - logs[layer][j]) / extra
                     if gain > best:
                         best, move = gain, (layer, j, extra)
         if move is None:
