@@ -44,6 +44,19 @@ class GainedActivation(nn.Module):
         gain = self.log_gain.exp()
         return _SIGMA[self.name](gain * z) / (gain * _SLOPE_AT_ZERO[self.name])
 
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, 1 / (a sigma'(0))): ``forward(z) == sigma(z * a) * (1 / (a sigma'(0)))``.
+
+        For a network whose activation sits between linear maps, both scalars fold into the
+        neighbouring factors (``sigma``), so a weight-sized state passes through sigma alone.
+        """
+        gain = self.log_gain.exp()
+        return gain, 1 / (gain * _SLOPE_AT_ZERO[self.name])
+
+    def sigma(self, z: torch.Tensor) -> torch.Tensor:
+        """The bare nonlinearity, without the gain (see ``scales``)."""
+        return _SIGMA[self.name](z)
+
     @torch.no_grad()
     def calibrate(self, z: torch.Tensor) -> None:
         """Set the gain so that the largest pre-activation |gain*z| is INIT_PREACTIVATION.

@@ -32,6 +32,7 @@ from dataclasses import replace
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from adntn.core.spec import GeneratorSpec
 from adntn.memory import current_policy
@@ -43,10 +44,12 @@ from adntn.networks.ttn import TTN, add_tree_cores, tree_bonds
 Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
 
-def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int]) -> torch.Tensor:
+def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
+                scale: torch.Tensor | None = None) -> torch.Tensor:
     """Contract axis g of ``state`` (legs ``in_dims``) with factors[g]: a matrix (e_g, c_g), a pair
-    (P, W) meaning I + P W (P (c_g, r), W (r, c_g)), or None for the identity. Returns the
-    flattened (e_1, ..., e_n) tensor.
+    (P, W) meaning I + P W (P (c_g, r), W (r, c_g)), or None for the identity, and multiply by the
+    scalar ``scale`` (folded into a matrix factor when there is one). Returns the flattened
+    (e_1, ..., e_n) tensor.
 
     The factors act on different axes, so they commute: the low-rank ones are applied first, in
     place along their axes (``low_rank_update``). The matrices follow as a chain of GEMMs: first to
@@ -54,6 +57,12 @@ def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int]) 
     moving the new axis last; last to first, it views it as (rest, c_g) and writes factor state^T,
     moving it first. After n steps the axes are back in order (an identity axis only rotates).
     """
+    if scale is not None:
+        matrix_at = next((g for g, f in enumerate(factors) if isinstance(f, torch.Tensor)), None)
+        if matrix_at is None:
+            state = state * scale
+        else:
+            factors = [*factors[:matrix_at], factors[matrix_at] * scale, *factors[matrix_at + 1:]]
     for g, factor in enumerate(factors):
         if isinstance(factor, tuple):
             view = state.reshape(math.prod(in_dims[:g]), in_dims[g], -1)
@@ -161,13 +170,23 @@ class MERA(Generator):
                 k += 1
         return factors, in_dims
 
-    def _state(self, capture: list[torch.Tensor] | None = None, rows: slice | None = None) -> torch.Tensor:
+    def _state(self, capture: list[torch.Tensor] | None = None,
+               rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The state above the leaves, shape bonds[0] (its first leg cut to ``rows`` when given:
         the first node core's a-axis, or the root's first axis, is sliced; no other leg mixes with
-        leg 0, so the result is that slice of the full state). ``capture`` collects each layer's
-        pre-activations, top layer first (used to calibrate the gains)."""
+        leg 0, so the result is that slice of the full state), and the scalar it is still to be
+        multiplied by (None: 1).
+
+        Each layer's gains are folded into its small factors (``GainedActivation.scales``): the
+        layer's gain into its first isometry, the previous layer's 1 / (a sigma'(0)) likewise, and
+        the last layer's is returned for the leaves; the linear maps and disentanglers in between
+        commute with scalars. So the states, the bottom one weight-sized, pass through sigma alone
+        (no gain products on them, forward or backward). ``capture`` collects each layer's
+        pre-activations, top layer first, of the network without activations (used to calibrate
+        the gains)."""
         state = self.root if rows is None or self.levels > 1 else self.root[rows]
         nodes, first = list(self.nodes), len(self.nodes)
+        pending: torch.Tensor | None = None  # the scalar the state is still to be multiplied by
         for h in range(self.levels - 1, 0, -1):
             first -= len(self.bonds[h])
             cores = nodes[first:first + len(self.bonds[h])]
@@ -175,29 +194,35 @@ class MERA(Generator):
             if h == 1 and rows is not None:
                 cores[0] = cores[0][rows]
                 legs[0] = cores[0].shape[0]
-            state = _kron_apply(state, [core.reshape(-1, core.shape[2]) for core in cores], self.bonds[h])
+            factors = [core.reshape(-1, core.shape[2]) for core in cores]
+            activation = self.activations[h - 1] if len(self.activations) else None
+            if activation is not None:
+                gain, out_scale = activation.scales()
+                factors[0] = factors[0] * (gain if pending is None else gain * pending)
+                pending = out_scale
+            state = _kron_apply(state, factors, self.bonds[h])
             legs = tuple(legs)
             state = state.reshape(legs)
             for k, mixer in zip(self.pairs[h], self.mixers[h]):
                 state = mix_pair(mixer, state, legs, k)
             if capture is not None:
                 capture.append(state.reshape(-1))
-            if len(self.activations):
-                state = self.activations[h - 1](state)
-        return state
+            if activation is not None:
+                state = activation.sigma(state)
+        return state, pending
 
     def legs(self, rows: slice | None = None) -> torch.Tensor:
         """The leg tensor, or with ``rows`` its slice ``legs[rows]`` along leg 0, computed alone."""
         factors, in_dims = self._leaf_groups()
         if rows is not None and self.leaf_is_identity[0]:
-            state = self._state(rows=rows)
+            state, scale = self._state(rows=rows)
             in_dims[0] = state.shape[0]
         else:
-            state = self._state()
+            state, scale = self._state()
             if rows is not None:
                 factors[0] = factors[0][rows]
         shape = self.spec.leg_dims if rows is None else (-1, *self.spec.leg_dims[1:])
-        return _kron_apply(state, factors, in_dims).reshape(shape)
+        return _kron_apply(state, factors, in_dims, scale).reshape(shape)
 
     def row_slices(self) -> list[slice]:
         """Slices of leg 0 whose leg tensors hold about one streamed block each."""
@@ -229,9 +254,14 @@ class MERA(Generator):
             block = legs.permute(*range(1, 2 * k - 1, 2), 0, *range(2, 2 * k - 1, 2)).reshape(rows_per_block, -1)
             yield block[:out_rows - first_row, :cols].reshape(-1, *spec.shape[1:])
 
+    def _slice_distance(self, target_legs: torch.Tensor, rows: slice) -> torch.Tensor:
+        """||T[rows] - G[rows]||^2 along leg 0, one fused pass (``mse_loss``; its backward is one too)."""
+        legs = self.legs(rows)
+        return F.mse_loss(legs, target_legs[rows].to(legs.dtype), reduction="sum")
+
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||T - G||^2 summed over slices of leg 0 (``row_slices``): the temporaries are slice-sized."""
-        return sum((self.legs(rows) - target_legs[rows].float()).pow(2).sum() for rows in self.row_slices())
+        return sum(self._slice_distance(target_legs, rows) for rows in self.row_slices())
 
     def accumulate_squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor,
                                     scale: torch.Tensor) -> float:
@@ -239,7 +269,7 @@ class MERA(Generator):
         slice is built, so the autograd graph holds one slice (same gradient as the whole)."""
         total = 0.0
         for rows in self.row_slices():
-            part = (self.legs(rows) - target_legs[rows].float()).pow(2).sum() * scale
+            part = self._slice_distance(target_legs, rows) * scale
             part.backward()
             total += float(part.detach())
         return total
