@@ -21,8 +21,8 @@ summed log measures, i.e. of their product. Relative, not absolute: the layers a
 together, and a layer whose probe loss is large on its own can still be carried by the others.
 On the CIFAR-10 VGG-16-BN at ``--budget 200`` for fc6+fc7 (3 epochs, seed 0), absolute drops chose
 82 + 106 parameters (probe losses 3.22 + 1.81) and reached 0.8539 top-1; relative drops choose
-125 + 73 (0.52 and 5.37), which reached 0.8744 (dense 0.8780). At ``--budget 424`` both choose
-158 + 260. ``Allocation`` keeps every candidate with its measure and the choice, for the report.
+125 + 73 (0.52 and 5.37), which reached 0.8737 (0.8741 over three seeds; dense 0.8780). At
+``--budget 424`` both choose 158 + 260. ``Allocation`` keeps every candidate with its measure and the choice, for the report.
 """
 
 from __future__ import annotations
