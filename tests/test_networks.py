@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from adntn.errors import AdntnError
 from adntn.networks import GENERATORS, build, core_params
 from adntn.networks.attn import ATTN
-from adntn.networks.base import Disentangler
+from adntn.networks.base import Disentangler, low_rank_update, scaled_squared_distance
 from adntn.networks.mera import MERA
 from adntn.networks.svd import SVD
 from adntn.networks.tt import TT, tt_ranks
@@ -111,6 +111,32 @@ def test_inference_forward_and_out_equal_the_autograd_forward(arch: str, shape: 
     with pytest.raises(ValueError, match="contiguous tensor of shape") if arch in ("ttn", "attn", "tt") \
             else contextlib.nullcontext():
         net(out=torch.empty(expected.shape[::-1]).T)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu"])
+@pytest.mark.parametrize("n_legs, bond", [(2, 64), (4, 3), (4, 64), (8, 64)])
+def test_mera_inference_paths_equal_autograd_and_leave_the_cores_alone(activation: str, n_legs: int,
+                                                                       bond: int) -> None:
+    """Without autograd MERA overwrites its own states (disentanglers, sigma in place) and writes
+    the last layer's scale with the permutation into weight order: same values as the autograd
+    forward, whether the leaves are identities (bond 64: the scale is left to that write) or
+    matrices, and with two levels or one (the root is the state: it must not be overwritten)."""
+    torch.manual_seed(0)
+    net = build(make_spec("mera", (64, 48), n_legs, bond=bond, activation=activation, mix_rank=1))
+    perturb_mixers(net)
+    with torch.no_grad():
+        for site in net.activations:
+            site.log_gain.fill_(0.5)
+    before = [p.detach().clone() for p in net.parameters()]
+    expected = net().detach()
+    with torch.no_grad():
+        assert_close_scaled(net(), expected)
+        assert_close_scaled(net.legs(), weight_to_legs(expected, net.spec.out_dims, net.spec.in_dims))
+        assert_close_scaled(torch.cat([block.clone() for block in net.row_blocks()]), expected)
+        with pytest.raises(ValueError, match="contiguous tensor of shape"):
+            net(out=torch.empty(expected.shape[::-1]).T)
+    for b, p in zip(before, net.parameters()):
+        assert torch.equal(b, p)
 
 
 def test_materialize_runs_the_generator_without_autograd() -> None:
@@ -381,6 +407,41 @@ def test_squared_distance_gradients_equal_the_materialised_ones(arch: str) -> No
     actual = torch.autograd.grad(net.squared_distance(target, target.pow(2).sum()), params)
     for e, a in zip(expected, actual):
         torch.testing.assert_close(a, e)
+
+
+@settings(max_examples=15, deadline=None)
+@given(pre=st.integers(1, 4), dim=st.integers(1, 6), post=st.integers(1, 5), rank=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_low_rank_update_is_i_plus_pw_with_its_autograd_gradients(pre: int, dim: int, post: int, rank: int,
+                                                                  seed: int) -> None:
+    """The hand-written backward (``_LowRankUpdate``) is the gradient of view + P (W view)."""
+    torch.manual_seed(seed)
+    view, p, w = (torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+                  for shape in ((pre, dim, post), (dim, rank), (rank, dim)))
+    out = low_rank_update(view, p, w)
+    reference = view + torch.einsum("dr,re,xey->xdy", p, w, view)
+    torch.testing.assert_close(out, reference)
+    grad = torch.randn_like(out)
+    actual = torch.autograd.grad(out, (view, p, w), grad)
+    expected = torch.autograd.grad(reference, (view, p, w), grad)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_scaled_squared_distance_is_the_distance_with_its_gradients(scaled: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True) if scaled else None
+    target = torch.randn(5, 7, dtype=torch.float64)
+    inputs = (x, scale) if scaled else (x,)
+    value = scaled_squared_distance(x, scale, target)
+    reference = ((x * scale if scaled else x) - target).pow(2).sum()
+    torch.testing.assert_close(value, reference)
+    for a, e in zip(torch.autograd.grad(value, inputs), torch.autograd.grad(reference, inputs)):
+        torch.testing.assert_close(a, e)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled_squared_distance(x, scale, target), reference.detach())
 
 
 # ----------------------------------------------------------------------------- initialisation

@@ -25,6 +25,7 @@ from adntn.core.tensorize import choose_leg_factors, legs_to_weight, max_legs, s
 
 _SLOPE_AT_ZERO = {"tanh": 1.0, "gelu": 0.5, "relu": 1.0}
 _SIGMA = {"tanh": torch.tanh, "gelu": nn.functional.gelu, "relu": torch.relu}
+_SIGMA_INPLACE = {"tanh": torch.tanh_, "relu": torch.relu_}
 INIT_PREACTIVATION = 0.05  # max |gain * z| at initialisation: sigma is then close to linear
 
 
@@ -53,8 +54,11 @@ class GainedActivation(nn.Module):
         gain = self.log_gain.exp()
         return gain, 1 / (gain * _SLOPE_AT_ZERO[self.name])
 
-    def sigma(self, z: torch.Tensor) -> torch.Tensor:
-        """The bare nonlinearity, without the gain (see ``scales``)."""
+    def sigma(self, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """The bare nonlinearity, without the gain (see ``scales``); ``inplace`` overwrites ``z``
+        where sigma has an in-place form (tanh, relu) and no gradient is wanted."""
+        if inplace and not torch.is_grad_enabled() and self.name in _SIGMA_INPLACE:
+            return _SIGMA_INPLACE[self.name](z)
         return _SIGMA[self.name](z)
 
     @torch.no_grad()
@@ -91,19 +95,106 @@ class Disentangler(nn.Module):
     def param_count(dim: int, rank: int) -> int:
         return 2 * dim * rank
 
-    def forward(self, view: torch.Tensor) -> torch.Tensor:
-        """Apply to the middle axis (the joint leg, dim D) of ``view`` of shape (pre, D, post)."""
-        return low_rank_update(view, self.p, self.q.T)
+    def forward(self, view: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Apply to the middle axis (the joint leg, dim D) of ``view`` of shape (pre, D, post)
+        (``inplace``: see ``low_rank_update``)."""
+        return low_rank_update(view, self.p, self.q.T, inplace=inplace)
 
 
-def low_rank_update(view: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def low_rank_update(view: torch.Tensor, p: torch.Tensor, w: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """(I + P W) applied to the middle axis of ``view`` (pre, D, post); P (D, r), W (r, D).
 
-    Two batched GEMMs on the view as it lies (no permutation; the small factors are broadcast).
+    C = W view is one batched GEMM on the view as it lies (no permutation; the small factors are
+    broadcast), then view + P C: for rank 1 a single fused pass (``addcmul`` of P's column and C),
+    else a batched GEMM. With a gradient wanted it runs as :class:`_LowRankUpdate`, whose backward
+    adds W^T (P^T G) to the incoming gradient G in one pass instead of autograd's two.
+    Without a gradient, ``inplace`` (for a view the caller owns) adds P C into ``view`` itself.
     """
-    pre = view.shape[0]
-    coeff = torch.bmm(w.expand(pre, -1, -1), view)
-    return torch.baddbmm(view, p.expand(pre, -1, -1), coeff)
+    if _traced() or not (torch.is_grad_enabled() and any(t.requires_grad for t in (view, p, w))):
+        if inplace and not torch.is_grad_enabled():
+            coeff = torch.bmm(w.expand(view.shape[0], -1, -1), view)
+            if p.shape[1] == 1:
+                return view.addcmul_(p.reshape(1, -1, 1), coeff)
+            return view.baddbmm_(p.expand(view.shape[0], -1, -1), coeff)
+        return _low_rank_forward(view, p, w)[0]
+    return _LowRankUpdate.apply(view, p, w)
+
+
+def _traced() -> bool:
+    """Under torch.compile / torch.export / ONNX tracing: plain ops only (no custom Function)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _add_low_rank(base: torch.Tensor, p: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """base + P coeff for base (pre, D, post), P (D, r), coeff (pre, r, post)."""
+    if p.shape[1] == 1:
+        return torch.addcmul(base, p.reshape(1, -1, 1), coeff)
+    return torch.baddbmm(base, p.expand(base.shape[0], -1, -1), coeff)
+
+
+def _low_rank_forward(view: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    coeff = torch.bmm(w.expand(view.shape[0], -1, -1), view)
+    return _add_low_rank(view, p, coeff), coeff
+
+
+class _LowRankUpdate(torch.autograd.Function):
+    """view + P (W view), backward by hand: G_view = G + W^T (P^T G) in one fused pass,
+    G_P = sum G C^T, G_W = sum (P^T G) view^T (C = W view, kept: r/D of the view's size)."""
+
+    @staticmethod
+    def forward(ctx, view: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out, coeff = _low_rank_forward(view, p, w)
+        ctx.save_for_backward(view, p, w, coeff)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        view, p, w, coeff = ctx.saved_tensors
+        pre = view.shape[0]
+        grad_coeff = torch.bmm(p.T.expand(pre, -1, -1), grad)  # (pre, r, post)
+        grad_view = _add_low_rank(grad, w.T, grad_coeff) if ctx.needs_input_grad[0] else None
+        grad_p = torch.bmm(grad, coeff.transpose(1, 2)).sum(0) if ctx.needs_input_grad[1] else None
+        grad_w = torch.bmm(grad_coeff, view.transpose(1, 2)).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_view, grad_p, grad_w
+
+
+def scaled_squared_distance(x: torch.Tensor, scale: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+    """||s x - T||^2 (s None: 1) without forming s x: forward E = T - s x in one fused pass
+    (``addcmul``) and its dot product; backward G_x = -2 s E and G_s = -2 <x, E> (one pass each).
+    Autograd's ``mse_loss(x * s, T)`` makes about seven passes over x-sized tensors."""
+    if _traced() or not torch.is_grad_enabled():
+        return _scaled_distance_forward(x, scale, target)[0]
+    if scale is None:
+        return _ScaledDistance.apply(x, target)
+    return _ScaledDistance.apply(x, target, scale)
+
+
+def _scaled_distance_forward(x: torch.Tensor, scale: torch.Tensor | None,
+                             target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    error = target - x if scale is None else torch.addcmul(target, x, scale, value=-1)
+    flat = error.reshape(-1)
+    return torch.dot(flat, flat), error
+
+
+class _ScaledDistance(torch.autograd.Function):
+    """||s x - T||^2 with a hand-written backward (see ``scaled_squared_distance``); no gradient
+    to the target."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        distance, error = _scaled_distance_forward(x, scale, target)
+        ctx.save_for_backward(x, error, scale)
+        return distance
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, error, scale = ctx.saved_tensors
+        factor = -2 * grad if scale is None else -2 * grad * scale
+        grad_x = error * factor if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if scale is not None and ctx.needs_input_grad[2]:
+            grad_scale = (-2 * grad * torch.dot(x.reshape(-1), error.reshape(-1))).reshape(scale.shape)
+        return grad_x, None, grad_scale
 
 
 def contraction(equation: str, *shapes: tuple[int, ...]):

@@ -32,12 +32,13 @@ from dataclasses import replace
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from adntn.core.spec import GeneratorSpec
 from adntn.memory import current_policy
 from adntn.networks.attn import boundary_height, boundary_pairs, mix_pair
-from adntn.networks.base import Disentangler, Generator, activation_sites, low_rank_update
+from adntn.networks.base import (Disentangler, Generator, activation_sites, low_rank_update,
+                                 scaled_squared_distance)
+from adntn.networks.halves import direct_output, unpadded
 from adntn.networks.ttn import TTN, add_tree_cores, tree_bonds
 
 
@@ -45,11 +46,12 @@ Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
 
 def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
-                scale: torch.Tensor | None = None) -> torch.Tensor:
+                scale: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """Contract axis g of ``state`` (legs ``in_dims``) with factors[g]: a matrix (e_g, c_g), a pair
     (P, W) meaning I + P W (P (c_g, r), W (r, c_g)), or None for the identity, and multiply by the
     scalar ``scale`` (folded into a matrix factor when there is one). Returns the flattened
-    (e_1, ..., e_n) tensor.
+    (e_1, ..., e_n) tensor. ``inplace``: the low-rank factors may overwrite ``state`` (the caller's
+    own, no gradient wanted).
 
     The factors act on different axes, so they commute: the low-rank ones are applied first, in
     place along their axes (``low_rank_update``). The matrices follow as a chain of GEMMs: first to
@@ -66,7 +68,7 @@ def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
     for g, factor in enumerate(factors):
         if isinstance(factor, tuple):
             view = state.reshape(math.prod(in_dims[:g]), in_dims[g], -1)
-            state = low_rank_update(view, *factor)
+            state = low_rank_update(view, *factor, inplace=inplace)
     matrices = [f if isinstance(f, torch.Tensor) else None for f in factors]
     if all(m is None for m in matrices):
         return state.reshape(-1)
@@ -89,6 +91,15 @@ def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
         else:
             state = matrix @ matrices[g].T if forward else matrices[g] @ matrix
     return state.reshape(-1)
+
+
+def _write_weight_order(split: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out = scale * split in one pass (``split`` a permuted view of the legs; ``out`` contiguous
+    of the same shape)."""
+    if scale is None:
+        out.copy_(split)
+    else:
+        torch.mul(split, scale, out=out)
 
 
 def _slices(size: int, total: int) -> list[slice]:
@@ -185,6 +196,7 @@ class MERA(Generator):
         pre-activations, top layer first, of the network without activations (used to calibrate
         the gains)."""
         state = self.root if rows is None or self.levels > 1 else self.root[rows]
+        own = capture is None and not torch.is_grad_enabled()  # states made here may be overwritten
         nodes, first = list(self.nodes), len(self.nodes)
         pending: torch.Tensor | None = None  # the scalar the state is still to be multiplied by
         for h in range(self.levels - 1, 0, -1):
@@ -204,15 +216,22 @@ class MERA(Generator):
             legs = tuple(legs)
             state = state.reshape(legs)
             for k, mixer in zip(self.pairs[h], self.mixers[h]):
-                state = mix_pair(mixer, state, legs, k)
+                state = mix_pair(mixer, state, legs, k, inplace=own)
             if capture is not None:
                 capture.append(state.reshape(-1))
             if activation is not None:
-                state = activation.sigma(state)
+                state = activation.sigma(state, inplace=own)
         return state, pending
 
     def legs(self, rows: slice | None = None) -> torch.Tensor:
         """The leg tensor, or with ``rows`` its slice ``legs[rows]`` along leg 0, computed alone."""
+        legs, scale = self._scaled_legs(rows)
+        return legs if scale is None else legs * scale
+
+    def _scaled_legs(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(X, s) with ``legs(rows) == s * X`` (s None: 1). The last layer's scale is folded into
+        a leaf factor when there is a dense one; else it is returned, for the caller to fuse into
+        its own pass over X (the distance, the write into weight order)."""
         factors, in_dims = self._leaf_groups()
         if rows is not None and self.leaf_is_identity[0]:
             state, scale = self._state(rows=rows)
@@ -221,8 +240,13 @@ class MERA(Generator):
             state, scale = self._state()
             if rows is not None:
                 factors[0] = factors[0][rows]
+        own = self.levels > 1 and not torch.is_grad_enabled()  # else the state may be the root
+        if scale is not None and not any(isinstance(f, torch.Tensor) for f in factors):
+            legs = _kron_apply(state, factors, in_dims, inplace=own)
+        else:
+            legs, scale = _kron_apply(state, factors, in_dims, scale, inplace=own), None
         shape = self.spec.leg_dims if rows is None else (-1, *self.spec.leg_dims[1:])
-        return _kron_apply(state, factors, in_dims, scale).reshape(shape)
+        return legs.reshape(shape), scale
 
     def row_slices(self) -> list[slice]:
         """Slices of leg 0 whose leg tensors hold about one streamed block each."""
@@ -236,28 +260,55 @@ class MERA(Generator):
         """Values of one of ``row_blocks``' blocks: 1/o_1 of the (padded) weight."""
         return self.spec.rows * self.spec.cols // self.spec.out_dims[0]
 
+    def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight; without autograd the last layer's scale and the permutation into weight
+        order are one pass (``_write_weight_order``), into ``out`` when given."""
+        if torch.is_grad_enabled() or not unpadded(self.spec):
+            return super().forward(out)
+        out = direct_output(out, self.spec)
+        legs, scale = self._scaled_legs()
+        out = torch.empty(self.spec.shape, dtype=legs.dtype, device=legs.device) if out is None else out
+        k = self.spec.n_legs
+        digits = [d for pair in zip(self.spec.out_dims, self.spec.in_dims) for d in pair]
+        split = legs.reshape(digits).permute(*range(0, 2 * k, 2), *range(1, 2 * k, 2))
+        _write_weight_order(split, scale, out.view(split.shape))
+        return out
+
     def row_blocks(self) -> Iterator[torch.Tensor]:
         """One block of rows per value of the first row digit o_1 (legs[o_1 i_1 + i] for all i),
-        each computed alone and put in weight order: the temporaries are 1/o_1 of the weight's.
-        (``forward`` stays whole: the permutation into weight order dominates either way, and
-        in one piece it is faster, 490 against 580 ms for VGG-16's fc6 at 50,000x.)"""
+        each computed alone and put in weight order with the last layer's scale in one pass, into
+        one of two buffers used in turn: the temporaries are 1/o_1 of the weight's."""
         spec = self.spec
         out_rows, cols = spec.matrix_shape
         width, rows_per_block = spec.in_dims[0], math.prod(spec.out_dims[1:])
         k = spec.n_legs
         digits = [width] + [d for pair in zip(spec.out_dims[1:], spec.in_dims[1:]) for d in pair]
+        buffers: list[torch.Tensor] = []
         for digit in range(spec.out_dims[0]):
             first_row = digit * rows_per_block
             if first_row >= out_rows:
                 break
-            legs = self.legs(slice(digit * width, (digit + 1) * width)).reshape(digits)
-            block = legs.permute(*range(1, 2 * k - 1, 2), 0, *range(2, 2 * k - 1, 2)).reshape(rows_per_block, -1)
-            yield block[:out_rows - first_row, :cols].reshape(-1, *spec.shape[1:])
+            block = self._ordered_rows(slice(digit * width, (digit + 1) * width), digits,
+                                       buffers[digit % 2] if len(buffers) == 2 else None)
+            if len(buffers) < 2:
+                buffers.append(block)
+            yield block.view(rows_per_block, -1)[:out_rows - first_row, :cols].reshape(-1, *spec.shape[1:])
+
+    @torch.no_grad()
+    def _ordered_rows(self, rows: slice, digits: list[int], out: torch.Tensor | None) -> torch.Tensor:
+        """legs[rows] (one value of o_1: leg 0's slice o_1 i_1 + i) in weight order, into ``out``."""
+        k = self.spec.n_legs
+        legs, scale = self._scaled_legs(rows)
+        split = legs.reshape(digits).permute(*range(1, 2 * k - 1, 2), 0, *range(2, 2 * k - 1, 2))
+        out = torch.empty(split.shape, dtype=legs.dtype, device=legs.device) if out is None else out
+        _write_weight_order(split, scale, out)
+        return out
 
     def _slice_distance(self, target_legs: torch.Tensor, rows: slice) -> torch.Tensor:
-        """||T[rows] - G[rows]||^2 along leg 0, one fused pass (``mse_loss``; its backward is one too)."""
-        legs = self.legs(rows)
-        return F.mse_loss(legs, target_legs[rows].to(legs.dtype), reduction="sum")
+        """||T[rows] - G[rows]||^2 along leg 0, the last layer's scale fused into the distance
+        (``scaled_squared_distance``: two passes forward, two backward)."""
+        legs, scale = self._scaled_legs(rows)
+        return scaled_squared_distance(legs, scale, target_legs[rows].to(legs.dtype))
 
     def squared_distance(self, target_legs: torch.Tensor, target_norm_sq: torch.Tensor) -> torch.Tensor:
         """||T - G||^2 summed over slices of leg 0 (``row_slices``): the temporaries are slice-sized."""
