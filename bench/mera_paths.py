@@ -8,8 +8,8 @@ same machine: one fit step (``accumulate_squared_distance`` and its backward, wh
 of the weight-space stage runs), ``forward(out=...)`` without autograd (what ``expand`` and the
 dense schedule run), the whole ``row_blocks`` pass and ``blocked_linear`` at batch 1 (the blocked
 schedule), and the dense ``x @ W.T`` for scale. Random cores (timing does not depend on their
-values); medians of 5 after a warm-up; 2 threads. Machines differ from day to day (a shared
-cloud host): compare only the columns of one run.
+values); medians of 5 after a warm-up (``runtime.median_ms``); 2 threads. Machines differ from
+day to day (a shared cloud host): compare only the rows of one run.
 """
 
 from __future__ import annotations
@@ -17,24 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from runtime import median_ms  # bench/runtime.py: this script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _median_ms(call, repeats: int = 5) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def child(ratio: float) -> dict:
@@ -60,12 +51,12 @@ def child(ratio: float) -> dict:
     out = torch.zeros(spec.shape)
     x = torch.randn(1, spec.shape[1])
     dense = torch.randn(spec.shape)
-    row = {"fit_step_ms": _median_ms(step)}
+    row = {"fit_step_ms": median_ms(step, 5)}
     with torch.no_grad():
-        row["forward_out_ms"] = _median_ms(lambda: net(out=out))
-        row["row_blocks_ms"] = _median_ms(lambda: [None for _ in net.row_blocks()])
-        row["blocked_linear_b1_ms"] = _median_ms(lambda: net.blocked_linear(x))
-        row["dense_b1_ms"] = _median_ms(lambda: x @ dense.T)
+        row["forward_out_ms"] = median_ms(lambda: net(out=out), 5)
+        row["row_blocks_ms"] = median_ms(lambda: [None for _ in net.row_blocks()], 5)
+        row["blocked_linear_b1_ms"] = median_ms(lambda: net.blocked_linear(x), 5)
+        row["dense_b1_ms"] = median_ms(lambda: x @ dense.T, 5)
     return row
 
 
