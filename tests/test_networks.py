@@ -113,6 +113,23 @@ def test_inference_forward_and_out_equal_the_autograd_forward(arch: str, shape: 
         net(out=torch.empty(expected.shape[::-1]).T)
 
 
+@pytest.mark.parametrize("shape", [(64, 48), (53, 30), (16, 4, 3, 3)])
+@pytest.mark.parametrize("n_legs, bond", [(4, 3), (4, 64), (8, 64), (2, 64)])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_mera_blocked_linear_is_x_times_the_weight(shape: tuple, n_legs: int, bond: int, batch: int) -> None:
+    """One value of leg 0 at a time (identity or matrix leaf 0, padded rows and columns, a
+    convolution's unfolded input): x W^T of the generated weight."""
+    torch.manual_seed(0)
+    net = build(make_spec("mera", shape, n_legs, bond=bond, mix_rank=1))
+    perturb_mixers(net)
+    with torch.no_grad():
+        for site in net.activations:
+            site.log_gain.fill_(0.5)
+        weight = net().reshape(shape[0], -1)
+        x = torch.randn(batch, 2, weight.shape[1])
+        assert_close_scaled(net.blocked_linear(x), x @ weight.T)
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu", "gelu"])
 @pytest.mark.parametrize("n_legs, bond", [(2, 64), (4, 3), (4, 64), (8, 64)])
 def test_mera_inference_paths_equal_autograd_and_leave_the_cores_alone(activation: str, n_legs: int,

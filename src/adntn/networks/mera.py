@@ -32,6 +32,7 @@ from dataclasses import replace
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from adntn.core.spec import GeneratorSpec
 from adntn.memory import current_policy
@@ -228,19 +229,24 @@ class MERA(Generator):
         legs, scale = self._scaled_legs(rows)
         return legs if scale is None else legs * scale
 
-    def _scaled_legs(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _scaled_legs(self, rows: slice | None = None,
+                     above: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(X, s) with ``legs(rows) == s * X`` (s None: 1). The last layer's scale is folded into
         a leaf factor when there is a dense one; else it is returned, for the caller to fuse into
-        its own pass over X (the distance, the write into weight order)."""
+        its own pass over X (the distance, the write into weight order). ``above``: ``_state()``,
+        computed once by a caller that takes many slices through a matrix leaf 0 (each slice is
+        then that leaf's rows; without it, every slice would rebuild the whole state)."""
         factors, in_dims = self._leaf_groups()
         if rows is not None and self.leaf_is_identity[0]:
             state, scale = self._state(rows=rows)
             in_dims[0] = state.shape[0]
         else:
-            state, scale = self._state()
+            state, scale = self._state() if above is None else above
             if rows is not None:
                 factors[0] = factors[0][rows]
-        own = self.levels > 1 and not torch.is_grad_enabled()  # else the state may be the root
+        # may the leaf groups overwrite the state? not the root (one level), nor a shared ``above``
+        own = self.levels > 1 and above is None and not torch.is_grad_enabled()
         if scale is not None and not any(isinstance(f, torch.Tensor) for f in factors):
             legs = _kron_apply(state, factors, in_dims, inplace=own)
         else:
@@ -257,8 +263,45 @@ class MERA(Generator):
         return _slices(self.bonds[0][0], math.prod(self.bonds[0]))
 
     def block_values(self) -> int:
-        """Values of one of ``row_blocks``' blocks: 1/o_1 of the (padded) weight."""
-        return self.spec.rows * self.spec.cols // self.spec.out_dims[0]
+        """Half of what ``blocked_linear`` holds on the weight side: two slices of one value of
+        leg 0 (the legs and the buffer in weight order, 1/(o_1 i_1) of the padded weight each) and,
+        when leaf 0 is a matrix, the state above the leaves (``_shared_above``)."""
+        tile = self.spec.rows * self.spec.cols // self.spec.leg_dims[0]
+        return tile + (0 if self.leaf_is_identity[0] else math.prod(self.bonds[0]) // 2)
+
+    def _shared_above(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``_state()`` for a caller slicing leg 0 many times, when leaf 0 is a matrix (its rows
+        are sliced, the state is whole); None when leaf 0 is an identity (the state is sliced)."""
+        return None if self.leaf_is_identity[0] else self._state()
+
+    @torch.no_grad()
+    def blocked_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T one value (o_1, i_1) of leg 0 at a time: that slice of the legs, put in weight
+        order (rows o_1 x (o_2..o_K), columns i_1 x (i_2..i_K): a contiguous block of W), is
+        multiplied into its rows of y with its columns of x, in one reused buffer. No row block
+        needs all of leg 0, so the weight side holds 1/(o_1 i_1) of W, not 1/o_1."""
+        spec = self.spec
+        rows, cols = spec.matrix_shape
+        flat = x.reshape(-1, cols)
+        if spec.cols != cols:  # padded columns meet zeros
+            flat = F.pad(flat, (0, spec.cols - cols))
+        block_rows, block_cols = spec.rows // spec.out_dims[0], spec.cols // spec.in_dims[0]
+        k = spec.n_legs
+        digits = [d for pair in zip(spec.out_dims[1:], spec.in_dims[1:]) for d in pair]
+        out_t = flat.new_zeros(spec.rows, flat.shape[0])  # y^T: each block adds into contiguous rows
+        buffer: torch.Tensor | None = None
+        above = self._shared_above()
+        for index in range(spec.leg_dims[0]):  # leg 0's index is o_1 i_1 + i, o_1 outermost
+            digit_o, digit_i = divmod(index, spec.in_dims[0])
+            if digit_o * block_rows >= rows:
+                break
+            legs, scale = self._scaled_legs(slice(index, index + 1), above)
+            split = legs.reshape(digits).permute(*range(0, 2 * k - 2, 2), *range(1, 2 * k - 2, 2))
+            buffer = torch.empty(split.shape, dtype=legs.dtype, device=legs.device) if buffer is None else buffer
+            _write_weight_order(split, scale, buffer)
+            out_t[digit_o * block_rows:(digit_o + 1) * block_rows].addmm_(
+                buffer.view(block_rows, block_cols), flat[:, digit_i * block_cols:(digit_i + 1) * block_cols].T)
+        return out_t[:rows].T.reshape(*x.shape[:-1], rows)
 
     def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weight; without autograd the last layer's scale and the permutation into weight
@@ -284,21 +327,24 @@ class MERA(Generator):
         k = spec.n_legs
         digits = [width] + [d for pair in zip(spec.out_dims[1:], spec.in_dims[1:]) for d in pair]
         buffers: list[torch.Tensor] = []
+        with torch.no_grad():
+            above = self._shared_above()
         for digit in range(spec.out_dims[0]):
             first_row = digit * rows_per_block
             if first_row >= out_rows:
                 break
             block = self._ordered_rows(slice(digit * width, (digit + 1) * width), digits,
-                                       buffers[digit % 2] if len(buffers) == 2 else None)
+                                       buffers[digit % 2] if len(buffers) == 2 else None, above)
             if len(buffers) < 2:
                 buffers.append(block)
             yield block.view(rows_per_block, -1)[:out_rows - first_row, :cols].reshape(-1, *spec.shape[1:])
 
     @torch.no_grad()
-    def _ordered_rows(self, rows: slice, digits: list[int], out: torch.Tensor | None) -> torch.Tensor:
+    def _ordered_rows(self, rows: slice, digits: list[int], out: torch.Tensor | None,
+                      above: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
         """legs[rows] (one value of o_1: leg 0's slice o_1 i_1 + i) in weight order, into ``out``."""
         k = self.spec.n_legs
-        legs, scale = self._scaled_legs(rows)
+        legs, scale = self._scaled_legs(rows, above)
         split = legs.reshape(digits).permute(*range(1, 2 * k - 1, 2), 0, *range(2, 2 * k - 1, 2))
         out = torch.empty(split.shape, dtype=legs.dtype, device=legs.device) if out is None else out
         _write_weight_order(split, scale, out)
