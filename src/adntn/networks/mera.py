@@ -18,7 +18,9 @@ product (``_kron_apply``): one GEMM per factor that reads the state as a (transp
 rotates the new axis to the other end, so the state is never permuted; going first-to-last or
 last-to-first, whichever needs fewer flops. The result (N entries) is the only N-sized tensor when
 the bonds are smaller than the legs; the one before it is d/b times smaller. Disentanglers are
-two batched GEMMs on the state as it lies (``base.low_rank_update``).
+a batched GEMM and a fused update on the state as it lies (``base.low_rank_update``); a layer's
+own disentanglers act inside its chain of GEMMs, as soon as both their legs exist, on a state
+still smaller than the layer's result.
 
 With ``activation='none'`` and the disentanglers at the identity (P = 0, their initialisation)
 this is the linear TTN of the same cores, so ``from_weight`` uses the TTN's hierarchical SVD.
@@ -36,7 +38,7 @@ from torch.nn import functional as F
 
 from adntn.core.spec import GeneratorSpec
 from adntn.memory import current_policy
-from adntn.networks.attn import boundary_height, boundary_pairs, mix_pair
+from adntn.networks.attn import boundary_height, boundary_pairs
 from adntn.networks.base import (Disentangler, Generator, activation_sites, low_rank_update,
                                  scaled_squared_distance)
 from adntn.networks.halves import direct_output, unpadded
@@ -47,7 +49,8 @@ Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
 
 def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
-                scale: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+                scale: torch.Tensor | None = None, inplace: bool = False,
+                mixers: tuple[list[int], list[tuple[int, Disentangler]]] | None = None) -> torch.Tensor:
     """Contract axis g of ``state`` (legs ``in_dims``) with factors[g]: a matrix (e_g, c_g), a pair
     (P, W) meaning I + P W (P (c_g, r), W (r, c_g)), or None for the identity, and multiply by the
     scalar ``scale`` (folded into a matrix factor when there is one). Returns the flattened
@@ -59,6 +62,11 @@ def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
     last, each step views the state as (c_g, rest) and writes rest x e_g = (state^T) factor^T,
     moving the new axis last; last to first, it views it as (rest, c_g) and writes factor state^T,
     moving it first. After n steps the axes are back in order (an identity axis only rotates).
+
+    ``mixers`` (only with matrix factors, each making two legs): (the output legs, two per factor;
+    the disentanglers (k, U_k) on output legs (k, k+1), k odd). Each is applied as soon as the
+    factors making its two legs are (they are then neighbours in the rotated layout), while the
+    others still hold their smaller bonds: it acts on fewer entries than the finished state.
     """
     if scale is not None:
         matrix_at = next((g for g, f in enumerate(factors) if isinstance(f, torch.Tensor)), None)
@@ -85,12 +93,21 @@ def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
     first_to_last = list(range(len(factors)))
     last_to_first = first_to_last[::-1]
     forward = flops(first_to_last) <= flops(last_to_first)
+    out_legs, pending = mixers if mixers is not None else ([], [])
+    ready = {(k + 1) // 2 if forward else (k - 1) // 2: (k, mixer) for k, mixer in pending}
     for g in first_to_last if forward else last_to_first:
         matrix = state.reshape(in_dims[g], -1).T if forward else state.reshape(-1, in_dims[g]).T
         if matrices[g] is None:
             state = matrix
         else:
             state = matrix @ matrices[g].T if forward else matrices[g] @ matrix
+        if g in ready:  # layout: (c_g+1.., e_0..e_g) first to last, (e_g..e_n-1, c_0..c_g-1) else
+            k, mixer = ready[g]
+            made = out_legs[:2 * g + 2] if forward else out_legs[2 * g:]
+            at = k if forward else k - 2 * g
+            before = math.prod(made[:at]) * (math.prod(in_dims[g + 1:]) if forward else 1)
+            view = state.reshape(before, made[at] * made[at + 1], -1)
+            state = mixer(view, inplace=inplace)
     return state.reshape(-1)
 
 
@@ -213,11 +230,10 @@ class MERA(Generator):
                 gain, out_scale = activation.scales()
                 factors[0] = factors[0] * (gain if pending is None else gain * pending)
                 pending = out_scale
-            state = _kron_apply(state, factors, self.bonds[h])
             legs = tuple(legs)
+            state = _kron_apply(state, factors, self.bonds[h], inplace=own,
+                                mixers=(list(legs), list(zip(self.pairs[h], self.mixers[h]))))
             state = state.reshape(legs)
-            for k, mixer in zip(self.pairs[h], self.mixers[h]):
-                state = mix_pair(mixer, state, legs, k, inplace=own)
             if capture is not None:
                 capture.append(state.reshape(-1))
             if activation is not None:
