@@ -3,7 +3,7 @@
     python bench/mera_paths.py --against REV [--ratio 2000] [--out bench/results/mera-paths.md]
 
 Times, for the tree in this checkout and for git revision REV (checked out into a temporary
-worktree), each in its own process and alternated (REV, this, REV, this) so that both see the
+worktree), each in its own process and alternated (REV, this, REV, this, ...: ``--rounds``) so that both see the
 same machine: one fit step (``accumulate_squared_distance`` and its backward, what each Adam step
 of the weight-space stage runs), ``forward(out=...)`` without autograd (what ``expand`` and the
 dense schedule run), the whole ``row_blocks`` pass and ``blocked_linear`` at batch 1 (the blocked
@@ -71,6 +71,7 @@ def main() -> int:
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--against", help="git revision to compare with (e.g. HEAD~1)")
     parser.add_argument("--ratio", type=float, default=2000)
+    parser.add_argument("--rounds", type=int, default=3, help="processes per revision, alternated")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mera-paths.md")
     args = parser.parse_args()
     if args.child is not None:
@@ -89,7 +90,7 @@ def main() -> int:
                        check=True)
         try:
             rows = {args.against: [], label: []}
-            for _ in range(2):
+            for _ in range(args.rounds):
                 for name, src in ((args.against, old / "src"), (label, ROOT / "src")):
                     rows[name].append(run_child(src, args.ratio))
                     print(f"[mera-paths] {name}: {rows[name][-1]}", file=sys.stderr, flush=True)
@@ -100,10 +101,10 @@ def main() -> int:
     lines = [
         "# MERA's weight-sized paths, fc6 of VGG-16 (4096x25088)",
         "",
-        f"`python bench/mera_paths.py --against {args.against} --ratio {args.ratio:g}`; "
+        f"`python bench/mera_paths.py --against {args.against} --ratio {args.ratio:g} --rounds {args.rounds}`; "
         f"{platform.machine()} {platform.processor() or ''}, 2 threads, "
-        f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}, 1-minute load {load} after. Two processes per revision, "
-        "alternated; each cell the two medians (of 5). Random cores.",
+        f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}, 1-minute load {load} after. {args.rounds} processes per "
+        "revision, alternated; each cell their medians (of 5 each). Random cores.",
         "",
         "| revision | " + " | ".join(k.removesuffix("_ms").replace("_", " ") + " ms" for k in keys) + " |",
         "|---|" + "---:|" * len(keys),
