@@ -3,8 +3,8 @@
     python bench/mera_paths.py --against REV [--ratio 2000] [--out bench/results/mera-paths.md]
 
 Times, for the tree in this checkout and for git revision REV (checked out into a temporary
-worktree), each in its own process and alternated (REV, this, REV, this, ...: ``--rounds``) so that both see the
-same machine: one fit step (``accumulate_squared_distance`` and its backward, what each Adam step
+worktree), each in its own process and alternated (REV, this, REV, this, ...: ``--rounds``) so
+that both see the same machine: one fit step (``accumulate_squared_distance`` and its backward, what each Adam step
 of the weight-space stage runs), ``forward(out=...)`` without autograd (what ``expand`` and the
 dense schedule run), the whole ``row_blocks`` pass and ``blocked_linear`` at batch 1 (the blocked
 schedule), and the dense ``x @ W.T`` for scale. Random cores (timing does not depend on their
