@@ -4,9 +4,9 @@
 
 Times, for the tree in this checkout and for git revision REV (checked out into a temporary
 worktree), each in its own process and alternated (REV, this, REV, this, ...: ``--rounds``) so
-that both see the same machine: one fit step (``accumulate_squared_distance`` and its backward, what each Adam step
-of the weight-space stage runs), ``forward(out=...)`` without autograd (what ``expand`` and the
-dense schedule run), the whole ``row_blocks`` pass and ``blocked_linear`` at batch 1 (the blocked
+that both see the same machine: one fit step (``accumulate_squared_distance`` and its backward,
+what each Adam step of the weight-space stage runs), ``forward(out=...)`` without autograd (what
+``expand`` and the dense schedule run), the whole ``row_blocks`` pass and ``blocked_linear`` at batch 1 (the blocked
 schedule), and the dense ``x @ W.T`` for scale. Random cores (timing does not depend on their
 values); medians of 5 after a warm-up (``runtime.median_ms``); 2 threads. Machines differ from
 day to day (a shared cloud host): compare only the rows of one run.
