@@ -137,7 +137,7 @@ def test_mera_inference_paths_equal_autograd_and_leave_the_cores_alone(activatio
     """Without autograd MERA overwrites its own states (disentanglers, sigma in place) and writes
     the last layer's scale with the permutation into weight order: same values as the autograd
     forward, whether the leaves are identities (bond 64: the scale is left to that write) or
-    matrices, and with two levels or one (the root is the state: it must not be overwritten)."""
+    matrices, with one level or more; and no core is overwritten."""
     torch.manual_seed(0)
     net = build(make_spec("mera", (64, 48), n_legs, bond=bond, activation=activation, mix_rank=1))
     perturb_mixers(net)

@@ -97,13 +97,18 @@ def weight_to_legs(weight: torch.Tensor, out_dims: tuple[int, ...], in_dims: tup
     return legs
 
 
+def weight_order(legs: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple[int, ...]) -> torch.Tensor:
+    """The legs (o_1*i_1, ..., o_K*i_K) as a view of shape (o_1, ..., o_K, i_1, ..., i_K): the
+    (padded) weight's digits, permuted, not copied."""
+    k = len(out_dims)
+    digits = [d for pair in zip(out_dims, in_dims) for d in pair]
+    return legs.reshape(digits).permute(*range(0, 2 * k, 2), *range(1, 2 * k, 2))
+
+
 def legs_to_weight(legs: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple[int, ...],
                    shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`weight_to_legs`: (o_1*i_1, ..., o_K*i_K) -> weight of ``shape``."""
-    k = len(out_dims)
-    digits = [d for pair in zip(out_dims, in_dims) for d in pair]
-    split = legs.reshape(digits).permute(*range(0, 2 * k, 2), *range(1, 2 * k, 2))
-    matrix = split.reshape(math.prod(out_dims), math.prod(in_dims))
+    matrix = weight_order(legs, out_dims, in_dims).reshape(math.prod(out_dims), math.prod(in_dims))
     out, cols = shape[0], math.prod(shape[1:])
     if matrix.shape != (out, cols):
         matrix = matrix[:out, :cols]

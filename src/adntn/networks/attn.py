@@ -49,12 +49,11 @@ def boundary_height(k: int, level: int = 0) -> int:
     return level + (position & -position).bit_length() - 1
 
 
-def mix_pair(mixer: Disentangler, state: torch.Tensor, dims: tuple[int, ...], k: int,
-             inplace: bool = False) -> torch.Tensor:
+def mix_pair(mixer: Disentangler, state: torch.Tensor, dims: tuple[int, ...], k: int) -> torch.Tensor:
     """``mixer`` (x -> x + P Q^T x) on legs (k, k+1) of ``state``, whose leading axes are legs
-    ``dims`` (``inplace``: into ``state``, which the caller owns, when no gradient is wanted)."""
+    ``dims``."""
     view = state.reshape(math.prod(dims[:k]), dims[k] * dims[k + 1], -1)
-    return mixer(view, inplace=inplace).reshape(state.shape)
+    return mixer(view).reshape(state.shape)
 
 
 class _AddMiddle(torch.autograd.Function):

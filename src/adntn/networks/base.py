@@ -111,12 +111,7 @@ def low_rank_update(view: torch.Tensor, p: torch.Tensor, w: torch.Tensor, inplac
     Without a gradient, ``inplace`` (for a view the caller owns) adds P C into ``view`` itself.
     """
     if _traced() or not (torch.is_grad_enabled() and any(t.requires_grad for t in (view, p, w))):
-        if inplace and not torch.is_grad_enabled():
-            coeff = torch.bmm(w.expand(view.shape[0], -1, -1), view)
-            if p.shape[1] == 1:
-                return view.addcmul_(p.reshape(1, -1, 1), coeff)
-            return view.baddbmm_(p.expand(view.shape[0], -1, -1), coeff)
-        return _low_rank_forward(view, p, w)[0]
+        return _low_rank_forward(view, p, w, inplace=inplace and not torch.is_grad_enabled())[0]
     return _LowRankUpdate.apply(view, p, w)
 
 
@@ -125,16 +120,21 @@ def _traced() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def _add_low_rank(base: torch.Tensor, p: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
-    """base + P coeff for base (pre, D, post), P (D, r), coeff (pre, r, post)."""
+def _add_low_rank(base: torch.Tensor, p: torch.Tensor, coeff: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """base + P coeff for base (pre, D, post), P (D, r), coeff (pre, r, post); into ``base``
+    itself when ``inplace``."""
     if p.shape[1] == 1:
-        return torch.addcmul(base, p.reshape(1, -1, 1), coeff)
-    return torch.baddbmm(base, p.expand(base.shape[0], -1, -1), coeff)
+        column = p.reshape(1, -1, 1)
+        return base.addcmul_(column, coeff) if inplace else torch.addcmul(base, column, coeff)
+    factors = (p.expand(base.shape[0], -1, -1), coeff)
+    return base.baddbmm_(*factors) if inplace else torch.baddbmm(base, *factors)
 
 
-def _low_rank_forward(view: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _low_rank_forward(view: torch.Tensor, p: torch.Tensor, w: torch.Tensor,
+                      inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(view + P C, C) with C = W view (the first into ``view`` when ``inplace``)."""
     coeff = torch.bmm(w.expand(view.shape[0], -1, -1), view)
-    return _add_low_rank(view, p, coeff), coeff
+    return _add_low_rank(view, p, coeff, inplace), coeff
 
 
 class _LowRankUpdate(torch.autograd.Function):

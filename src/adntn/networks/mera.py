@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adntn.core.spec import GeneratorSpec
+from adntn.core.tensorize import weight_order
 from adntn.memory import current_policy
 from adntn.networks.attn import boundary_height, boundary_pairs
 from adntn.networks.base import (Disentangler, Generator, activation_sites, low_rank_update,
@@ -261,8 +262,9 @@ class MERA(Generator):
             state, scale = self._state() if above is None else above
             if rows is not None:
                 factors[0] = factors[0][rows]
-        # may the leaf groups overwrite the state? not the root (one level), nor a shared ``above``
-        own = self.levels > 1 and above is None and not torch.is_grad_enabled()
+        # the leaf groups may overwrite the state unless it is shared (``above``); with one level it
+        # is the root, but then there are no physical pairs (``boundary_pairs(2)`` is empty)
+        own = above is None and not torch.is_grad_enabled()
         if scale is not None and not any(isinstance(f, torch.Tensor) for f in factors):
             legs = _kron_apply(state, factors, in_dims, inplace=own)
         else:
@@ -302,8 +304,6 @@ class MERA(Generator):
         if spec.cols != cols:  # padded columns meet zeros
             flat = F.pad(flat, (0, spec.cols - cols))
         block_rows, block_cols = spec.rows // spec.out_dims[0], spec.cols // spec.in_dims[0]
-        k = spec.n_legs
-        digits = [d for pair in zip(spec.out_dims[1:], spec.in_dims[1:]) for d in pair]
         out_t = flat.new_zeros(spec.rows, flat.shape[0])  # y^T: each block adds into contiguous rows
         buffer: torch.Tensor | None = None
         above = self._shared_above()
@@ -312,7 +312,7 @@ class MERA(Generator):
             if digit_o * block_rows >= rows:
                 break
             legs, scale = self._scaled_legs(slice(index, index + 1), above)
-            split = legs.reshape(digits).permute(*range(0, 2 * k - 2, 2), *range(1, 2 * k - 2, 2))
+            split = weight_order(legs, spec.out_dims[1:], spec.in_dims[1:])
             buffer = torch.empty(split.shape, dtype=legs.dtype, device=legs.device) if buffer is None else buffer
             _write_weight_order(split, scale, buffer)
             out_t[digit_o * block_rows:(digit_o + 1) * block_rows].addmm_(
@@ -327,9 +327,7 @@ class MERA(Generator):
         out = direct_output(out, self.spec)
         legs, scale = self._scaled_legs()
         out = torch.empty(self.spec.shape, dtype=legs.dtype, device=legs.device) if out is None else out
-        k = self.spec.n_legs
-        digits = [d for pair in zip(self.spec.out_dims, self.spec.in_dims) for d in pair]
-        split = legs.reshape(digits).permute(*range(0, 2 * k, 2), *range(1, 2 * k, 2))
+        split = weight_order(legs, self.spec.out_dims, self.spec.in_dims)
         _write_weight_order(split, scale, out.view(split.shape))
         return out
 
@@ -340,8 +338,6 @@ class MERA(Generator):
         spec = self.spec
         out_rows, cols = spec.matrix_shape
         width, rows_per_block = spec.in_dims[0], math.prod(spec.out_dims[1:])
-        k = spec.n_legs
-        digits = [width] + [d for pair in zip(spec.out_dims[1:], spec.in_dims[1:]) for d in pair]
         buffers: list[torch.Tensor] = []
         with torch.no_grad():
             above = self._shared_above()
@@ -349,19 +345,20 @@ class MERA(Generator):
             first_row = digit * rows_per_block
             if first_row >= out_rows:
                 break
-            block = self._ordered_rows(slice(digit * width, (digit + 1) * width), digits,
+            block = self._ordered_rows(slice(digit * width, (digit + 1) * width),
                                        buffers[digit % 2] if len(buffers) == 2 else None, above)
             if len(buffers) < 2:
                 buffers.append(block)
             yield block.view(rows_per_block, -1)[:out_rows - first_row, :cols].reshape(-1, *spec.shape[1:])
 
     @torch.no_grad()
-    def _ordered_rows(self, rows: slice, digits: list[int], out: torch.Tensor | None,
+    def _ordered_rows(self, rows: slice, out: torch.Tensor | None,
                       above: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
-        """legs[rows] (one value of o_1: leg 0's slice o_1 i_1 + i) in weight order, into ``out``."""
-        k = self.spec.n_legs
+        """legs[rows] (one value of o_1: leg 0's slice o_1 i_1 + i, so leg 0 is i_1 alone) in
+        weight order, into ``out``."""
+        spec = self.spec
         legs, scale = self._scaled_legs(rows, above)
-        split = legs.reshape(digits).permute(*range(1, 2 * k - 1, 2), 0, *range(2, 2 * k - 1, 2))
+        split = weight_order(legs, (1, *spec.out_dims[1:]), spec.in_dims)
         out = torch.empty(split.shape, dtype=legs.dtype, device=legs.device) if out is None else out
         _write_weight_order(split, scale, out)
         return out
