@@ -21,7 +21,6 @@ SVD with every U_k = I (P = 0), so its initial error equals the TTN's.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator
 from dataclasses import replace
@@ -30,6 +29,7 @@ import opt_einsum
 import torch
 from torch import nn
 
+from adntn.core.contract import gemm_einsum
 from adntn.core.spec import GeneratorSpec
 from adntn.networks.base import Disentangler, contraction, pairwise_einsum
 from adntn.networks.halves import BilinearForm, HalvesGenerator, digits_first
@@ -99,12 +99,6 @@ M_VIEW = {"left": "bqgpy", "right": "qgpyb"}
 L_FOLDED, M_FOLDED = "xapqbr", "ygstbr"
 Q_VIEW = "stpqr"
 FOLD_SHARE = 0.01  # see ATTN._middle_fold
-
-
-@functools.lru_cache(maxsize=128)
-def _middle_linear(equation: str, *shapes: tuple[int, ...]):
-    """The contraction ``equation`` for these shapes, in the order of fewest flops."""
-    return opt_einsum.contract_expression(equation, *shapes, optimize="optimal")
 
 
 class ATTN(HalvesGenerator):
@@ -303,8 +297,8 @@ class ATTN(HalvesGenerator):
                 P[(o_u, i_u), (o_v, i_v), r] L[o_x, i_x, u', b] Q[u', v', r] M[v', (o_y, i_y), b] X[n, i_x, i_u, i_v, i_y]
 
         with Q folded into the smaller half where that fits (``_middle_fold``) and the halves read
-        from the main operands, contracted pairwise in the order of fewest flops for the batch (opt_einsum,
-        GEMMs via tensordot): no N-sized tensor."""
+        from the main operands, contracted pairwise in the order of fewest flops for the batch, each pair a GEMM
+        on the operands' own layouts (``core.contract.gemm_einsum``): no N-sized tensor."""
         if "middle" not in ops:
             return out
         equation, operands = ops["middle"]
@@ -312,8 +306,7 @@ class ATTN(HalvesGenerator):
         operands = (flat.view(flat.shape[0], ix, iu, iv, iy), *operands)
         if torch.compiler.is_compiling():  # traced (export, ONNX): pairwise, keeping the batch symbolic
             return out + pairwise_einsum(equation, operands).reshape(out.shape)
-        expr = _middle_linear(equation, *(tuple(t.shape) for t in operands))
-        return out + expr(*operands, backend="torch").reshape(out.shape)
+        return out + gemm_einsum(equation, *operands).reshape(out.shape)
 
     def _middle_shapes(self, batch: int) -> tuple[str, list[tuple[int, ...]]]:
         """The correction's equation and operand shapes for ``batch`` rows (``linear_operands``)."""
