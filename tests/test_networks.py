@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adntn.errors import AdntnError
+from adntn.memory import memory_policy
 from adntn.networks import GENERATORS, build, core_params
 from adntn.networks.attn import ATTN
 from adntn.networks.base import Disentangler, low_rank_update, scaled_squared_distance
@@ -128,6 +129,54 @@ def test_mera_blocked_linear_is_x_times_the_weight(shape: tuple, n_legs: int, bo
         weight = net().reshape(shape[0], -1)
         x = torch.randn(batch, 2, weight.shape[1])
         assert_close_scaled(net.blocked_linear(x), x @ weight.T)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (53, 30), (16, 4, 3, 3)])
+@pytest.mark.parametrize("n_legs, active", [(2, ()), (4, ()), (8, ()), (8, (1,)), (8, (2,)), (8, (3,)), (16, ())])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_mera_blocked_tiles_fix_the_free_end_legs_and_give_x_times_the_weight(
+        shape: tuple, n_legs: int, active: tuple, batch: int) -> None:
+    """With a small streamed block, tiles fix leg 1 and the last legs too, where no disentangler
+    touches them (identity leaves: bond 64; ``active``: the disentanglers with rank 1, in the
+    spec's order): x W^T still, for padded and convolution shapes; the tile legs are exactly the
+    free ones the order 1, K-1, K-2 reaches, and ``block_values`` shrinks with the tile."""
+    spec = make_spec("mera", shape, n_legs, bond=64, mix_rank=1)
+    ranks = tuple(1 if i in active else 0 for i in range(len(spec.disentangler_ranks)))
+    torch.manual_seed(0)
+    net = build(replace(spec, mix_ranks=ranks))
+    perturb_mixers(net)
+    with torch.no_grad():
+        for site in net.activations:
+            site.log_gain.fill_(0.5)
+        weight = net().reshape(shape[0], -1)
+        x = torch.randn(batch, weight.shape[1])
+        whole = net.block_values()
+        with memory_policy(block_bytes=4):
+            head, tail = net._tile_legs()
+            touched = {leg for level in net.pairs[:2] for k in level for leg in (k, k + 1)}
+            expected_head = (0, 1) if n_legs > 2 and 1 not in touched else (0,)
+            expected_tail: tuple[int, ...] = ()
+            for k in (n_legs - 1, n_legs - 2):
+                if (len(expected_head) + len(expected_tail) + 1 < n_legs and k not in touched
+                        and (k == n_legs - 1 or expected_tail)):
+                    expected_tail = (k, *expected_tail)
+            assert (head, tail) == (expected_head, expected_tail)
+            assert net.block_values() <= whole
+            assert_close_scaled(net.blocked_linear(x), x @ weight.T)
+
+
+def test_mera_blocked_tiles_with_a_matrix_leaf_0_fix_leg_0_alone() -> None:
+    """A matrix leaf 0 is cut through its rows, the state above the leaves shared by every tile:
+    no other leg is fixed, however small the block, and the product is still x W^T."""
+    torch.manual_seed(0)
+    net = build(make_spec("mera", (64, 48), 8, bond=2, mix_rank=0))
+    with torch.no_grad():
+        assert not net.leaf_is_identity[0]
+        weight = net()
+        x = torch.randn(3, 48)
+        with memory_policy(block_bytes=4):
+            assert net._tile_legs() == ((0,), ())
+            assert_close_scaled(net.blocked_linear(x), x @ weight.T)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu", "gelu"])

@@ -47,6 +47,8 @@ from adntn.networks.ttn import TTN, add_tree_cores, tree_bonds
 
 
 Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+Scaled = tuple[torch.Tensor, torch.Tensor | None]  # a state and the scalar it is still to be multiplied by
+Cuts = tuple[tuple[int, slice], ...]  # (leg, slice) pairs
 
 
 def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
@@ -119,6 +121,23 @@ def _write_weight_order(split: torch.Tensor, scale: torch.Tensor | None, out: to
         out.copy_(split)
     else:
         torch.mul(split, scale, out=out)
+
+
+def _digits(value: int, radices: list[int]) -> list[int]:
+    """``value`` in the mixed radix ``radices``, most significant first."""
+    digits = []
+    for radix in reversed(radices):
+        value, digit = divmod(value, radix)
+        digits.append(digit)
+    return digits[::-1]
+
+
+def _index(digits: list[int], radices: list[int]) -> int:
+    """The value of ``digits`` in the mixed radix ``radices`` (the inverse of ``_digits``)."""
+    value = 0
+    for digit, radix in zip(digits, radices):
+        value = value * radix + digit
+    return value
 
 
 def _slices(size: int, total: int) -> list[slice]:
@@ -200,12 +219,14 @@ class MERA(Generator):
                 k += 1
         return factors, in_dims
 
-    def _state(self, capture: list[torch.Tensor] | None = None,
-               rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The state above the leaves, shape bonds[0] (its first leg cut to ``rows`` when given:
-        the first node core's a-axis, or the root's first axis, is sliced; no other leg mixes with
-        leg 0, so the result is that slice of the full state), and the scalar it is still to be
-        multiplied by (None: 1).
+    def _state(self, capture: list[torch.Tensor] | None = None, rows: slice | None = None,
+               fixed: Cuts = (), upper: Scaled | None = None) -> Scaled:
+        """The state above the leaves, shape bonds[0] (its first leg cut to ``rows`` when given,
+        and each leg k of ``fixed`` to its slice: the bottom layer's cores, or the root with one
+        level, are sliced along that child axis; no disentangler may touch those legs, see
+        ``_free``, so the result is that slice of the full state), and the scalar it is still to
+        be multiplied by (None: 1). ``upper``: ``_upper_state()``, computed once by a caller that
+        takes many slices.
 
         Each layer's gains are folded into its small factors (``GainedActivation.scales``): the
         layer's gain into its first isometry, the previous layer's 1 / (a sigma'(0)) likewise, and
@@ -214,63 +235,141 @@ class MERA(Generator):
         (no gain products on them, forward or backward). ``capture`` collects each layer's
         pre-activations, top layer first, of the network without activations (used to calibrate
         the gains)."""
-        state = self.root if rows is None or self.levels > 1 else self.root[rows]
-        own = capture is None and not torch.is_grad_enabled()  # states made here may be overwritten
-        nodes, first = list(self.nodes), len(self.nodes)
-        pending: torch.Tensor | None = None  # the scalar the state is still to be multiplied by
-        for h in range(self.levels - 1, 0, -1):
-            first -= len(self.bonds[h])
-            cores = nodes[first:first + len(self.bonds[h])]
-            legs = list(self.bonds[h - 1])
-            if h == 1 and rows is not None:
-                cores[0] = cores[0][rows]
-                legs[0] = cores[0].shape[0]
-            factors = [core.reshape(-1, core.shape[2]) for core in cores]
-            activation = self.activations[h - 1] if len(self.activations) else None
-            if activation is not None:
-                gain, out_scale = activation.scales()
-                factors[0] = factors[0] * (gain if pending is None else gain * pending)
-                pending = out_scale
-            legs = tuple(legs)
-            state = _kron_apply(state, factors, self.bonds[h], inplace=own,
-                                mixers=(list(legs), list(zip(self.pairs[h], self.mixers[h]))))
-            state = state.reshape(legs)
-            if capture is not None:
-                capture.append(state.reshape(-1))
-            if activation is not None:
-                state = activation.sigma(state, inplace=own)
+        cuts = dict(fixed) if rows is None else {0: rows, **dict(fixed)}
+        state, pending = self._upper_state(capture) if upper is None else upper
+        if self.levels == 1:
+            return state[tuple(cuts.get(k, slice(None)) for k in range(2))], pending
+        return self._layer(1, state, pending, capture, cuts)
+
+    def _upper_state(self, capture: list[torch.Tensor] | None = None) -> Scaled:
+        """The state entering the bottom layer (layers L-1 .. 2 applied; the root with one or two
+        levels) and its pending scale."""
+        state, pending = self.root, None
+        for h in range(self.levels - 1, 1, -1):
+            state, pending = self._layer(h, state, pending, capture)
         return state, pending
+
+    def _layer(self, h: int, state: torch.Tensor, pending: torch.Tensor | None,
+               capture: list[torch.Tensor] | None = None, cuts: dict[int, slice] | None = None) -> Scaled:
+        """Layer h on ``state`` (legs bonds[h]): its isometries, the child axis of leg k cut to
+        ``cuts[k]``, its disentanglers, its sigma. The input state is only read (every factor is
+        a matrix), so it may be shared; the output is overwritten in place when no gradient is
+        wanted."""
+        factors, legs, pending = self._layer_factors(h, pending, cuts)
+        return self._layer_apply(h, state, factors, list(self.bonds[h]), legs, capture), pending
+
+    def _layer_factors(self, h: int, pending: torch.Tensor | None, cuts: dict[int, slice] | None = None
+                       ) -> tuple[list[torch.Tensor], list[int], torch.Tensor | None]:
+        """Layer h's isometries as matrices (a b, c), cut as in ``_layer``, the layer's gain (and
+        the scale pending from above) folded into the first; its output legs; the scale pending
+        after its sigma."""
+        first = sum(len(self.bonds[g]) for g in range(1, h))
+        cores = list(self.nodes)[first:first + len(self.bonds[h])]
+        legs = list(self.bonds[h - 1])
+        for k, cut in (cuts or {}).items():
+            j, axis = divmod(k, 2)
+            cores[j] = cores[j][cut] if axis == 0 else cores[j][:, cut]
+            legs[k] = cores[j].shape[axis]
+        factors = [core.reshape(-1, core.shape[2]) for core in cores]
+        activation = self.activations[h - 1] if len(self.activations) else None
+        if activation is not None:
+            gain, out_scale = activation.scales()
+            factors[0] = factors[0] * (gain if pending is None else gain * pending)
+            pending = out_scale
+        return factors, legs, pending
+
+    def _layer_apply(self, h: int, state: torch.Tensor, factors: list[Factor], in_dims: list[int],
+                     legs: list[int], capture: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``factors`` (None: an isometry already applied) on ``state`` (axes ``in_dims``), then
+        layer h's disentanglers and sigma: the state of legs ``legs``."""
+        own = capture is None and not torch.is_grad_enabled()  # states made here may be overwritten
+        state = _kron_apply(state, factors, in_dims, inplace=own,
+                            mixers=(legs, list(zip(self.pairs[h], self.mixers[h]))))
+        state = state.reshape(legs)
+        if capture is not None:
+            capture.append(state.reshape(-1))
+        activation = self.activations[h - 1] if len(self.activations) else None
+        return state if activation is None else activation.sigma(state, inplace=own)
 
     def legs(self, rows: slice | None = None) -> torch.Tensor:
         """The leg tensor, or with ``rows`` its slice ``legs[rows]`` along leg 0, computed alone."""
         legs, scale = self._scaled_legs(rows)
         return legs if scale is None else legs * scale
 
-    def _scaled_legs(self, rows: slice | None = None,
-                     above: tuple[torch.Tensor, torch.Tensor | None] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(X, s) with ``legs(rows) == s * X`` (s None: 1). The last layer's scale is folded into
-        a leaf factor when there is a dense one; else it is returned, for the caller to fuse into
-        its own pass over X (the distance, the write into weight order). ``above``: ``_state()``,
-        computed once by a caller that takes many slices through a matrix leaf 0 (each slice is
-        then that leaf's rows; without it, every slice would rebuild the whole state)."""
-        factors, in_dims = self._leaf_groups()
+    def _scaled_legs(self, rows: slice | None = None, above: Scaled | None = None,
+                     fixed: Cuts = (), upper: Scaled | None = None) -> Scaled:
+        """(X, s) with ``legs(rows) == s * X`` (s None: 1), also cut along each identity leg k of
+        ``fixed`` to its slice. The last layer's scale is folded into a leaf factor when there is
+        a dense one; else it is returned, for the caller to fuse into its own pass over X (the
+        distance, the write into weight order). ``above``: ``_state(fixed=fixed)``, computed once
+        by a caller that takes many slices through a matrix leaf 0 (each slice is then that
+        leaf's rows; without it, every slice would rebuild the state); ``upper``: see ``_state``."""
         if rows is not None and self.leaf_is_identity[0]:
-            state, scale = self._state(rows=rows)
-            in_dims[0] = state.shape[0]
-        else:
-            state, scale = self._state() if above is None else above
-            if rows is not None:
-                factors[0] = factors[0][rows]
+            return self._leaves(self._state(rows=rows, fixed=fixed, upper=upper), fixed=((0, rows), *fixed))
+        state = self._state(fixed=fixed, upper=upper) if above is None else above
         # the leaf groups may overwrite the state unless it is shared (``above``); with one level it
         # is the root, but then there are no physical pairs (``boundary_pairs(2)`` is empty)
-        own = above is None and not torch.is_grad_enabled()
+        return self._leaves(state, leaf_rows=rows, fixed=fixed, own=above is None)
+
+    def _leaves(self, above: Scaled, leaf_rows: slice | None = None, fixed: Cuts = (), own: bool = True) -> Scaled:
+        """The last layer on the state ``above`` (already cut along the identity legs ``fixed``):
+        (X, s) as in ``_scaled_legs``, leaf 0's rows cut to ``leaf_rows``; ``own``: the state
+        may be overwritten (when no gradient is wanted)."""
+        state, scale = above
+        factors, in_dims = self._leaf_groups()
+        shape = list(self.spec.leg_dims)
+        if leaf_rows is not None:
+            factors[0] = factors[0][leaf_rows]
+            shape[0] = factors[0].shape[0]
+        groups = self._group_of_leg()
+        for k, cut in fixed:  # a fixed leg is free, so its own group, with an identity leaf
+            shape[k] = in_dims[groups[k]] = len(range(self.spec.leg_dims[k])[cut])
+        own = own and not torch.is_grad_enabled()
         if scale is not None and not any(isinstance(f, torch.Tensor) for f in factors):
             legs = _kron_apply(state, factors, in_dims, inplace=own)
         else:
             legs, scale = _kron_apply(state, factors, in_dims, scale, inplace=own), None
-        shape = self.spec.leg_dims if rows is None else (-1, *self.spec.leg_dims[1:])
         return legs.reshape(shape), scale
+
+    def _group_of_leg(self) -> list[int]:
+        """For each leg, the index of its group in ``_leaf_groups`` (a physical pair is one)."""
+        groups, group, k = [], 0, 0
+        starts = set(self.pairs[0])
+        while k < self.spec.n_legs:
+            width = 2 if k in starts else 1
+            groups += [group] * width
+            group, k = group + 1, k + width
+        return groups
+
+    def _free(self, k: int) -> bool:
+        """Whether leg k can be cut in the state: an identity leaf, and no disentangler of the
+        physical or the bottom layer on it (those above act on whole subtrees)."""
+        touched = {leg for level in self.pairs[:2] for first in level for leg in (first, first + 1)}
+        return self.leaf_is_identity[k] and k not in touched
+
+    def _tile_legs(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The legs ``blocked_linear`` fixes per tile: a head (leg 0, then leg 1) and a tail (the
+        last legs), added in the order 1, K-1, K-2 while a tile would hold more than one streamed
+        block (``memory.current_policy``), each only where ``_free`` and while one leg is left
+        unfixed. Leg 0 is always fixed (through its leaf's rows when that is a matrix; then no
+        other leg is, the state above the leaves being shared by all tiles). Leg 1 comes first:
+        with both of its node's legs fixed, the node is applied once per value and leaves an
+        axis of size 1 (``_tile_state``)."""
+        n_legs, dims = self.spec.n_legs, self.spec.leg_dims
+        head, tail = [0], []
+        if not self.leaf_is_identity[0]:  # leaf 0's rows are cut, the state above is whole
+            return (0,), ()
+        target = current_policy().block_values()
+        for side, k in ((head, 1), (tail, n_legs - 1), (tail, n_legs - 2)):
+            if self.spec.rows * self.spec.cols // math.prod(dims[j] for j in head + tail) <= target:
+                break
+            ends_tail = side is head or k == n_legs - 1 or n_legs - 1 in tail  # the tail ends at the last leg
+            if k not in head + tail and len(head) + len(tail) + 1 < n_legs and self._free(k) and ends_tail:
+                if side is tail:
+                    tail.insert(0, k)
+                else:
+                    head.append(k)
+        return tuple(head), tuple(tail)
 
     def row_slices(self) -> list[slice]:
         """Slices of leg 0 whose leg tensors hold about one streamed block each."""
@@ -280,43 +379,110 @@ class MERA(Generator):
         """Slices of bond 0 whose states above the leaves hold about one streamed block each."""
         return _slices(self.bonds[0][0], math.prod(self.bonds[0]))
 
-    def block_values(self) -> int:
-        """Half of what ``blocked_linear`` holds on the weight side: two slices of one value of
-        leg 0 (the legs and the buffer in weight order, 1/(o_1 i_1) of the padded weight each) and,
-        when leaf 0 is a matrix, the state above the leaves (``_shared_above``)."""
-        tile = self.spec.rows * self.spec.cols // self.spec.leg_dims[0]
-        return tile + (0 if self.leaf_is_identity[0] else math.prod(self.bonds[0]) // 2)
+    def _cut_end(self, upper: Scaled, cuts: Cuts, node: int) -> Scaled:
+        """``upper`` (the state entering the bottom layer) with the bottom layer's isometry of
+        ``node`` (0 or the last), cut along ``cuts``, already applied; with one level, the root
+        cut. A tile's state is then the remaining isometries on a state that is already small
+        (applied in the chain, the end ones would come last and leave a larger intermediate)."""
+        state, pending = upper
+        if self.levels == 1:
+            index = dict(cuts)
+            return state[tuple(index.get(k, slice(None)) for k in range(2))], pending
+        factors, _, _ = self._layer_factors(1, pending, dict(cuts))
+        dims = list(state.shape)
+        chosen = [f if g == (node % len(factors)) else None for g, f in enumerate(factors)]
+        result = _kron_apply(state, chosen, dims)
+        dims[node] = factors[node].shape[0]
+        return result.reshape(dims), pending
 
-    def _shared_above(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def _tile_state(self, headed: Scaled, cuts: Cuts, head_done: bool) -> Scaled:
+        """The state above the leaves for one tile of ``blocked_linear``, cut along ``cuts``:
+        ``headed`` is ``_upper_state()``, or (``head_done``) ``_cut_end`` of node 0, done when
+        both of its legs are cut. The last node's isometry is applied first too when both of its
+        legs are cut, then the others in one chain, the bottom layer's disentanglers and sigma.
+        A node applied first leaves an axis of size 1, which the chain's rotation moves for free;
+        in the chain, a cut end node would shrink the state last, after a larger intermediate."""
+        state, pending_above = headed
+        if self.levels == 1:
+            index = dict(cuts)
+            return state[:, index.get(1, slice(None))], pending_above
+        factors, legs, pending = self._layer_factors(1, pending_above, dict(cuts))
+        last = len(factors) - 1
+        tail_done = {2 * last, 2 * last + 1} <= dict(cuts).keys()
+        if tail_done:
+            state, _ = self._cut_end((state, pending_above), cuts, last)
+        chain: list[Factor] = [None if head_done else factors[0], *factors[1:last],
+                               None if tail_done else factors[last]]
+        return self._layer_apply(1, state, chain, list(state.shape), legs), pending
+
+    def block_values(self) -> int:
+        """Half of what ``blocked_linear`` holds on the weight side: two tiles (the legs and the
+        buffer in weight order, each 1/(d_k ...) of the padded weight for the legs it fixes,
+        ``_tile_legs``), the state entering the bottom layer (``_upper_state``) and, when leaf 0 is
+        a matrix, the state above the leaves cut along the tail."""
+        head, tail = self._tile_legs()
+        dims = self.spec.leg_dims
+        tile = self.spec.rows * self.spec.cols // math.prod(dims[k] for k in head + tail)
+        upper = math.prod(self.bonds[1]) if self.levels > 2 else 0
+        above = 0 if self.leaf_is_identity[0] else math.prod(self.bonds[0]) // math.prod(dims[k] for k in tail)
+        return tile + (upper + above) // 2
+
+    def _shared_above(self) -> Scaled | None:
         """``_state()`` for a caller slicing leg 0 many times, when leaf 0 is a matrix (its rows
         are sliced, the state is whole); None when leaf 0 is an identity (the state is sliced)."""
         return None if self.leaf_is_identity[0] else self._state()
 
     @torch.no_grad()
     def blocked_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """y = x W^T one value (o_1, i_1) of leg 0 at a time: that slice of the legs, put in weight
-        order (rows o_1 x (o_2..o_K), columns i_1 x (i_2..i_K): a contiguous block of W), is
-        multiplied into its rows of y with its columns of x, in one reused buffer. No row block
-        needs all of leg 0, so the weight side holds 1/(o_1 i_1) of W, not 1/o_1."""
+        """y = x W^T one tile at a time: each value of the legs ``_tile_legs`` fixes (leg k's
+        value is o_k i_k + i, o_k outermost) picks the rows of W with those row digits and the
+        columns with those column digits, a strided block whose other digits are contiguous. Its
+        slice of the legs, put in weight order in a reused buffer, is multiplied into those rows
+        of y^T with those columns of x (x is permuted once so that they are a contiguous matrix).
+        The state entering the bottom layer is built once; each tile is the bottom layer on it,
+        its cores cut to the tile (or, for a matrix leaf 0, that leaf's rows)."""
         spec = self.spec
         rows, cols = spec.matrix_shape
+        head, tail = self._tile_legs()
+        fixed = head + tail
+        mid = [k for k in range(spec.n_legs) if k not in fixed]
+        out_dims, in_dims = spec.out_dims, spec.in_dims
         flat = x.reshape(-1, cols)
         if spec.cols != cols:  # padded columns meet zeros
             flat = F.pad(flat, (0, spec.cols - cols))
-        block_rows, block_cols = spec.rows // spec.out_dims[0], spec.cols // spec.in_dims[0]
-        out_t = flat.new_zeros(spec.rows, flat.shape[0])  # y^T: each block adds into contiguous rows
-        buffer: torch.Tensor | None = None
+        n = flat.shape[0]
+        mid_rows, mid_cols = math.prod(out_dims[k] for k in mid), math.prod(in_dims[k] for k in mid)
+        columns = (flat.reshape(n, *in_dims).permute(*(k + 1 for k in fixed), *(k + 1 for k in mid), 0)
+                   .reshape(-1, mid_cols, n))  # one copy of x
+        out_t = flat.new_zeros(spec.rows, n)  # y^T
+        grid = out_t.view(math.prod(out_dims[k] for k in head), mid_rows, -1, n)
         above = self._shared_above()
-        for index in range(spec.leg_dims[0]):  # leg 0's index is o_1 i_1 + i, o_1 outermost
-            digit_o, digit_i = divmod(index, spec.in_dims[0])
-            if digit_o * block_rows >= rows:
-                break
-            legs, scale = self._scaled_legs(slice(index, index + 1), above)
-            split = weight_order(legs, spec.out_dims[1:], spec.in_dims[1:])
-            buffer = torch.empty(split.shape, dtype=legs.dtype, device=legs.device) if buffer is None else buffer
-            _write_weight_order(split, scale, buffer)
-            out_t[digit_o * block_rows:(digit_o + 1) * block_rows].addmm_(
-                buffer.view(block_rows, block_cols), flat[:, digit_i * block_cols:(digit_i + 1) * block_cols].T)
+        upper = self._upper_state() if above is None else None
+        buffer: torch.Tensor | None = None
+        for head_value in range(math.prod(spec.leg_dims[k] for k in head)):
+            head_values = _digits(head_value, [spec.leg_dims[k] for k in head])
+            head_o = _index([v // in_dims[k] for k, v in zip(head, head_values)], [out_dims[k] for k in head])
+            if head_o * mid_rows * grid.shape[2] >= rows:
+                break  # this and every later tile's rows are padding
+            head_cuts = tuple((k, slice(v, v + 1)) for k, v in zip(head, head_values))
+            both = self.levels == 1 or len(head) == 2  # node 0's legs all cut: applied once per head value
+            headed = None if above is not None else self._cut_end(upper, head_cuts, 0) if both else upper
+            for tail_value in range(math.prod(spec.leg_dims[k] for k in tail)):
+                tail_values = _digits(tail_value, [spec.leg_dims[k] for k in tail])
+                tail_cuts = tuple((k, slice(v, v + 1)) for k, v in zip(tail, tail_values))
+                if above is not None:  # a matrix leaf 0, whose rows are cut (``_tile_legs``: no tail)
+                    legs, scale = self._leaves(above, leaf_rows=head_cuts[0][1], own=False)
+                else:
+                    legs, scale = self._leaves(self._tile_state(headed, head_cuts + tail_cuts, both),
+                                               fixed=head_cuts + tail_cuts)
+                split = weight_order(legs.reshape([spec.leg_dims[k] for k in mid]),
+                                     [out_dims[k] for k in mid], [in_dims[k] for k in mid])
+                buffer = torch.empty(split.shape, dtype=legs.dtype, device=legs.device) if buffer is None else buffer
+                _write_weight_order(split, scale, buffer)
+                tail_o = _index([v // in_dims[k] for k, v in zip(tail, tail_values)], [out_dims[k] for k in tail])
+                column = _index([v % in_dims[k] for k, v in zip(fixed, head_values + tail_values)],
+                                [in_dims[k] for k in fixed])
+                grid[head_o, :, tail_o].addmm_(buffer.view(mid_rows, mid_cols), columns[column])
         return out_t[:rows].T.reshape(*x.shape[:-1], rows)
 
     def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
