@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from adntn.memory import memory_policy
-from adntn.core.tensorize import (choose_leg_factors, legs_to_weight, max_legs, prime_factors,
+from adntn.core.tensorize import (choose_leg_factors, copy_in_runs, run_view, legs_to_weight, max_legs, prime_factors,
                              smooth_ceiling, weight_to_legs)
 
 
@@ -74,3 +74,35 @@ def test_weight_to_legs_in_blocks_equals_one_permutation(out, cols, n_legs, bloc
     assert legs.dtype == torch.float32
     assert torch.equal(legs, expected.float())
     assert torch.equal(torch.cat(seen), weight)
+
+
+_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from(list(_INT_OF)), offset=st.integers(0, 3))
+def test_copy_in_runs_moves_the_same_bits_as_copy(data, dtype, offset):
+    """Any permuted view (of a buffer at any offset) into a contiguous tensor or a permuted view:
+    the same bits as ``copy_``, NaN payloads included."""
+    shape = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=5))
+    order = data.draw(st.permutations(range(len(shape))))
+    numel = math.prod(shape)
+    bits = torch.randint(-2 ** 15, 2 ** 15, (numel + offset,), generator=torch.Generator().manual_seed(0))
+    base = bits.to(_INT_OF[dtype]).view(dtype)  # every bit pattern: NaNs, infinities, subnormals
+    src = base[offset:].view(shape).permute(*order)
+    for dst in (torch.empty(src.shape, dtype=dtype), torch.empty(shape, dtype=dtype).permute(*order)):
+        expected = torch.empty_like(dst).copy_(src)
+        assert torch.equal(copy_in_runs(dst, src).view(_INT_OF[dtype]), expected.view(_INT_OF[dtype]))
+
+
+def test_run_view_widens_the_runs_the_leg_and_weight_orders_share():
+    legs = torch.zeros(3, 2, 5, 4)  # (o_1, i_1, o_2, i_2): runs of i_2 = 4 floats in weight order
+    split = legs.permute(0, 2, 1, 3)
+    assert run_view(torch.empty(split.shape), split) == (torch.complex128, 1)
+    pairs = torch.zeros(3, 2, 5, 2).permute(0, 2, 1, 3)
+    assert run_view(torch.empty(pairs.shape), pairs) == (torch.int64, 1)
+    odd = torch.zeros(3, 2, 5, 3).permute(0, 2, 1, 3)
+    assert run_view(torch.empty(odd.shape), odd) is None
+    shifted = torch.zeros(1 + legs.numel())[1:].view(legs.shape).permute(0, 2, 1, 3)  # 4 bytes off
+    assert run_view(torch.empty(shifted.shape), shifted) is None
+    assert run_view(torch.empty(3, 4), torch.zeros(3, 4)) is None  # contiguous: one plain copy

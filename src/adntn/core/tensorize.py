@@ -91,10 +91,47 @@ def weight_to_legs(weight: torch.Tensor, out_dims: tuple[int, ...], in_dims: tup
         if block.shape[0]:
             if padded:
                 block = torch.nn.functional.pad(block, (0, cols - block.shape[1], 0, block_rows - block.shape[0]))
-            grid[index].copy_(block.reshape(*out_dims[lead:], *in_dims))
+            copy_in_runs(grid[index], block.reshape(*out_dims[lead:], *in_dims))
             if after_block is not None:
                 after_block(matrix[start:start + block_rows])
     return legs
+
+
+def copy_in_runs(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)`` (same shape and dtype), moving each run of trailing values that is
+    contiguous in both as one element of a wider type (``run_view``): a permuted copy costs per
+    run, and between the leg and weight orders the runs are i_K values, often 2 or 4. Bit-exact
+    (bytes are moved, not values). Returns ``dst``."""
+    view = run_view(dst, src)
+    if view is None:
+        return dst.copy_(src)
+    wide, trailing = view
+    start = dst.dim() - trailing
+    dst.flatten(start).view(wide).copy_(src.flatten(start).view(wide))
+    return dst
+
+
+def run_view(dst: torch.Tensor, src: torch.Tensor) -> tuple[torch.dtype, int] | None:
+    """(the widest type of 16 or 8 bytes, the number of trailing axes) such that those axes of
+    ``dst`` and ``src`` merge into runs that split evenly into that type's elements, every other
+    stride and both addresses being multiples of it; None when there is no such type, the
+    tensors differ in shape or dtype, or both are contiguous (a plain copy is then one run)."""
+    run, trailing = 1, 0
+    for size, dst_stride, src_stride in zip(reversed(dst.shape), reversed(dst.stride()), reversed(src.stride())):
+        if size != 1 and (dst_stride != run or src_stride != run):
+            break
+        run, trailing = run * size, trailing + 1
+    if dst.shape != src.shape or dst.dtype != src.dtype or trailing in (0, dst.dim()):
+        return None
+    item = dst.element_size()
+    for wide, width in ((torch.complex128, 16), (torch.int64, 8)):
+        ratio = width // item
+        if width <= item or run % ratio:
+            continue
+        aligned = all(t.storage_offset() % ratio == 0 and t.data_ptr() % width == 0 for t in (dst, src))
+        if aligned and all(stride % ratio == 0 for t in (dst, src) for stride in t.stride()[:dst.dim() - trailing]):
+            return wide, trailing
+    return None
 
 
 def weight_order(legs: torch.Tensor, out_dims: tuple[int, ...], in_dims: tuple[int, ...]) -> torch.Tensor:

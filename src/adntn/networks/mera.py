@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adntn.core.spec import GeneratorSpec
-from adntn.core.tensorize import weight_order
+from adntn.core.tensorize import copy_in_runs, weight_order
 from adntn.memory import current_policy
 from adntn.networks.attn import boundary_height, boundary_pairs
 from adntn.networks.base import (Disentangler, Generator, activation_sites, low_rank_update,
@@ -115,12 +115,11 @@ def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
 
 
 def _write_weight_order(split: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out = scale * split in one pass (``split`` a permuted view of the legs; ``out`` contiguous
-    of the same shape)."""
-    if scale is None:
-        out.copy_(split)
-    else:
-        torch.mul(split, scale, out=out)
+    """out = scale * split (``split`` a permuted view of the legs; ``out`` contiguous of the same
+    shape): the permuted copy in runs (``copy_in_runs``), the scale on the contiguous result."""
+    copy_in_runs(out, split)
+    if scale is not None:
+        out.mul_(scale)
 
 
 def _digits(value: int, radices: list[int]) -> list[int]:
