@@ -115,7 +115,10 @@ def run_view(dst: torch.Tensor, src: torch.Tensor) -> tuple[torch.dtype, int] | 
     """(the widest type of 16 or 8 bytes, the number of trailing axes) such that those axes of
     ``dst`` and ``src`` merge into runs that split evenly into that type's elements, every other
     stride and both addresses being multiples of it; None when there is no such type, the
-    tensors differ in shape or dtype, or both are contiguous (a plain copy is then one run)."""
+    tensors differ in shape or dtype, both are contiguous (a plain copy is then one run), or under
+    tracing (torch.export, torch.compile: a traced tensor has no address)."""
+    if torch.compiler.is_compiling():
+        return None
     run, trailing = 1, 0
     for size, dst_stride, src_stride in zip(reversed(dst.shape), reversed(dst.stride()), reversed(src.stride())):
         if size != 1 and (dst_stride != run or src_stride != run):
