@@ -13,6 +13,7 @@ from adntn.cli import app
 from adntn.demo import small_vgg11
 
 ARCHS = ("ttn", "attn", "mera", "tt", "svd")
+MATRIX_LEAF_MERA = "mera-bond-2"  # bonds below the legs: a state above the leaves small enough to factorize
 SCHEDULES = ("auto", "factorized", "blocked", "dense")
 needs_onnx = pytest.mark.skipif(
     any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxscript", "onnxruntime")),
@@ -27,13 +28,14 @@ def perturb(model: nn.Module) -> None:
                 parameter.copy_(0.3 * torch.randn_like(parameter))
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=[*ARCHS, MATRIX_LEAF_MERA])
 def archive(request, tmp_path_factory):
     torch.manual_seed(0)
-    result = adntn.compress(small_vgg11().eval(), layers=["fc6", "fc7", "conv5_2"], arch=request.param,
-                            ratio=20, steps=2)
+    size = {"bond_dim": 2} if request.param == MATRIX_LEAF_MERA else {"ratio": 20}
+    result = adntn.compress(small_vgg11().eval(), layers=["fc6", "fc7", "conv5_2"], arch=request.param.split("-")[0],
+                            steps=2, **size)
     directory = result.save(tmp_path_factory.mktemp(request.param) / "vgg.adntn")
-    if request.param in ("attn", "mera"):  # perturbed after saving: rewrite the layer files
+    if request.param in ("attn", "mera", MATRIX_LEAF_MERA):  # perturbed after saving: rewrite the layer files
         model = adntn.load(directory)
         perturb(model)
         from adntn.io.archive import CompressedLayer, read_layers, read_report, write_archive, read_dense
@@ -93,7 +95,7 @@ def test_inspect_shows_the_inference_plan(archive):
     rows = json.loads(result.stdout)["layers"]
     assert {row["layer"] for row in rows} == {"classifier.0", "classifier.3", "features.18"}
     for row in rows:
-        assert row["schedule"] == ("blocked" if arch == "mera" else "factorized")
+        assert row["schedule"] == ("blocked" if arch == "mera" else "factorized")  # mera: identity leaves
         assert row["bytes"] < row["dense_bytes"] + 4096 and row["dense_flops_per_sample"] > 0
 
 

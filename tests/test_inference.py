@@ -5,6 +5,8 @@ follows the cores, and no dense weight ever generated."""
 from __future__ import annotations
 
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -33,8 +35,8 @@ def generator(arch: str, shape: tuple[int, ...], n_legs: int = 4, seed: int = 0)
     return net
 
 
-def schedules(arch: str) -> list[str]:
-    return (["factorized"] if arch != "mera" else []) + ["blocked", "dense", "auto"]
+def schedules(net: Generator) -> list[str]:
+    return (["factorized"] if net.has_factorized else []) + ["blocked", "dense", "auto"]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -61,7 +63,7 @@ def test_linear_schedules_equal_the_dense_layer(arch: str, n_legs: int, batch: i
     x = torch.randn(batch, 3, LINEAR_SHAPE[1])
     expected = F.linear(x, weight, bias)
     layer = GeneratedLinear(net, bias)
-    for schedule in schedules(arch):
+    for schedule in schedules(net):
         layer.schedule = schedule
         with torch.no_grad():
             if schedule != "dense":
@@ -84,7 +86,7 @@ def test_conv_schedules_equal_the_dense_convolution(arch: str, batch: int, monke
     x = torch.randn(batch, 4, 9, 8)
     expected = F.conv2d(x, weight, bias, stride=2, padding=1)
     layer = GeneratedConv2d(net, bias, stride=(2, 2), padding=(1, 1))
-    for schedule in schedules(arch):
+    for schedule in schedules(net):
         layer.schedule = schedule
         with torch.no_grad():
             if schedule != "dense":
@@ -98,11 +100,12 @@ def test_conv_schedules_equal_the_dense_convolution(arch: str, batch: int, monke
 
 
 def test_factorized_is_refused_without_a_factorized_form() -> None:
-    layer = GeneratedLinear(generator("mera", LINEAR_SHAPE), None)
+    identity_leaves = identity_leaf_mera(LINEAR_SHAPE)
+    layer = GeneratedLinear(identity_leaves, None)
     with pytest.raises(ValueError):
         layer.schedule = "factorized"
     with pytest.raises(ValueError):
-        GeneratedLinear(generator("mera", LINEAR_SHAPE), None, schedule="factorized")
+        GeneratedLinear(identity_leaves, None, schedule="factorized")
     with pytest.raises(ValueError):
         layer.schedule = "fast"
     assert layer.schedule == "auto"
@@ -129,9 +132,48 @@ def test_factorized_gradients_equal_the_dense_ones(arch: str, conv: bool) -> Non
         assert_close(actual, expected)
 
 
-@pytest.mark.parametrize("arch", ["ttn", "attn", "svd"])
+@pytest.mark.parametrize("shape", [LINEAR_SHAPE, CONV_SHAPE, (64, 48)])
+@pytest.mark.parametrize("n_legs", [2, 4, 8])
+@pytest.mark.parametrize("bond", [1, 2, 3])
+def test_mera_factorized_is_x_times_the_weight_with_its_gradients(shape, n_legs, bond) -> None:
+    """Matrix leaves (bonds below the legs), some identity ones, physical disentanglers on
+    matrix or identity pairs, padded shapes: the einsum over the state above the leaves is
+    x W^T, and its gradients (input and every core) are the dense form's."""
+    torch.manual_seed(0)
+    net = build(make_spec("mera", shape, n_legs, bond=bond))
+    perturb_mixers(net)
+    cols = math.prod(shape[1:])
+    x = torch.randn(5, cols, dtype=torch.float64, requires_grad=True)
+    net = net.double()
+    probe = torch.randn(5, shape[0], dtype=torch.float64)
+    outputs, grads = {}, {}
+    for form in ("factorized", "dense"):
+        net.zero_grad(set_to_none=True)
+        x.grad = None
+        weight = net().reshape(shape[0], -1)
+        outputs[form] = net.linear(x) if form == "factorized" else x @ weight.T
+        (outputs[form] * probe).sum().backward()
+        grads[form] = [x.grad.clone(), *(p.grad.clone() for p in net.parameters() if p.grad is not None)]
+    # y sums products x W that may cancel: its scale is that of the terms
+    terms = float((x.detach().abs() @ weight.detach().abs().T).max())
+    assert_close_scaled(outputs["factorized"], outputs["dense"], scale=terms)
+    assert len(grads["factorized"]) == len(grads["dense"]) > 2
+    assert_close_scaled(grads["factorized"], grads["dense"])
+
+
+def test_mera_offers_its_factorized_form_when_the_state_above_the_leaves_is_small() -> None:
+    small = build(make_spec("mera", (64, 48), 4, bond=2))  # a state of 2^4 values, 1/192 of the weight
+    assert small.has_factorized and not all(small.leaf_is_identity)
+    layer = GeneratedLinear(small, None)
+    with torch.no_grad():
+        assert layer.resolve_schedule(1, torch.randn(1, 48)) == "factorized"
+    assert not identity_leaf_mera((64, 48)).has_factorized
+
+
+@pytest.mark.parametrize("arch", ["ttn", "attn", "svd", "mera"])
 def test_the_cache_follows_an_optimizer_step(arch: str, monkeypatch) -> None:
     net = generator(arch, LINEAR_SHAPE)
+    assert net.has_factorized
     layer = GeneratedLinear(net, None, schedule="factorized")
     x = torch.randn(4, LINEAR_SHAPE[1])
     with torch.no_grad():
@@ -181,16 +223,24 @@ def test_the_cache_follows_a_core_changed_outside_an_optimizer(change: str) -> N
         assert not torch.allclose(after, before)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+def identity_leaf_mera(shape: tuple[int, ...]) -> Generator:
+    """A MERA whose bonds reach the legs: identity leaves, a state above them as large as the
+    weight, so no factorized form."""
+    net = build(make_spec("mera", shape, 4, bond=64))
+    assert not net.has_factorized
+    return net
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "mera-identity-leaves"])
 def test_auto_picks_a_schedule_from_the_cost(arch: str) -> None:
-    net = generator(arch, (64, 48))
+    net = identity_leaf_mera((64, 48)) if arch == "mera-identity-leaves" else generator(arch, (64, 48))
     layer = GeneratedLinear(net, None)
     x = torch.randn(2, 48)
     with torch.no_grad():
         chosen = layer.resolve_schedule(2, x)
     cost = inference_cost(net, 2)
     assert set(cost) == {"dense", "blocked", "factorized"}
-    if arch == "mera":
+    if arch == "mera-identity-leaves":
         assert cost["factorized"] is None and chosen == "blocked"
         assert layer.resolve_schedule(2, x.requires_grad_()) == "dense"
     else:
@@ -291,5 +341,5 @@ def test_auto_choice_is_remembered_per_batch_and_follows_a_new_generator() -> No
         cost = inference_cost(layer.generator, 2)
         assert first == ("factorized" if cost["factorized"]["flops"] < cost["dense"]["flops"] else "blocked")
         assert layer.resolve_schedule(2, x) == first
-        layer.generator = generator("mera", LINEAR_SHAPE)
+        layer.generator = identity_leaf_mera(LINEAR_SHAPE)
         assert layer.resolve_schedule(2, x) == "blocked"

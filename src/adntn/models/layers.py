@@ -6,7 +6,8 @@ stored. The forward follows the layer's ``schedule``:
 
 - ``dense``: the weight is regenerated (``generator()``) and applied; gradients reach the cores.
 - ``factorized``: x W^T from the generator's factors (``Generator.linear``), W never formed;
-  autograd-correct. Not for archs without a factorized form (mera).
+  autograd-correct. Only where the generator has one (``has_factorized``: not a mera whose
+  state above the leaves is nearly the weight's size).
 - ``blocked``: W generated one block of rows at a time, one GEMM per block
   (``Generator.blocked_linear``); without autograd only: with a gradient wanted (grad enabled and
   the input or a core requiring grad) it falls back to ``dense``.

@@ -19,6 +19,7 @@ import opt_einsum
 import torch
 from torch import nn
 
+from adntn.core.contract import path_search
 from adntn.core.registry import register
 from adntn.core.spec import GeneratorSpec
 from adntn.core.tensorize import choose_leg_factors, legs_to_weight, max_legs, smooth_ceiling, weight_to_legs
@@ -222,7 +223,7 @@ def pairwise_einsum(equation: str, operands: tuple[torch.Tensor, ...]) -> torch.
     for the operands with every symbolic dimension (a traced batch) taken as 1: no path search on
     symbolic sizes, which would specialise them (torch.export, ONNX)."""
     shapes = [tuple(d if isinstance(d, int) else 1 for d in t.shape) for t in operands]
-    _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="optimal")
+    _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path_search(len(shapes)))
     tensors = list(operands)
     for positions, _, step, *_ in info.contraction_list:
         picked = [tensors.pop(k) for k in sorted(positions, reverse=True)]

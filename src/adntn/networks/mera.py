@@ -24,29 +24,43 @@ still smaller than the layer's result.
 
 With ``activation='none'`` and the disentanglers at the identity (P = 0, their initialisation)
 this is the linear TTN of the same cores, so ``from_weight`` uses the TTN's hierarchical SVD.
+
+Without the weight: the last layer being linear, W[o, i] = sum_b S[b] prod_g A_g[(o, i)_g, b_g]
+with S the state above the leaves, so where S is small (matrix leaves) x W^T is one einsum of x,
+the leaf groups and S (``linear``); else the weight is generated a tile at a time, each tile
+multiplied into its rows of the output and dropped (``blocked_linear``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import string
 from collections.abc import Iterator
 from dataclasses import replace
 
+import opt_einsum
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from adntn.core.contract import gemm_einsum, path_search
 from adntn.core.spec import GeneratorSpec
 from adntn.core.tensorize import copy_in_runs, weight_order
 from adntn.memory import current_policy
 from adntn.networks.attn import boundary_height, boundary_pairs
-from adntn.networks.base import (Disentangler, Generator, activation_sites, low_rank_update,
+from adntn.networks.base import (Disentangler, Generator, activation_sites, low_rank_update, pairwise_einsum,
                                  scaled_squared_distance)
 from adntn.networks.halves import direct_output, unpadded
 from adntn.networks.ttn import TTN, add_tree_cores, tree_bonds
 
 
 Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+#: ``linear`` (x W^T from the state above the leaves and the leaf groups) is offered when that
+#: state holds at most 1/FACTORIZED_SHARE of the weight's values: with identity leaves it is nearly
+#: the weight itself, and ``blocked_linear`` is the way
+FACTORIZED_SHARE = 16
+EINSUM_LETTERS = 52  # torch.einsum names axes by a-z, A-Z
 Scaled = tuple[torch.Tensor, torch.Tensor | None]  # a state and the scalar it is still to be multiplied by
 Cuts = tuple[tuple[int, slice], ...]  # (leg, slice) pairs
 
@@ -120,6 +134,13 @@ def _write_weight_order(split: torch.Tensor, scale: torch.Tensor | None, out: to
     copy_in_runs(out, split)
     if scale is not None:
         out.mul_(scale)
+
+
+@functools.lru_cache(maxsize=256)
+def _einsum_macs(equation: str, shapes: tuple[tuple[int, ...], ...]) -> int:
+    """Multiply-adds of ``equation`` on operands of ``shapes`` along the path ``gemm_einsum`` takes."""
+    info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path_search(len(shapes)))[1]
+    return int(info.opt_cost) // 2
 
 
 def _digits(value: int, radices: list[int]) -> list[int]:
@@ -483,6 +504,85 @@ class MERA(Generator):
                                 [in_dims[k] for k in fixed])
                 grid[head_o, :, tail_o].addmm_(buffer.view(mid_rows, mid_cols), columns[column])
         return out_t[:rows].T.reshape(*x.shape[:-1], rows)
+
+    # ------------------------------------------------------------------ inference without W
+
+    @property
+    def has_factorized(self) -> bool:
+        """Whether ``linear`` applies: the state above the leaves holds at most 1/FACTORIZED_SHARE
+        of the weight (bonds below the legs, so matrix leaves) and the einsum's axes (n, o_k,
+        i_k, b_k) have letters."""
+        small = FACTORIZED_SHARE * math.prod(self.bonds[0]) <= self.spec.dense_params
+        return small and 3 * self.spec.n_legs + 1 <= len(string.ascii_letters)
+
+    def _linear_equation(self) -> tuple[str, list[tuple[int, ...]]]:
+        """The einsum of ``linear`` and the shapes of its operands after x: x (n, i_1..i_K); one
+        term per leaf group with a matrix (``_leaf_groups``), its rows split into digits and its
+        columns into bonds, (o_k, i_k[, o_k+1, i_k+1], b_k[, b_k+1]); the state (b_1..b_K), an
+        identity leaf's axis split into its (o_k, i_k) instead -> (n, o_1..o_K)."""
+        spec, bonds, k_legs = self.spec, self.bonds[0], self.spec.n_legs
+        letters = string.ascii_letters
+        o, i, b, n = letters[:k_legs], letters[k_legs:2 * k_legs], letters[2 * k_legs:3 * k_legs], letters[3 * k_legs]
+        terms, shapes, state_term, state_shape, k = [], [], "", [], 0
+        while k < k_legs:
+            legs = [k, k + 1] if k in self.pairs[0] else [k]
+            if len(legs) == 1 and self.leaf_is_identity[k]:  # the state's axis is the leg itself
+                state_term += o[k] + i[k]
+                state_shape += [spec.out_dims[k], spec.in_dims[k]]
+            else:
+                terms.append("".join(o[j] + i[j] for j in legs) + "".join(b[j] for j in legs))
+                shapes.append((*(d for j in legs for d in (spec.out_dims[j], spec.in_dims[j])),
+                               *(bonds[j] for j in legs)))
+                state_term += "".join(b[j] for j in legs)
+                state_shape += [bonds[j] for j in legs]
+            k += len(legs)
+        equation = ",".join([n + i, *terms, state_term]) + "->" + n + o
+        return equation, [*shapes, tuple(state_shape)]
+
+    def linear_operands(self) -> dict[str, object]:
+        """The state above the leaves with the last layer's scale folded in, and the matrices of
+        the leaf groups (a pair of identity leaves: its I + P Q^T made dense), viewed as
+        ``_linear_equation`` names them."""
+        state, scale = self._state()
+        if scale is not None:
+            state = state * scale
+        factors = [torch.eye(f[0].shape[0], dtype=f[0].dtype, device=f[0].device) + f[0] @ f[1]
+                   if isinstance(f, tuple) else f for f in self._leaf_groups()[0]]
+        _, shapes = self._linear_equation()
+        matrices = [f.reshape(shape) for f, shape in zip((f for f in factors if f is not None), shapes)]
+        return {"operands": (*matrices, state.reshape(shapes[-1]))}
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T for x (..., in*kh*kw), W never formed; autograd-correct. The last layer is
+        linear: W[o, i] = sum_b S[b] prod_g A_g[(o, i)_g, b_g] over the state S above the leaves
+        (after the bottom layer's sigma) and the leaf groups A_g (``_leaf_groups``), so x is
+        contracted with them and S as one einsum (``_linear_equation``), pairwise in the order of
+        fewest flops, each pair a GEMM (``core.contract.gemm_einsum``). S and the groups are cached
+        while the cores are unchanged (``Generator.cached``)."""
+        spec = self.spec
+        rows, cols = spec.matrix_shape
+        operands = self.cached("linear", self.linear_operands)["operands"]
+        flat = x.reshape(-1, cols)
+        if spec.cols != cols:
+            flat = F.pad(flat, (0, spec.cols - cols))
+        n = flat.shape[0]
+        equation = self._linear_equation()[0]
+        terms = (flat.reshape(n, *spec.in_dims), *operands)
+        if torch.compiler.is_compiling():  # traced (export, ONNX): pairwise, keeping the batch symbolic
+            out = pairwise_einsum(equation, terms)
+        else:
+            out = gemm_einsum(equation, *terms)
+        out = out.reshape(n, spec.rows)
+        if spec.rows != rows:
+            out = out[:, :rows]
+        return out.reshape(*x.shape[:-1], rows)
+
+    def linear_macs(self, batch: int) -> int:
+        equation, shapes = self._linear_equation()
+        return _einsum_macs(equation, ((batch, *self.spec.in_dims), *shapes))
+
+    def linear_state_bytes(self) -> int:
+        return 4 * sum(math.prod(shape) for shape in self._linear_equation()[1])
 
     def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weight; without autograd the last layer's scale and the permutation into weight
