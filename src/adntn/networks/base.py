@@ -339,8 +339,9 @@ class Generator(nn.Module):
 
     # ------------------------------------------------------------------ inference without W
 
-    #: whether ``linear`` computes x W^T without forming W (False: only ``blocked_linear``)
-    has_factorized: ClassVar[bool] = False
+    #: whether ``linear`` computes x W^T without forming W (False: only ``blocked_linear``); an
+    #: arch where it depends on the structure makes it a property (mera)
+    has_factorized: bool = False
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """y = x W^T for x (..., in*kh*kw) without forming the weight W; autograd-correct.
