@@ -60,7 +60,6 @@ Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 #: state holds at most 1/FACTORIZED_SHARE of the weight's values: with identity leaves it is nearly
 #: the weight itself, and ``blocked_linear`` is the way
 FACTORIZED_SHARE = 16
-EINSUM_LETTERS = 52  # torch.einsum names axes by a-z, A-Z
 Scaled = tuple[torch.Tensor, torch.Tensor | None]  # a state and the scalar it is still to be multiplied by
 Cuts = tuple[tuple[int, slice], ...]  # (leg, slice) pairs
 
