@@ -135,8 +135,16 @@ def path_search(operands: int) -> str | opt_einsum.paths.PathOptimizer:
 
 
 @functools.lru_cache(maxsize=256)
+def einsum_macs(equation: str, shapes: tuple[tuple[int, ...], ...]) -> int:
+    """Multiply-adds of ``equation`` on operands of ``shapes`` along ``path_search``'s path (the
+    one ``gemm_einsum`` takes)."""
+    info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path_search(len(shapes)))[1]
+    return int(info.opt_cost) // 2
+
+
+@functools.lru_cache(maxsize=256)
 def _plan(equation: str, layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]) -> tuple[Step, ...]:
-    """The steps for operands of these (shape, strides): opt_einsum's pairwise order of fewest flops
+    """The steps for operands of these (shape, strides): opt_einsum's pairwise order
     (``path_search``), each pair's GEMM decided on meta tensors that carry the layouts through the
     steps."""
     inputs, _ = equation.split("->")
@@ -157,7 +165,7 @@ def _plan(equation: str, layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]],
 
 def gemm_einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
     """``torch.einsum(equation, *operands)`` (explicit ``->`` output, no repeated index within
-    one operand), contracted pairwise in the order of fewest flops for these shapes, each pair
+    one operand), contracted pairwise in ``path_search``'s order for these shapes, each pair
     a GEMM on the operands' own layouts (module docstring), planned once per shapes and strides.
     The result may be a permuted view."""
     inputs, output = equation.split("->")

@@ -25,11 +25,10 @@ import math
 from collections.abc import Iterator
 from dataclasses import replace
 
-import opt_einsum
 import torch
 from torch import nn
 
-from adntn.core.contract import gemm_einsum, path_search
+from adntn.core.contract import einsum_macs, gemm_einsum
 from adntn.core.spec import GeneratorSpec
 from adntn.networks.base import Disentangler, contraction, pairwise_einsum
 from adntn.networks.halves import BilinearForm, HalvesGenerator, digits_first
@@ -330,8 +329,7 @@ class ATTN(HalvesGenerator):
         if self.middle is None:
             return 0
         equation, shapes = self._middle_shapes(batch)
-        info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path_search(len(shapes)))[1]
-        return int(info.opt_cost) // 2
+        return einsum_macs(equation, tuple(shapes))
 
     def linear_macs(self, batch: int) -> int:
         return super().linear_macs(batch) + self._middle_linear_macs(batch)

@@ -33,18 +33,16 @@ multiplied into its rows of the output and dropped (``blocked_linear``).
 
 from __future__ import annotations
 
-import functools
 import math
 import string
 from collections.abc import Iterator
 from dataclasses import replace
 
-import opt_einsum
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adntn.core.contract import gemm_einsum, path_search
+from adntn.core.contract import einsum_macs, gemm_einsum
 from adntn.core.spec import GeneratorSpec
 from adntn.core.tensorize import copy_in_runs, weight_order
 from adntn.memory import current_policy
@@ -133,13 +131,6 @@ def _write_weight_order(split: torch.Tensor, scale: torch.Tensor | None, out: to
     copy_in_runs(out, split)
     if scale is not None:
         out.mul_(scale)
-
-
-@functools.lru_cache(maxsize=256)
-def _einsum_macs(equation: str, shapes: tuple[tuple[int, ...], ...]) -> int:
-    """Multiply-adds of ``equation`` on operands of ``shapes`` along the path ``gemm_einsum`` takes."""
-    info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path_search(len(shapes)))[1]
-    return int(info.opt_cost) // 2
 
 
 def _digits(value: int, radices: list[int]) -> list[int]:
@@ -555,9 +546,9 @@ class MERA(Generator):
         """y = x W^T for x (..., in*kh*kw), W never formed; autograd-correct. The last layer is
         linear: W[o, i] = sum_b S[b] prod_g A_g[(o, i)_g, b_g] over the state S above the leaves
         (after the bottom layer's sigma) and the leaf groups A_g (``_leaf_groups``), so x is
-        contracted with them and S as one einsum (``_linear_equation``), pairwise in the order of
-        fewest flops, each pair a GEMM (``core.contract.gemm_einsum``). S and the groups are cached
-        while the cores are unchanged (``Generator.cached``)."""
+        contracted with them and S as one einsum (``_linear_equation``), pairwise in
+        ``core.contract.path_search``'s order, each pair a GEMM (``core.contract.gemm_einsum``).
+        S and the groups are cached while the cores are unchanged (``Generator.cached``)."""
         spec = self.spec
         rows, cols = spec.matrix_shape
         operands = self.cached("linear", self.linear_operands)["operands"]
@@ -578,7 +569,7 @@ class MERA(Generator):
 
     def linear_macs(self, batch: int) -> int:
         equation, shapes = self._linear_equation()
-        return _einsum_macs(equation, ((batch, *self.spec.in_dims), *shapes))
+        return einsum_macs(equation, ((batch, *self.spec.in_dims), *shapes))
 
     def linear_state_bytes(self) -> int:
         return 4 * sum(math.prod(shape) for shape in self._linear_equation()[1])
