@@ -133,6 +133,12 @@ def _write_weight_order(split: torch.Tensor, scale: torch.Tensor | None, out: to
         out.mul_(scale)
 
 
+def _cut_root(root: torch.Tensor, cuts: dict[int, slice]) -> torch.Tensor:
+    """The root (b_1, b_2) of a one-level MERA, each leg k in ``cuts`` cut to its slice (with one
+    level the root's axes are the legs)."""
+    return root[tuple(cuts.get(k, slice(None)) for k in range(2))]
+
+
 def _digits(value: int, radices: list[int]) -> list[int]:
     """``value`` in the mixed radix ``radices``, most significant first."""
     digits = []
@@ -248,7 +254,7 @@ class MERA(Generator):
         cuts = dict(fixed) if rows is None else {0: rows, **dict(fixed)}
         state, pending = self._upper_state(capture) if upper is None else upper
         if self.levels == 1:
-            return state[tuple(cuts.get(k, slice(None)) for k in range(2))], pending
+            return _cut_root(state, cuts), pending
         return self._layer(1, state, pending, capture, cuts)
 
     def _upper_state(self, capture: list[torch.Tensor] | None = None) -> Scaled:
@@ -396,8 +402,7 @@ class MERA(Generator):
         (applied in the chain, the end ones would come last and leave a larger intermediate)."""
         state, pending = upper
         if self.levels == 1:
-            index = dict(cuts)
-            return state[tuple(index.get(k, slice(None)) for k in range(2))], pending
+            return _cut_root(state, dict(cuts)), pending
         factors, _, _ = self._layer_factors(1, pending, dict(cuts))
         dims = list(state.shape)
         chosen = [f if g == (node % len(factors)) else None for g, f in enumerate(factors)]
@@ -413,9 +418,8 @@ class MERA(Generator):
         A node applied first leaves an axis of size 1, which the chain's rotation moves for free;
         in the chain, a cut end node would shrink the state last, after a larger intermediate."""
         state, pending_above = headed
-        if self.levels == 1:
-            index = dict(cuts)
-            return state[:, index.get(1, slice(None))], pending_above
+        if self.levels == 1:  # the root, cut along leg 0 by ``_cut_end``; ``_tile_legs`` leaves leg 1 whole
+            return headed
         factors, legs, pending = self._layer_factors(1, pending_above, dict(cuts))
         last = len(factors) - 1
         tail_done = {2 * last, 2 * last + 1} <= dict(cuts).keys()
