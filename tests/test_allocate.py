@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from typer.testing import CliRunner
 from adntn.cli import app
 from adntn.errors import AdntnError
 from adntn.networks.budget import smallest_spec, spec_for_budget
-from adntn.pipeline.allocate import Candidate, allocate, candidate_budgets, fit_measures, greedy, parse_budget
+from adntn.pipeline.allocate import (Candidate, allocate, candidate_budgets, fit_measures, greedy, ladder,
+                                     parse_budget)
 from adntn.pipeline.options import CompressOptions
 
 
@@ -68,6 +70,43 @@ def test_greedy_weighs_relative_drops():
 def test_candidate_ladder_ends_at_the_largest():
     budgets = candidate_budgets(60, 400)
     assert budgets[0] == 60 and budgets[-1] == 400 and budgets == sorted(budgets)
+
+
+@pytest.mark.parametrize("arch", ["attn", "mera"])
+@pytest.mark.parametrize("shape, largest", [((4096, 512), 358), ((4096, 4096), 364), ((64, 48), 900)])
+def test_a_mixed_ladder_offers_every_tree_bare(arch, shape, largest):
+    """attn's and mera's ladders hold the TTN's trees with their disentanglers at rank 0, and the
+    bare tree of each candidate that has some."""
+    mixed = ladder(arch, shape, "tanh", largest, "x")
+    trees = {(s.n_legs, s.bond_dims) for s in ladder("ttn", shape, "tanh", largest, "x")}
+    bare = {(s.n_legs, s.bond_dims) for s in mixed if not any(s.mix_ranks)}
+    assert bare == trees
+    assert {(s.n_legs, s.bond_dims) for s in mixed} <= bare
+
+
+@pytest.mark.parametrize("arch", ["attn", "mera"])
+def test_disentanglers_that_do_not_pay_leave_the_ttn_allocation(arch):
+    """A measure that finds every disentangler harmful (the tree's measure, 10% worse with any)
+    gives attn and mera the TTN's split. The trees' measures are the TTN's probe losses at
+    --budget 424 for fc6+fc7 of the CIFAR-10 VGG-16-BN; mera's ladder without bare trees bought
+    fc6's 158-parameter tree with a disentangler (166) and could then afford only 182 in fc7."""
+    probes = [{60: 9.83, 82: 3.22, 158: 0.396, 329: 0.168},
+              {66: 7.08, 73: 5.37, 106: 1.81, 182: 0.375, 260: 0.159, 342: 0.263}]
+
+    def measure(layer):
+        def value(spec):
+            mixed = any(spec.mix_ranks or ())
+            tree = replace(spec, mix_ranks=(0,) * len(spec.mix_ranks)) if mixed else spec
+            return probes[layer][tree.core_params] * (1.1 if mixed else 1.0)
+        return value
+
+    layers = [("fc6", (4096, 512)), ("fc7", (4096, 4096))]
+    measures = [measure(0), measure(1)]
+    tree = allocate(layers, 424, "ttn", "tanh", measures, "synthetic")
+    assert [s.core_params for s in tree.specs] == [158, 260]
+    mixed = allocate(layers, 424, arch, "tanh", measures, "synthetic")
+    assert [(s.n_legs, s.bond_dims) for s in mixed.specs] == [(s.n_legs, s.bond_dims) for s in tree.specs]
+    assert not any(any(s.mix_ranks) for s in mixed.specs)
 
 
 @pytest.mark.parametrize("arch", ["ttn", "attn"])
