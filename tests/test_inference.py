@@ -139,8 +139,22 @@ def test_mera_factorized_is_x_times_the_weight_with_its_gradients(shape, n_legs,
     """Matrix leaves (bonds below the legs), some identity ones, physical disentanglers on
     matrix or identity pairs, padded shapes: the einsum over the state above the leaves is
     x W^T, and its gradients (input and every core) are the dense form's."""
+    _check_mera_factorized(shape, n_legs, bond)
+
+
+@pytest.mark.parametrize("shape", [(4096, 512), (256, 256)])
+@pytest.mark.parametrize("mix_rank", [0, 2])
+def test_mera_factorized_with_16_legs(shape, mix_rank) -> None:
+    """The smallest MERAs (16 legs at bond 1, as the budget ladders use): without physical
+    disentanglers an einsum of 18 operands, whose path search must not be dynamic programming
+    (it had not finished after 30 minutes on the (4096, 512) one)."""
+    assert build(make_spec("mera", shape, 16, bond=1, mix_rank=mix_rank)).has_factorized
+    _check_mera_factorized(shape, 16, 1, mix_rank)
+
+
+def _check_mera_factorized(shape: tuple[int, ...], n_legs: int, bond: int, mix_rank: int = 2) -> None:
     torch.manual_seed(0)
-    net = build(make_spec("mera", shape, n_legs, bond=bond))
+    net = build(make_spec("mera", shape, n_legs, bond=bond, mix_rank=mix_rank))
     perturb_mixers(net)
     cols = math.prod(shape[1:])
     x = torch.randn(5, cols, dtype=torch.float64, requires_grad=True)

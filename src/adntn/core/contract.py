@@ -122,16 +122,26 @@ def _run(step: Step, picked: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tens
     return product.reshape(sizes), term
 
 
+#: dynamic programming up to this many operands: its time grows about 3.5x per operand (on
+#: MERA's ``linear`` equations, batch 256: 0.2-0.4 s for 10 operands, 2-3 s for 12, 34 s for 14;
+#: the 18 of a 16-leg MERA had not finished after 30 minutes)
+DYNAMIC_PROGRAMMING_OPERANDS = 10
+
+
 def path_search(operands: int) -> str | opt_einsum.paths.PathOptimizer:
     """opt_einsum's path search for a contraction of this many operands: "optimal" (exhaustive,
-    fewest flops) up to five; else dynamic programming on flops plus the values each step writes
-    (``minimize="combo"``; the exhaustive search takes minutes for ten operands, this 0.1-0.2 s).
-    The writes count because many of those steps contract an axis of 2-7: a GEMM that thin costs
-    its memory traffic, not its flops (MERA's ``linear`` on VGG-16 fc6 at 50,029x, batch 1:
-    74 ms on the path of fewest flops, 38 ms on this one)."""
+    fewest flops) up to five; then dynamic programming on flops plus the values each step writes
+    (``minimize="combo"``; the exhaustive search takes minutes for ten operands, this 0.1-0.4 s),
+    up to ``DYNAMIC_PROGRAMMING_OPERANDS``; beyond, "branch-1" (opt_einsum's branch and bound
+    keeping one branch per step: milliseconds for 18 operands, and on the smallest MERAs the cost
+    of its "auto-hq"). The writes count because many of those steps contract an axis of 2-7:
+    a GEMM that thin costs its memory traffic, not its flops (MERA's ``linear`` on VGG-16 fc6 at
+    50,029x, batch 1: 74 ms on the path of fewest flops, 38 ms on this one)."""
     if operands <= 5:
         return "optimal"
-    return opt_einsum.DynamicProgramming(minimize="combo")
+    if operands <= DYNAMIC_PROGRAMMING_OPERANDS:
+        return opt_einsum.DynamicProgramming(minimize="combo")
+    return "branch-1"
 
 
 @functools.lru_cache(maxsize=256)
