@@ -114,7 +114,9 @@ def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
         if matrices[g] is None:
             state = matrix
         else:
-            state = matrix @ matrices[g].T if forward else matrices[g] @ matrix
+            # a contiguous factor^T: with the transposed view, autograd's gradient of the factor
+            # would be (grad^T matrix)^T, both operands transposed (2x the time on fc6's state)
+            state = matrix @ matrices[g].T.contiguous() if forward else matrices[g] @ matrix
         if g in ready:  # layout: (c_g+1.., e_0..e_g) first to last, (e_g..e_n-1, c_0..c_g-1) else
             k, mixer = ready[g]
             made = out_legs[:2 * g + 2] if forward else out_legs[2 * g:]
