@@ -147,7 +147,7 @@ def test_mera_factorized_is_x_times_the_weight_with_its_gradients(shape, n_legs,
 def test_mera_factorized_with_16_legs(shape, mix_rank) -> None:
     """The smallest MERAs (16 legs at bond 1, as the budget ladders use): without physical
     disentanglers an einsum of 18 operands, whose path search must not be dynamic programming
-    (it had not finished after 30 minutes on the (4096, 512) one)."""
+    (it had not finished after 22 minutes on the (4096, 512) one)."""
     assert build(make_spec("mera", shape, 16, bond=1, mix_rank=mix_rank)).has_factorized
     _check_mera_factorized(shape, 16, 1, mix_rank)
 

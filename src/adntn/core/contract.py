@@ -123,8 +123,8 @@ def _run(step: Step, picked: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tens
 
 
 #: dynamic programming up to this many operands: its time grows about 3.5x per operand (on
-#: MERA's ``linear`` equations, batch 256: 0.2-0.4 s for 10 operands, 2-3 s for 12, 34 s for 14;
-#: the 18 of a 16-leg MERA had not finished after 30 minutes)
+#: equations of MERA's ``linear`` form, batch 256: 0.2-0.4 s for 10 operands, 2-3 s for 12, 34 s
+#: for 14; the 18 of a 16-leg MERA had not finished after 22 minutes)
 DYNAMIC_PROGRAMMING_OPERANDS = 10
 
 
