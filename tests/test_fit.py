@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from adntn.networks.budget import spec_for_bond_dim
 from adntn.training.fit import fit
@@ -33,6 +34,22 @@ def test_fit_improves_and_never_ends_worse_than_it_started():
     result = fit(net, WeightObjective(TTN.fit_target(net.spec, weight)), steps=150, lr=3e-2)
     assert result.best_loss < 0.5 * result.initial_loss
     assert_close_scaled(relative_error(weight, net()) ** 2, result.best_loss)
+
+
+def test_fit_keeps_the_cores_its_best_value_was_measured_at():
+    """A value is measured before the step that follows it moves the cores. On (x - 1)^2 from 0
+    at lr 1, Adam's first step lands on the minimum and its second jumps past it (to about 1.5);
+    the cores kept are the minimum's, and ``best_loss`` is their loss."""
+    point = nn.Module()
+    point.x = nn.Parameter(torch.zeros(()))
+
+    def objective(module: nn.Module) -> torch.Tensor:
+        return (module.x - 1) ** 2
+
+    result = fit(point, objective, steps=3, lr=1.0)
+    assert float(point.x) == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        assert float(objective(point)) == result.best_loss
 
 
 def test_svd_initialisation_beats_random():

@@ -6,7 +6,6 @@ reports progress through a callback, so it prints nothing itself.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,13 @@ class FitResult:
     seconds: float
     initial_loss: float
     best_loss: float
+
+
+def _copy_state(generator: Generator, into: dict[str, torch.Tensor]) -> None:
+    """Copy the generator's state into the tensors of ``into`` (same names and shapes)."""
+    with torch.no_grad():
+        for name, tensor in generator.state_dict().items():
+            into[name].copy_(tensor)
 
 
 def _value_and_gradient(objective: Objective, generator: Generator) -> float:
@@ -49,7 +55,9 @@ def fit(generator: Generator, objective: Objective, *, steps: int, lr: float,
     start = time.perf_counter()
     with torch.no_grad():
         initial = float(objective(generator))
-    best_loss, best_state = initial, copy.deepcopy(generator.state_dict())
+    # the best cores, copied into buffers made once (new small tensors at every improvement
+    # would be scattered through the memory the objective's large temporaries are freed to)
+    best_loss, best_state = initial, {name: tensor.clone() for name, tensor in generator.state_dict().items()}
     if steps > 0:
         frozen = [] if mix else [p for m in generator.modules() if isinstance(m, Disentangler)
                                  for p in m.parameters() if p.requires_grad]
@@ -61,16 +69,18 @@ def fit(generator: Generator, objective: Objective, *, steps: int, lr: float,
             for step in range(steps):
                 optimizer.zero_grad(set_to_none=True)
                 value = _value_and_gradient(objective, generator)
+                if value < best_loss:  # the cores it was measured at, before the step moves them
+                    best_loss = value
+                    _copy_state(generator, best_state)
                 optimizer.step()
                 schedule.step()
-                if value < best_loss:
-                    best_loss, best_state = value, copy.deepcopy(generator.state_dict())
                 if on_step is not None:
                     on_step(step + 1, value)
             with torch.no_grad():
                 final = float(objective(generator))
             if final < best_loss:
-                best_loss, best_state = final, copy.deepcopy(generator.state_dict())
+                best_loss = final
+                _copy_state(generator, best_state)
             generator.load_state_dict(best_state)
         finally:
             for parameter in frozen:
