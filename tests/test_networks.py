@@ -20,7 +20,7 @@ from adntn.errors import AdntnError
 from adntn.memory import memory_policy
 from adntn.networks import GENERATORS, build, core_params
 from adntn.networks.attn import ATTN
-from adntn.networks.base import Disentangler, low_rank_update, scaled_squared_distance
+from adntn.networks.base import INIT_PREACTIVATION, Disentangler, low_rank_update, scaled_squared_distance
 from adntn.networks.mera import MERA
 from adntn.networks.svd import SVD
 from adntn.networks.tt import TT, tt_ranks
@@ -603,6 +603,27 @@ def test_nonlinear_init_starts_at_the_linear_fit(arch: str) -> None:
     assert nonlinear == pytest.approx(linear, rel=0.02)
 
 
+@pytest.mark.parametrize("bond", [3, 64])
+def test_mera_gains_put_each_layers_largest_preactivation_at_the_init_value(bond: int, memory_policy,
+                                                                          monkeypatch) -> None:
+    """The gains are calibrated on the largest pre-activation over every slice of the state (the
+    largest |z| sigma sees, gain folded in, is INIT_PREACTIVATION at each layer), whether leaf 0
+    is a matrix (bond 3) or an identity (bond 64, the state sliced along leg 0)."""
+    memory_policy(block_bytes=4 * 300)
+    spec = make_spec("mera", (64, 48), 8, bond=bond, activation="tanh")
+    with torch.no_grad():
+        net = MERA.from_weight(spec, structured_weight((64, 48)))
+        assert len(net._state_slices()) > 1
+        seen: list[float] = []
+        sigma = type(net.activations[0]).sigma
+        monkeypatch.setattr(type(net.activations[0]), "sigma",
+                            lambda site, z, inplace=False: seen.append(float(z.abs().max())) or sigma(site, z, inplace))
+        net.legs()
+    assert len(seen) == len(net.activations)
+    # sigma is tanh at |z| <= 0.05: it changes the states below it by at most 0.1%
+    assert seen == pytest.approx([INIT_PREACTIVATION] * len(seen), rel=2e-3)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 @pytest.mark.parametrize("arch", TREES)
@@ -663,6 +684,39 @@ def test_mera_slices_of_leg_0_give_the_whole_distance_and_gradient(n_legs: int, 
     value = net.accumulate_squared_distance(target, target.pow(2).sum(), torch.tensor(1.0))
     assert_close_scaled(value, float(expected.detach()))
     # one group: every gradient of one loss carries the rounding of terms of the largest one's size
+    assert_close_scaled([p.grad for p in net.parameters()], expected_grads)
+
+
+@pytest.mark.parametrize("leg_1_mixed", [False, True])
+def test_mera_fit_tiles_cut_leg_1_where_a_value_of_leg_0_exceeds_a_block(leg_1_mixed: bool, memory_policy) -> None:
+    """One value of leg 0 holds 16,384 of the 65,536 values; with 9,000-value blocks each is cut
+    in two along leg 1, unless a disentangler acts on leg 1. The tiles are the pieces of the
+    whole leg tensor, and accumulating tile by tile gives the whole objective's gradient."""
+    memory_policy(block_bytes=4 * 9000)
+    torch.manual_seed(0)
+    spec = make_spec("mera", (256, 256), 8, bond=64)  # identity leaves: the state is sliced
+    ranks = spec.disentangler_ranks  # physical pairs (1, 3, 5), then level 1's, then level 2's
+    spec = replace(spec, mix_ranks=ranks if leg_1_mixed else (0, *ranks[1:3], 0, *ranks[4:]))
+    net = build(spec)
+    perturb_mixers(net)
+    with torch.no_grad():
+        for site in net.activations:
+            site.log_gain.fill_(0.5)
+    tiles = net.fit_tiles()
+    expected_cuts = [()] if leg_1_mixed else [((1, slice(0, 2)),), ((1, slice(2, 4)),)]
+    assert tiles == [(slice(r, r + 1), fixed) for r in range(4) for fixed in expected_cuts]
+    whole = net.legs()
+    for rows, fixed in tiles:
+        legs, scale = net._scaled_legs(rows, fixed=fixed)
+        index = (rows, *[dict(fixed).get(k, slice(None)) for k in range(1, 8)])
+        assert_close_scaled(legs if scale is None else legs * scale, whole[index])
+    target = torch.randn(spec.leg_dims)
+    expected = (whole - target).pow(2).sum()
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    value = net.accumulate_squared_distance(target, target.pow(2).sum(), torch.tensor(1.0))
+    assert_close_scaled(value, float(expected.detach()))
     assert_close_scaled([p.grad for p in net.parameters()], expected_grads)
 
 
