@@ -400,8 +400,9 @@ class MERA(Generator):
         0 an identity, so the state is sliced, not shared). Leg 1 is in the first isometry
         the bottom layer's chain applies, so each piece costs its share of the chain. A step's
         temporaries are then tile-sized: on fc6 of VGG-16 at 2,000x (leg 1 in two pieces) one
-        step held 0.19-0.23 GB above its target against 0.34-0.37 GB for slices of leg 0 alone,
-        in the same time (784-843 against 743-825 ms, alternated processes)."""
+        step held 0.17-0.23 GB above its target against 0.34-0.39 GB for slices of leg 0 alone,
+        for about 7% more time (eight alternated pairs of processes: 784-1,028 against 743-955
+        ms; a larger ``block_bytes`` gives the time back)."""
         dims, block = self.spec.leg_dims, current_policy().block_values()
         tiles = []
         for rows in self.row_slices():
