@@ -546,6 +546,16 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_rows(previous_runs: list[dict], grid: list[tuple[str, float]], redo: set[str]) -> dict:
+    """Rows of an earlier run that ``--resume`` keeps, by (arch, ratio), in their earlier order.
+
+    A row outside this run's ``--archs`` x ``--ratios`` grid is kept as it is; a row inside it is kept when
+    it finished (has ``checks``) and its arch is not named by ``--redo``.
+    """
+    return {(e["arch"], e["ratio"]): e for e in previous_runs
+            if (e["arch"], e["ratio"]) not in grid or ("checks" in e and e["arch"] not in redo)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed.json"), help="JSON results (a .md beside it)")
@@ -609,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     out_json = options.out
     out_md = out_json.with_suffix(".md")
     out_json.parent.mkdir(parents=True, exist_ok=True)
+    grid = [(arch, ratio) for arch in archs for ratio in ratios]
     done: dict = {}
     partial: dict = {}
     if options.resume and out_json.exists():
@@ -616,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         if previous.get("settings_note") != results["settings_note"]:
             parser.error(f"--resume: {out_json} was run with other settings ({previous.get('settings_note')})")
         redo = {a.strip() for a in options.redo.split(",") if a.strip()}
-        done = {(e["arch"], e["ratio"]): e for e in previous.get("runs", []) if "checks" in e and e["arch"] not in redo}
+        done = kept_rows(previous.get("runs", []), grid, redo)
         # A row cut off after its compress timed out keeps that result (only the --steps 0 archive is redone).
         partial = {(e["arch"], e["ratio"]): e["compress"] for e in previous.get("runs", [])
                    if "checks" not in e and (e.get("compress") or {}).get("timeout")}
@@ -633,86 +644,85 @@ def main(argv: list[str] | None = None) -> int:
         out_json.write_text(json.dumps(results, indent=2) + "\n")
         out_md.write_text(markdown(results))
 
-    for arch in archs:
-        for ratio in ratios:
-            if (arch, ratio) in done:
-                results["runs"].append(done[(arch, ratio)])
-                continue
-            entry: dict = {"arch": arch, "ratio": ratio}
-            results["runs"].append(entry)
-            tag = f"{arch} {ratio:,.0f}x"
-            message = budget_check(arch, ratio)
-            if message:
-                entry["unreachable"] = message
-                entry["checks"] = {}
-                log(f"{tag}: unreachable ({message})")
-                write()
-                continue
-            directory = work / "out" / f"{arch}-{ratio:g}.adntn"
-            if (arch, ratio) in partial:
-                compress = partial[(arch, ratio)]
-                log(f"{tag}: keeping the earlier compress timeout")
-            else:
-                compress = run_child("compress", {"checkpoint": str(checkpoint), "arch": arch, "ratio": ratio,
-                                                  "steps": steps, "out": str(directory),
-                                                  "progress": str(work / "out" / "progress.json")}, options.timeout)
-            entry["compress"] = compress
-            if compress.get("ok"):
-                results.setdefault("rss_after_import_bytes", compress["rss_after_import_bytes"])
-                log(f"{tag}: compress {compress['seconds']:.1f} s (cpu {compress['cpu_seconds']:.0f} s, "
-                    f"load {compress['load_average_after']}), peak RSS {gb(compress['peak_rss_bytes'])} GB "
-                    f"({compress['peak_rss_bytes'] / ckpt_bytes:.2f}x checkpoint)")
-            elif compress.get("timeout") and steps != 0:
-                at = compress.get("progress_at_timeout") or {}
-                log(f"{tag}: compress exceeded {options.timeout:.0f} s"
-                    + (f" ({at['task']} at step {at['done']}/{at['total']})" if at.get("task") else "")
-                    + "; making an archive with --steps 0 "
-                    "(same structure) to time expand and forward")
-                write()
-                fallback = run_child("compress", {"checkpoint": str(checkpoint), "arch": arch, "ratio": ratio,
-                                                  "steps": 0, "out": str(directory)}, options.timeout)
-                entry["compress_steps0"] = fallback
-                if not fallback.get("ok"):
-                    log(f"{tag}: the --steps 0 compress failed too: {fallback.get('error')}")
-                    entry["checks"] = evaluate(entry, ckpt_bytes)
-                    write()
-                    continue
-                results.setdefault("rss_after_import_bytes", fallback["rss_after_import_bytes"])
-                log(f"{tag}: --steps 0 compress {fallback['seconds']:.1f} s, peak RSS "
-                    f"{gb(fallback['peak_rss_bytes'])} GB")
-            else:
-                if compress.get("adntn_error") and "cannot reach" in compress.get("error", ""):
-                    entry["unreachable"] = compress["error"]
-                log(f"{tag}: compress failed: {compress.get('error')}")
+    for arch, ratio in dict.fromkeys([*done, *grid]):
+        if (arch, ratio) in done:
+            results["runs"].append(done[(arch, ratio)])
+            continue
+        entry: dict = {"arch": arch, "ratio": ratio}
+        results["runs"].append(entry)
+        tag = f"{arch} {ratio:,.0f}x"
+        message = budget_check(arch, ratio)
+        if message:
+            entry["unreachable"] = message
+            entry["checks"] = {}
+            log(f"{tag}: unreachable ({message})")
+            write()
+            continue
+        directory = work / "out" / f"{arch}-{ratio:g}.adntn"
+        if (arch, ratio) in partial:
+            compress = partial[(arch, ratio)]
+            log(f"{tag}: keeping the earlier compress timeout")
+        else:
+            compress = run_child("compress", {"checkpoint": str(checkpoint), "arch": arch, "ratio": ratio,
+                                              "steps": steps, "out": str(directory),
+                                              "progress": str(work / "out" / "progress.json")}, options.timeout)
+        entry["compress"] = compress
+        if compress.get("ok"):
+            results.setdefault("rss_after_import_bytes", compress["rss_after_import_bytes"])
+            log(f"{tag}: compress {compress['seconds']:.1f} s (cpu {compress['cpu_seconds']:.0f} s, "
+                f"load {compress['load_average_after']}), peak RSS {gb(compress['peak_rss_bytes'])} GB "
+                f"({compress['peak_rss_bytes'] / ckpt_bytes:.2f}x checkpoint)")
+        elif compress.get("timeout") and steps != 0:
+            at = compress.get("progress_at_timeout") or {}
+            log(f"{tag}: compress exceeded {options.timeout:.0f} s"
+                + (f" ({at['task']} at step {at['done']}/{at['total']})" if at.get("task") else "")
+                + "; making an archive with --steps 0 "
+                "(same structure) to time expand and forward")
+            write()
+            fallback = run_child("compress", {"checkpoint": str(checkpoint), "arch": arch, "ratio": ratio,
+                                              "steps": 0, "out": str(directory)}, options.timeout)
+            entry["compress_steps0"] = fallback
+            if not fallback.get("ok"):
+                log(f"{tag}: the --steps 0 compress failed too: {fallback.get('error')}")
                 entry["checks"] = evaluate(entry, ckpt_bytes)
                 write()
                 continue
-            dense = work / "out" / f"{arch}-{ratio:g}-dense.pt"
-            entry["expand"] = run_child("expand", {"directory": str(directory), "output": str(dense),
-                                                   "repeats": REPEATS}, options.timeout)
-            if entry["expand"].get("ok"):
-                entry["save"] = run_child("save", {"dense": str(dense), "output": str(work / "out" / "baseline.pt"),
-                                                   "repeats": REPEATS}, options.timeout)
-                e, s = entry["expand"], entry["save"]
-                if s.get("ok"):
-                    log(f"{tag}: expand {e['seconds']:.2f} s vs torch.save {s['seconds']:.2f} s "
-                        f"({e['seconds'] / s['seconds']:.2f}x; torch.save+fsync {s['fsync_seconds']:.2f} s), "
-                        f"expand peak RSS {gb(e['peak_rss_bytes'])} GB")
-                else:
-                    log(f"{tag}: torch.save baseline failed: {s.get('error')}")
-            else:
-                log(f"{tag}: expand failed: {entry['expand'].get('error')}")
-            entry["forward"] = run_child("forward", {"directory": str(directory), "layer": "fc6"}, options.timeout)
-            f = entry["forward"]
-            if f.get("ok"):
-                log(f"{tag}: fc6 forward {f['seconds'] * 1e3:.0f} ms vs floor {f['floor_seconds'] * 1e3:.0f} ms "
-                    f"({f['seconds'] / f['floor_seconds']:.1f}x; {f['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
-            else:
-                log(f"{tag}: forward failed: {f.get('error')}")
+            results.setdefault("rss_after_import_bytes", fallback["rss_after_import_bytes"])
+            log(f"{tag}: --steps 0 compress {fallback['seconds']:.1f} s, peak RSS "
+                f"{gb(fallback['peak_rss_bytes'])} GB")
+        else:
+            if compress.get("adntn_error") and "cannot reach" in compress.get("error", ""):
+                entry["unreachable"] = compress["error"]
+            log(f"{tag}: compress failed: {compress.get('error')}")
             entry["checks"] = evaluate(entry, ckpt_bytes)
-            if not options.keep:
-                dense.unlink(missing_ok=True)
             write()
+            continue
+        dense = work / "out" / f"{arch}-{ratio:g}-dense.pt"
+        entry["expand"] = run_child("expand", {"directory": str(directory), "output": str(dense),
+                                               "repeats": REPEATS}, options.timeout)
+        if entry["expand"].get("ok"):
+            entry["save"] = run_child("save", {"dense": str(dense), "output": str(work / "out" / "baseline.pt"),
+                                               "repeats": REPEATS}, options.timeout)
+            e, s = entry["expand"], entry["save"]
+            if s.get("ok"):
+                log(f"{tag}: expand {e['seconds']:.2f} s vs torch.save {s['seconds']:.2f} s "
+                    f"({e['seconds'] / s['seconds']:.2f}x; torch.save+fsync {s['fsync_seconds']:.2f} s), "
+                    f"expand peak RSS {gb(e['peak_rss_bytes'])} GB")
+            else:
+                log(f"{tag}: torch.save baseline failed: {s.get('error')}")
+        else:
+            log(f"{tag}: expand failed: {entry['expand'].get('error')}")
+        entry["forward"] = run_child("forward", {"directory": str(directory), "layer": "fc6"}, options.timeout)
+        f = entry["forward"]
+        if f.get("ok"):
+            log(f"{tag}: fc6 forward {f['seconds'] * 1e3:.0f} ms vs floor {f['floor_seconds'] * 1e3:.0f} ms "
+                f"({f['seconds'] / f['floor_seconds']:.1f}x; {f['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+        else:
+            log(f"{tag}: forward failed: {f.get('error')}")
+        entry["checks"] = evaluate(entry, ckpt_bytes)
+        if not options.keep:
+            dense.unlink(missing_ok=True)
+        write()
 
     summary: dict = {}
     for entry in results["runs"]:
