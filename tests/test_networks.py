@@ -379,25 +379,27 @@ def test_attn_matches_disentanglers_applied_to_the_ttn(spec: GeneratorSpec, seed
 @settings(max_examples=20, deadline=None)
 @given(spec=tree_specs("mera"), seed=st.integers(0, 2**16))
 def test_mera_matches_the_plain_top_down_contraction(spec: GeneratorSpec, seed: int) -> None:
+    net = perturbed_mera(spec, seed)
+    with torch.no_grad():
+        torch.testing.assert_close(net.legs(), mera_reference(net))
+
+
+def perturbed_mera(spec: GeneratorSpec, seed: int) -> MERA:
+    """A float64 MERA of ``spec`` with disentanglers off the identity and gains off 1."""
     torch.manual_seed(seed)
     net = MERA(spec).double()
     perturb_mixers(net)
     with torch.no_grad():
         for site in net.activations:
             site.log_gain.fill_(0.5)
-        torch.testing.assert_close(net.legs(), mera_reference(net))
+    return net
 
 
 @settings(max_examples=20, deadline=None)
 @given(spec=tree_specs("mera"), seed=st.integers(0, 2**16))
 def test_mera_gradients_match_the_plain_top_down_contraction(spec: GeneratorSpec, seed: int) -> None:
     """Gradients through the chain of GEMMs, the disentanglers and the gains equal the reference's."""
-    torch.manual_seed(seed)
-    net = MERA(spec).double()
-    perturb_mixers(net)
-    with torch.no_grad():
-        for site in net.activations:
-            site.log_gain.fill_(0.5)
+    net = perturbed_mera(spec, seed)
     probe = torch.randn(spec.leg_dims, dtype=torch.float64)
     params = [p for p in net.parameters() if p.requires_grad]
     mine = torch.autograd.grad((net.legs() * probe).sum(), params, allow_unused=True)
