@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("rss_after_import_bytes",):
             if key in previous:
                 results[key] = previous[key]
-        log(f"resuming {out_json}: keeping {len(done)} finished rows")
+        log(f"resuming {out_json}: keeping {len(done)} rows")
 
     def write() -> None:
         out_json.write_text(json.dumps(results, indent=2) + "\n")
