@@ -113,7 +113,7 @@ def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
     sizing = {"budget": row["budget"]} if row.get("budget") else {"layer_ratios": row["layer_ratios"]}
     options = adntn.CompressOptions(arch=row["arch"], **sizing, steps=args.steps, lr=args.lr,
                               seed=args.seed, activation=args.activation, data=data, epochs=epochs,
-                              finetune_lr=args.finetune_lr, batch_size=args.batch_size, dropout=not row["extreme"],
+                              finetune_lr=args.finetune_lr, batch_size=args.batch_size, dropout=not (row["extreme"] or args.no_dropout),
                               train=tuple(row.get("train", ())), cache_dir=work / "features")
     (work / "out").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -183,13 +183,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--activation", default="tanh")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-dropout", action="store_true", help="fine-tune every row without dropout (default: only the extreme rows)")
     args = parser.parse_args()
 
     model, data = prepare_data(args.shared, args.work)
     wanted = {r for r in args.rows.split(",") if r}
     rows = [row for row in plan_rows() if not wanted or row["id"] in wanted]
     results = {
-        "settings": (f"{args.epochs} epoch(s) CE+KD ({EXTREME_EPOCHS} for the extreme rows) (Adam, constant lr {args.finetune_lr}, batch {args.batch_size}, dropout on; off for the extreme rows) after "
+        "settings": (f"{args.epochs} epoch(s) CE+KD ({EXTREME_EPOCHS} for the extreme rows) (Adam, constant lr {args.finetune_lr}, batch {args.batch_size}, "
+                     f"{'dropout off' if args.no_dropout else 'dropout on; off for the extreme rows'}) after "
                      f"{args.steps} weight-space + {args.steps} activation-space Adam steps (lr {args.lr}); "
                      f"activation {args.activation}; seed {args.seed}; torch {torch.__version__}, "
                      f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"),
