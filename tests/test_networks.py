@@ -165,6 +165,27 @@ def test_mera_blocked_tiles_fix_the_free_end_legs_and_give_x_times_the_weight(
             assert_close_scaled(net.blocked_linear(x), x @ weight.T)
 
 
+@pytest.mark.parametrize("n_legs, active", [(2, ()), (4, ()), (8, ()), (8, (1,)), (8, (3,)), (16, ())])
+@pytest.mark.parametrize("bond", [2, 64])
+def test_mera_weight_written_in_tiles_is_the_autograd_weight(n_legs: int, active: tuple, bond: int) -> None:
+    """Without autograd the weight is written a tile at a time into its strided blocks of
+    ``out``: with a small streamed block (tiles fixing leg 0, leg 1 and the free end legs; a
+    matrix leaf 0 at bond 2) it equals the autograd forward, and ``out`` is the tensor returned."""
+    spec = make_spec("mera", (64, 48), n_legs, bond=bond, mix_rank=1)
+    ranks = tuple(1 if i in active else 0 for i in range(len(spec.disentangler_ranks)))
+    torch.manual_seed(0)
+    net = build(replace(spec, mix_ranks=ranks))
+    perturb_mixers(net)
+    with torch.no_grad():
+        for site in net.activations:
+            site.log_gain.fill_(0.5)
+    expected = net().detach()
+    out = torch.full(expected.shape, float("nan"))
+    with torch.no_grad(), memory_policy(block_bytes=4):
+        assert net(out=out).data_ptr() == out.data_ptr()
+    assert_close_scaled(out, expected)
+
+
 def test_mera_blocked_tiles_with_a_matrix_leaf_0_fix_leg_0_alone() -> None:
     """A matrix leaf 0 is cut through its rows, the state above the leaves shared by every tile:
     no other leg is fixed, however small the block, and the product is still x W^T."""

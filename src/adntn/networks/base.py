@@ -111,12 +111,12 @@ def low_rank_update(view: torch.Tensor, p: torch.Tensor, w: torch.Tensor, inplac
     adds W^T (P^T G) to the incoming gradient G in one pass instead of autograd's two.
     Without a gradient, ``inplace`` (for a view the caller owns) adds P C into ``view`` itself.
     """
-    if _traced() or not (torch.is_grad_enabled() and any(t.requires_grad for t in (view, p, w))):
+    if traced() or not (torch.is_grad_enabled() and any(t.requires_grad for t in (view, p, w))):
         return _low_rank_forward(view, p, w, inplace=inplace and not torch.is_grad_enabled())[0]
     return _LowRankUpdate.apply(view, p, w)
 
 
-def _traced() -> bool:
+def traced() -> bool:
     """Under torch.compile / torch.export / ONNX tracing: plain ops only (no custom Function)."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
@@ -163,7 +163,7 @@ def scaled_squared_distance(x: torch.Tensor, scale: torch.Tensor | None, target:
     """||s x - T||^2 (s None: 1) without forming s x: forward E = T - s x in one fused pass
     (``addcmul``) and its dot product; backward G_x = -2 s E and G_s = -2 <x, E> (one pass each).
     Autograd's ``mse_loss(x * s, T)`` makes about seven passes over x-sized tensors."""
-    if _traced() or not torch.is_grad_enabled():
+    if traced() or not torch.is_grad_enabled():
         return _scaled_distance_forward(x, scale, target)[0]
     if scale is None:
         return _ScaledDistance.apply(x, target)
