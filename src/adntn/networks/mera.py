@@ -471,21 +471,32 @@ class MERA(Generator):
         are sliced, the state is whole); None when leaf 0 is an identity (the state is sliced)."""
         return None if self.leaf_is_identity[0] else self._state()
 
-    def _tiles(self, rows: int | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    def _tile_start(self) -> tuple[Scaled | None, Scaled | None]:
+        """What every tile of ``_tiles`` starts from: (``_shared_above()``, None) for a matrix
+        leaf 0, else (None, ``_upper_state()``)."""
+        above = self._shared_above()
+        return above, self._upper_state() if above is None else None
+
+    def _tiles(self, rows: int | None = None, leg_0: range | None = None,
+               start: tuple[Scaled | None, Scaled | None] | None = None
+               ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
         """Each tile of the legs ``_tile_legs`` fixes, as (their values, head then tail; the
         tile's legs put in weight order, a view of shape (o_k.., i_k..) over the unfixed legs k;
         the scalar still to multiply them by, None: 1). ``rows``: the tiles whose rows are all
-        padding (at or past ``rows``) are skipped. The state entering the bottom layer is built
-        once; each tile is the bottom layer on it, its cores cut to the tile (or, for a matrix
-        leaf 0, that leaf's rows on the shared state above the leaves)."""
+        padding (at or past ``rows``) are skipped; ``leg_0``: only the tiles with these values of
+        leg 0. The state entering the bottom layer (``start``: ``_tile_start()``, for a caller
+        taking the tiles in parts) is built once; each tile is the bottom layer on it, its cores
+        cut to the tile (or, for a matrix leaf 0, that leaf's rows on the shared state above the
+        leaves)."""
         spec = self.spec
         head, tail = self._tile_legs()
         mid = [k for k in range(spec.n_legs) if k not in head + tail]
         out_dims, in_dims = spec.out_dims, spec.in_dims
         rows_per_head = spec.rows // math.prod(out_dims[k] for k in head)
-        above = self._shared_above()
-        upper = self._upper_state() if above is None else None
-        for head_value in range(math.prod(spec.leg_dims[k] for k in head)):
+        above, upper = self._tile_start() if start is None else start
+        per_leg_0 = math.prod(spec.leg_dims[k] for k in head[1:])
+        leg_0 = range(spec.leg_dims[0]) if leg_0 is None else leg_0
+        for head_value in range(leg_0.start * per_leg_0, leg_0.stop * per_leg_0):
             head_values = _digits(head_value, [spec.leg_dims[k] for k in head])
             head_o = _index([v // in_dims[k] for k, v in zip(head, head_values)], [out_dims[k] for k in head])
             if rows is not None and head_o * rows_per_head >= rows:
@@ -539,18 +550,24 @@ class MERA(Generator):
         return out_t[:rows].T.reshape(*x.shape[:-1], rows)
 
     @torch.no_grad()
-    def _write_tiles(self, out: torch.Tensor) -> torch.Tensor:
+    def _write_tiles(self, out: torch.Tensor, digit: int | None = None,
+                     start: tuple[Scaled | None, Scaled | None] | None = None) -> torch.Tensor:
         """The weight into ``out`` (contiguous, ``spec.shape``, unpadded) one tile at a time
         (``_tiles``): each tile is written into its strided block of ``out`` while it is still
-        in cache, instead of passing over a weight-sized state several times."""
+        in cache, instead of passing over a weight-sized state several times. With ``digit``,
+        only the rows whose first row digit o_1 is ``digit``, into ``out`` of (o_2..o_K) x
+        (i_1..i_K) values (``start``: see ``_tiles``)."""
         spec = self.spec
         head, tail = self._tile_legs()
-        grid = out.view(*spec.out_dims, *spec.in_dims)
+        grid = out.view(spec.out_dims[0] if digit is None else 1, *spec.out_dims[1:], *spec.in_dims)
+        leg_0 = None if digit is None else range(digit * spec.in_dims[0], (digit + 1) * spec.in_dims[0])
         n_legs = spec.n_legs
-        for values, split, scale in self._tiles():
+        for values, split, scale in self._tiles(leg_0=leg_0, start=start):
             index: list[int | slice] = [slice(None)] * (2 * n_legs)
             for k, v in zip(head + tail, values):
                 index[k], index[n_legs + k] = divmod(v, spec.in_dims[k])
+            if digit is not None:
+                index[0] = 0
             _write_weight_order(split, scale, grid[tuple(index)])
         return out
 
@@ -653,36 +670,23 @@ class MERA(Generator):
         return out
 
     def row_blocks(self) -> Iterator[torch.Tensor]:
-        """One block of rows per value of the first row digit o_1 (legs[o_1 i_1 + i] for all i),
-        each computed alone and put in weight order with the last layer's scale in one pass, into
-        one of two buffers used in turn: the temporaries are 1/o_1 of the weight's."""
+        """One block of rows per value of the first row digit o_1, each written a tile at a time
+        (``_write_tiles``) into one of two buffers used in turn: the temporaries are 1/o_1 of the
+        weight's."""
         spec = self.spec
         out_rows, cols = spec.matrix_shape
-        width, rows_per_block = spec.in_dims[0], math.prod(spec.out_dims[1:])
+        rows_per_block = math.prod(spec.out_dims[1:])
         buffers: list[torch.Tensor] = []
         with torch.no_grad():
-            above = self._shared_above()
+            start = self._tile_start()
         for digit in range(spec.out_dims[0]):
             first_row = digit * rows_per_block
             if first_row >= out_rows:
                 break
-            block = self._ordered_rows(slice(digit * width, (digit + 1) * width),
-                                       buffers[digit % 2] if len(buffers) == 2 else None, above)
             if len(buffers) < 2:
-                buffers.append(block)
-            yield block.view(rows_per_block, -1)[:out_rows - first_row, :cols].reshape(-1, *spec.shape[1:])
-
-    @torch.no_grad()
-    def _ordered_rows(self, rows: slice, out: torch.Tensor | None,
-                      above: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
-        """legs[rows] (one value of o_1: leg 0's slice o_1 i_1 + i, so leg 0 is i_1 alone) in
-        weight order, into ``out``."""
-        spec = self.spec
-        legs, scale = self._scaled_legs(rows, above)
-        split = weight_order(legs, (1, *spec.out_dims[1:]), spec.in_dims)
-        out = torch.empty(split.shape, dtype=legs.dtype, device=legs.device) if out is None else out
-        _write_weight_order(split, scale, out)
-        return out
+                buffers.append(torch.empty(rows_per_block, spec.cols, dtype=self.root.dtype, device=self.root.device))
+            block = self._write_tiles(buffers[digit % 2], digit, start)
+            yield block[:out_rows - first_row, :cols].reshape(-1, *spec.shape[1:])
 
     def _tile_distance(self, target_legs: torch.Tensor, rows: slice, fixed: Cuts) -> torch.Tensor:
         """||T - G||^2 on one tile (``fit_tiles``), the last layer's scale fused into the
