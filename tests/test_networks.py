@@ -131,6 +131,19 @@ def test_mera_blocked_linear_is_x_times_the_weight(shape: tuple, n_legs: int, bo
         assert_close_scaled(net.blocked_linear(x), x @ weight.T)
 
 
+def active_mera(spec: GeneratorSpec, active: tuple) -> MERA:
+    """A MERA of ``spec`` whose disentanglers ``active`` (in the spec's order) have rank 1 and
+    the others rank 0, off the identity, gains off 1 (seed 0)."""
+    ranks = tuple(1 if i in active else 0 for i in range(len(spec.disentangler_ranks)))
+    torch.manual_seed(0)
+    net = build(replace(spec, mix_ranks=ranks))
+    perturb_mixers(net)
+    with torch.no_grad():
+        for site in net.activations:
+            site.log_gain.fill_(0.5)
+    return net
+
+
 @pytest.mark.parametrize("shape", [(64, 48), (53, 30), (16, 4, 3, 3)])
 @pytest.mark.parametrize("n_legs, active", [(2, ()), (4, ()), (8, ()), (8, (1,)), (8, (2,)), (8, (3,)), (16, ())])
 @pytest.mark.parametrize("batch", [1, 5])
@@ -140,14 +153,8 @@ def test_mera_blocked_tiles_fix_the_free_end_legs_and_give_x_times_the_weight(
     touches them (identity leaves: bond 64; ``active``: the disentanglers with rank 1, in the
     spec's order): x W^T still, for padded and convolution shapes; the tile legs are exactly the
     free ones the order 1, K-1, K-2 reaches, and ``block_values`` shrinks with the tile."""
-    spec = make_spec("mera", shape, n_legs, bond=64, mix_rank=1)
-    ranks = tuple(1 if i in active else 0 for i in range(len(spec.disentangler_ranks)))
-    torch.manual_seed(0)
-    net = build(replace(spec, mix_ranks=ranks))
-    perturb_mixers(net)
+    net = active_mera(make_spec("mera", shape, n_legs, bond=64, mix_rank=1), active)
     with torch.no_grad():
-        for site in net.activations:
-            site.log_gain.fill_(0.5)
         weight = net().reshape(shape[0], -1)
         x = torch.randn(batch, weight.shape[1])
         whole = net.block_values()
@@ -171,14 +178,7 @@ def test_mera_weight_written_in_tiles_is_the_autograd_weight(n_legs: int, active
     """Without autograd the weight is written a tile at a time into its strided blocks of
     ``out``: with a small streamed block (tiles fixing leg 0, leg 1 and the free end legs; a
     matrix leaf 0 at bond 2) it equals the autograd forward, and ``out`` is the tensor returned."""
-    spec = make_spec("mera", (64, 48), n_legs, bond=bond, mix_rank=1)
-    ranks = tuple(1 if i in active else 0 for i in range(len(spec.disentangler_ranks)))
-    torch.manual_seed(0)
-    net = build(replace(spec, mix_ranks=ranks))
-    perturb_mixers(net)
-    with torch.no_grad():
-        for site in net.activations:
-            site.log_gain.fill_(0.5)
+    net = active_mera(make_spec("mera", (64, 48), n_legs, bond=bond, mix_rank=1), active)
     expected = net().detach()
     out = torch.full(expected.shape, float("nan"))
     with torch.no_grad(), memory_policy(block_bytes=4):
