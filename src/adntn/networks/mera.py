@@ -130,8 +130,9 @@ def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
 
 
 def _write_weight_order(split: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out = scale * split (``split`` a permuted view of the legs; ``out`` contiguous of the same
-    shape): the permuted copy in runs (``copy_in_runs``), the scale on the contiguous result."""
+    """out = scale * split (``split`` a permuted view of the legs; ``out`` of the same shape, a
+    buffer or a tile's strided block of the weight): the permuted copy in runs (``copy_in_runs``),
+    then the scale on ``out``, still in cache."""
     copy_in_runs(out, split)
     if scale is not None:
         out.mul_(scale)
@@ -240,13 +241,12 @@ class MERA(Generator):
         return factors, in_dims
 
     def _state(self, capture: list[torch.Tensor] | None = None, rows: slice | None = None,
-               fixed: Cuts = (), upper: Scaled | None = None) -> Scaled:
+               fixed: Cuts = ()) -> Scaled:
         """The state above the leaves, shape bonds[0] (its first leg cut to ``rows`` when given,
         and each leg k of ``fixed`` to its slice: the bottom layer's cores, or the root with one
         level, are sliced along that child axis; no disentangler may touch those legs, see
         ``_free``, so the result is that slice of the full state), and the scalar it is still to
-        be multiplied by (None: 1). ``upper``: ``_upper_state()``, computed once by a caller that
-        takes many slices.
+        be multiplied by (None: 1).
 
         Each layer's gains are folded into its small factors (``GainedActivation.scales``): the
         layer's gain into its first isometry, the previous layer's 1 / (a sigma'(0)) likewise, and
@@ -256,7 +256,7 @@ class MERA(Generator):
         |pre-activation|, top layer first, of the network without activations (used to calibrate
         the gains; a reduction, so no state is kept and none is copied)."""
         cuts = dict(fixed) if rows is None else {0: rows, **dict(fixed)}
-        state, pending = self._upper_state(capture) if upper is None else upper
+        state, pending = self._upper_state(capture)
         if self.levels == 1:
             return _cut_root(state, cuts), pending
         return self._layer(1, state, pending, capture, cuts)
@@ -316,20 +316,16 @@ class MERA(Generator):
         legs, scale = self._scaled_legs(rows)
         return legs if scale is None else legs * scale
 
-    def _scaled_legs(self, rows: slice | None = None, above: Scaled | None = None,
-                     fixed: Cuts = (), upper: Scaled | None = None) -> Scaled:
+    def _scaled_legs(self, rows: slice | None = None, fixed: Cuts = ()) -> Scaled:
         """(X, s) with ``legs(rows) == s * X`` (s None: 1), also cut along each identity leg k of
         ``fixed`` to its slice. The last layer's scale is folded into a leaf factor when there is
         a dense one; else it is returned, for the caller to fuse into its own pass over X (the
-        distance, the write into weight order). ``above``: ``_state(fixed=fixed)``, computed once
-        by a caller that takes many slices through a matrix leaf 0 (each slice is then that
-        leaf's rows; without it, every slice would rebuild the state); ``upper``: see ``_state``."""
+        distance, the write into weight order)."""
         if rows is not None and self.leaf_is_identity[0]:
-            return self._leaves(self._state(rows=rows, fixed=fixed, upper=upper), fixed=((0, rows), *fixed))
-        state = self._state(fixed=fixed, upper=upper) if above is None else above
-        # the leaf groups may overwrite the state unless it is shared (``above``); with one level it
-        # is the root, but then there are no physical pairs (``boundary_pairs(2)`` is empty)
-        return self._leaves(state, leaf_rows=rows, fixed=fixed, own=above is None)
+            return self._leaves(self._state(rows=rows, fixed=fixed), fixed=((0, rows), *fixed))
+        # the leaf groups may overwrite the state; with one level it is the root, but then there
+        # are no physical pairs (``boundary_pairs(2)`` is empty)
+        return self._leaves(self._state(fixed=fixed), leaf_rows=rows, fixed=fixed)
 
     def _leaves(self, above: Scaled, leaf_rows: slice | None = None, fixed: Cuts = (), own: bool = True) -> Scaled:
         """The last layer on the state ``above`` (already cut along the identity legs ``fixed``):
