@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from adntn.io.checkpoint import load_state_dict, save_state_dict
+from adntn import memory
 from adntn.memory import MemoryPolicy, current_policy, memory_policy, release_pages, row_blocks
 
 
@@ -62,3 +65,33 @@ def test_row_blocks_cover_the_rows_in_order() -> None:
     assert torch.equal(torch.cat(blocks), tensor)
     assert [b.item() for b in row_blocks(torch.tensor(5.0))] == [5.0]
     assert torch.cat(list(row_blocks(torch.empty(0, 4)))).shape == (0, 4)
+
+
+_FAULTS_SCRIPT = """
+import resource, torch
+from adntn import memory
+values, page = 1 << 20, 4096  # 4 MiB tensors
+def faults_per_page():
+    torch.ones(values)
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        a, b = torch.ones(values), torch.ones(values)
+        del a, b
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / (40 * values * 4 / page)
+memory._glibc().mallopt(memory._M_MMAP_THRESHOLD, 128 << 10)  # glibc's initial threshold, held there
+outside = faults_per_page()
+with memory.reused_blocks():
+    inside = faults_per_page()
+print(outside, inside)
+"""
+
+
+@pytest.mark.skipif(memory._glibc() is None, reason="glibc's malloc")
+def test_reused_blocks_serve_block_sized_temporaries_from_kept_pages() -> None:
+    """With glibc's initial mmap threshold (held there: how far its own adjustment has moved it
+    depends on the process's history), each new 4 MiB tensor is mapped afresh and faults in every
+    page; inside ``reused_blocks`` the freed pages serve the next ones."""
+    result = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, check=True)
+    outside, inside = (float(v) for v in result.stdout.split())
+    assert outside > 0.9
+    assert inside < 0.1

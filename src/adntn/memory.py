@@ -10,7 +10,8 @@ the current :class:`MemoryPolicy`, so one byte budget decides the extra memory o
 
 The policy is a context variable: ``with memory_policy(block_bytes=1 << 20): ...`` changes it for
 the code inside (and for tests), nothing else. It also holds :func:`release_pages`, which lets a
-mapped checkpoint be read through block by block without staying resident.
+mapped checkpoint be read through block by block without staying resident, and
+:func:`reused_blocks`, which keeps the pages of block-sized temporaries for the next block.
 """
 
 from __future__ import annotations
@@ -84,6 +85,52 @@ def row_blocks(tensor: torch.Tensor, values: int | None = None) -> Iterator[torc
 
 
 _MADV_DONTNEED = 4  # Linux
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_GLIBC_MMAP_THRESHOLD_MAX = 32 << 20  # where glibc's own adjustment stops on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+KEPT_BLOCKS = 8  # streamed blocks of free heap ``reused_blocks`` keeps mapped (128 MiB by default)
+
+
+@functools.cache
+def _glibc():
+    """The C library when it is glibc (mallopt and malloc_trim as documented there), else None."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # absent from musl and macOS
+    except (OSError, AttributeError):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc
+
+
+@contextmanager
+def reused_blocks() -> Iterator[None]:
+    """Inside, temporaries below 32 MiB (two default streamed blocks) come from pages malloc keeps.
+
+    glibc maps an allocation at or above its mmap threshold afresh every time (its adjustment
+    raises the threshold to the size freed, so the same size is mapped again), and trims the
+    heap's free top back to the OS: each new tensor then faults in every page. A fit that works
+    in tiles allocates the same tile-sized temporaries for every tile: on fc6 of VGG-16, MERA's
+    step faulted 88,000 pages (344 MB, 0.15 s of system time) and took 600-690 ms against
+    560-590 ms with the pages kept. Inside, the mmap threshold is glibc's largest, 32 MiB (its
+    mallopt refuses more), and up to KEPT_BLOCKS streamed blocks of free heap stay mapped. On
+    exit the heap is trimmed (``malloc_trim``) and the thresholds stay at glibc's own largest
+    (32 MiB, trimming above 64 MiB), where its adjustment takes them after the first large free.
+    A no-op off glibc.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
+    libc.mallopt(_M_TRIM_THRESHOLD, min((1 << 31) - 1, KEPT_BLOCKS * current_policy().block_bytes))  # an int
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
+        libc.malloc_trim(0)
+
+
 def _private_file_mapping(start: int, stop: int) -> bool:
     """Whether the addresses [start, stop) lie in one private mapping of a file (/proc/self/maps)."""
     try:

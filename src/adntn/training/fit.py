@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adntn.memory import reused_blocks
 from adntn.networks import Generator
 from adntn.networks.base import Disentangler
 from adntn.training.objectives import Objective
@@ -66,18 +67,19 @@ def fit(generator: Generator, objective: Objective, *, steps: int, lr: float,
         try:
             optimizer = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=lr)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr / 100)
-            for step in range(steps):
-                optimizer.zero_grad(set_to_none=True)
-                value = _value_and_gradient(objective, generator)
-                if value < best_loss:  # the cores it was measured at, before the step moves them
-                    best_loss = value
-                    _copy_state(generator, best_state)
-                optimizer.step()
-                schedule.step()
-                if on_step is not None:
-                    on_step(step + 1, value)
-            with torch.no_grad():
-                final = float(objective(generator))
+            with reused_blocks():
+                for step in range(steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    value = _value_and_gradient(objective, generator)
+                    if value < best_loss:  # the cores it was measured at, before the step moves them
+                        best_loss = value
+                        _copy_state(generator, best_state)
+                    optimizer.step()
+                    schedule.step()
+                    if on_step is not None:
+                        on_step(step + 1, value)
+                with torch.no_grad():
+                    final = float(objective(generator))
             if final < best_loss:
                 best_loss = final
                 _copy_state(generator, best_state)
