@@ -20,7 +20,8 @@ from adntn.errors import AdntnError
 from adntn.memory import memory_policy
 from adntn.networks import GENERATORS, build, core_params
 from adntn.networks.attn import ATTN
-from adntn.networks.base import INIT_PREACTIVATION, Disentangler, low_rank_update, scaled_squared_distance
+from adntn.networks.base import (INIT_PREACTIVATION, Disentangler, low_rank_update, scaled_squared_distance,
+                                 sigma_mix_distance)
 from adntn.networks.mera import MERA
 from adntn.networks.svd import SVD
 from adntn.networks.tt import TT, tt_ranks
@@ -554,6 +555,32 @@ def test_scaled_squared_distance_is_the_distance_with_its_gradients(scaled: bool
         torch.testing.assert_close(scaled_squared_distance(x, scale, target), reference.detach())
 
 
+@given(pre=st.integers(1, 3), dim=st.integers(1, 5), post=st.integers(1, 4), rank=st.integers(1, 3),
+       sigma=st.sampled_from([None, "tanh", "relu"]), mixed=st.booleans(), scaled=st.booleans(),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=60, deadline=None)
+def test_sigma_mix_distance_is_its_parts_with_their_gradients(pre: int, dim: int, post: int, rank: int,
+                                                              sigma: str | None, mixed: bool, scaled: bool,
+                                                              seed: int) -> None:
+    """The fused tile end (``sigma_mix_distance``) is ||s (I + P W) sigma(z) - T||^2 made from
+    its parts, value and gradients, and refuses a second backward (its buffers are reused)."""
+    torch.manual_seed(seed)
+    z, p, w = (torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+               for shape in ((pre, dim, post), (dim, rank), (rank, dim)))
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True) if scaled else None
+    target = torch.randn(pre, post, dim, dtype=torch.float64).transpose(1, 2)  # strided, as a tile's
+    inputs = [z, *((p, w) if mixed else ()), *((scale,) if scaled else ())]
+    value = sigma_mix_distance(z, sigma, (p, w, (pre, dim, post)) if mixed else None, scale, target)
+    y = {None: z, "tanh": torch.tanh(z), "relu": torch.relu(z)}[sigma]
+    u = y + torch.einsum("dr,re,xey->xdy", p, w, y) if mixed else y
+    reference = ((u * scale if scaled else u) - target).pow(2).sum()
+    torch.testing.assert_close(value, reference)
+    for a, e in zip(torch.autograd.grad(value, inputs, retain_graph=True), torch.autograd.grad(reference, inputs)):
+        torch.testing.assert_close(a, e)
+    with pytest.raises(RuntimeError, match="once"):
+        value.backward()
+
+
 # ----------------------------------------------------------------------------- initialisation
 
 def linear_ttn_weight(spec: GeneratorSpec, seed: int) -> torch.Tensor:
@@ -728,6 +755,31 @@ def test_mera_slices_of_leg_0_give_the_whole_distance_and_gradient(n_legs: int, 
     value = net.accumulate_squared_distance(target, target.pow(2).sum(), torch.tensor(1.0))
     assert_close_scaled(value, float(expected.detach()))
     # one group: every gradient of one loss carries the rounding of terms of the largest one's size
+    assert_close_scaled([p.grad for p in net.parameters()], expected_grads)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu", "none"])
+def test_mera_tiles_give_the_whole_gradient_for_every_activation(activation: str, memory_policy) -> None:
+    """Identity leaves and one physical disentangler: the tiles end in ``sigma_mix_distance``
+    (tanh, relu, none) or in its parts (gelu); either way the whole objective's gradient."""
+    memory_policy(block_bytes=4 * 9000)
+    torch.manual_seed(0)
+    spec = make_spec("mera", (256, 256), 8, bond=64, activation=activation)
+    ranks = list(spec.disentangler_ranks)
+    ranks[:3] = [0, 1, 0]  # one physical pair, on legs (3, 4)
+    net = build(replace(spec, mix_ranks=tuple(ranks)))
+    perturb_mixers(net)
+    with torch.no_grad():
+        for site in net.activations:
+            site.log_gain.fill_(0.5)
+    assert len(net.fit_tiles()) > 1
+    target = torch.randn(spec.leg_dims)
+    expected = (net.legs() - target).pow(2).sum()
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    value = net.accumulate_squared_distance(target, target.pow(2).sum(), torch.tensor(1.0))
+    assert_close_scaled(value, float(expected.detach()))
     assert_close_scaled([p.grad for p in net.parameters()], expected_grads)
 
 
