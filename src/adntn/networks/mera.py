@@ -23,6 +23,9 @@ own disentanglers act inside its chain of GEMMs, as soon as both their legs exis
 still smaller than the layer's result. Without autograd the weight itself is made the same way
 one tile at a time (a value of leg 0, and of leg 1 where that is still larger than a streamed
 block; ``_tiles``), each tile written into its strided block of the weight while still in cache.
+The weight-space fit works in tiles too (``fit_tiles``), from the upper layers' state made once
+per step; each tile's sigma, physical disentangler and distance are one fused step
+(``base.sigma_mix_distance``).
 
 With ``activation='none'`` and the disentanglers at the identity (P = 0, their initialisation)
 this is the linear TTN of the same cores, so ``from_weight`` uses the TTN's hierarchical SVD.
@@ -694,9 +697,10 @@ class MERA(Generator):
 
     def _tile_distance(self, target_legs: torch.Tensor, rows: slice, fixed: Cuts,
                        upper: Scaled | None = None) -> torch.Tensor:
-        """||T - G||^2 on one tile (``fit_tiles``; ``upper``: see ``_state``), the last layer's
-        scale fused into the distance (``scaled_squared_distance``: two passes forward, two
-        backward)."""
+        """||T - G||^2 on one tile (``fit_tiles``; ``upper``: see ``_state``). With a gradient
+        wanted, the bottom layer's sigma, the physical disentangler and the distance are one step
+        where they can be (``_fused_tail``); else the last layer's scale is fused into the
+        distance (``scaled_squared_distance``: two passes forward, two backward)."""
         index = [rows, *[slice(None)] * (self.spec.n_legs - 1)]
         for k, cut in fixed:
             index[k] = cut
