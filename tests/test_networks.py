@@ -731,6 +731,20 @@ def test_attn_in_place_paths_have_the_reference_gradients(output: str) -> None:
         torch.testing.assert_close(a, e)
 
 
+def assert_tiles_give_the_whole_gradient(net: MERA, whole: torch.Tensor) -> None:
+    """``accumulate_squared_distance``, tile by tile, gives ||whole - T||^2 (T random) and its
+    gradient, ``whole`` being the net's legs with their graph."""
+    target = torch.randn(net.spec.leg_dims)
+    expected = (whole - target).pow(2).sum()
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    value = net.accumulate_squared_distance(target, target.pow(2).sum(), torch.tensor(1.0))
+    assert_close_scaled(value, float(expected.detach()))
+    # one group: every gradient of one loss carries the rounding of terms of the largest one's size
+    assert_close_scaled([p.grad for p in net.parameters()], expected_grads)
+
+
 @pytest.mark.parametrize("n_legs, bond", [(2, 3), (4, 3), (4, 64), (8, 2), (8, 64)])
 def test_mera_slices_of_leg_0_give_the_whole_distance_and_gradient(n_legs: int, bond: int, memory_policy) -> None:
     """Whether leg 0's leaf is an identity (bond 64: the first node core is sliced) or a matrix
@@ -747,15 +761,7 @@ def test_mera_slices_of_leg_0_give_the_whole_distance_and_gradient(n_legs: int, 
     assert len(slices) > 1 and slices[0].start == 0 and slices[-1].stop == net.spec.leg_dims[0]
     whole = net.legs()
     assert_close_scaled(torch.cat([net.legs(rows) for rows in slices]), whole)
-    target = torch.randn(net.spec.leg_dims)
-    expected = (whole - target).pow(2).sum()
-    expected.backward()
-    expected_grads = [p.grad.clone() for p in net.parameters()]
-    net.zero_grad(set_to_none=True)
-    value = net.accumulate_squared_distance(target, target.pow(2).sum(), torch.tensor(1.0))
-    assert_close_scaled(value, float(expected.detach()))
-    # one group: every gradient of one loss carries the rounding of terms of the largest one's size
-    assert_close_scaled([p.grad for p in net.parameters()], expected_grads)
+    assert_tiles_give_the_whole_gradient(net, whole)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu", "gelu", "none"])
@@ -773,14 +779,7 @@ def test_mera_tiles_give_the_whole_gradient_for_every_activation(activation: str
         for site in net.activations:
             site.log_gain.fill_(0.5)
     assert len(net.fit_tiles()) > 1
-    target = torch.randn(spec.leg_dims)
-    expected = (net.legs() - target).pow(2).sum()
-    expected.backward()
-    expected_grads = [p.grad.clone() for p in net.parameters()]
-    net.zero_grad(set_to_none=True)
-    value = net.accumulate_squared_distance(target, target.pow(2).sum(), torch.tensor(1.0))
-    assert_close_scaled(value, float(expected.detach()))
-    assert_close_scaled([p.grad for p in net.parameters()], expected_grads)
+    assert_tiles_give_the_whole_gradient(net, net.legs())
 
 
 @pytest.mark.parametrize("leg_1_mixed", [False, True])
@@ -806,14 +805,7 @@ def test_mera_fit_tiles_cut_leg_1_where_a_value_of_leg_0_exceeds_a_block(leg_1_m
         legs, scale = net._scaled_legs(rows, fixed=fixed)
         index = (rows, *[dict(fixed).get(k, slice(None)) for k in range(1, 8)])
         assert_close_scaled(legs if scale is None else legs * scale, whole[index])
-    target = torch.randn(spec.leg_dims)
-    expected = (whole - target).pow(2).sum()
-    expected.backward()
-    expected_grads = [p.grad.clone() for p in net.parameters()]
-    net.zero_grad(set_to_none=True)
-    value = net.accumulate_squared_distance(target, target.pow(2).sum(), torch.tensor(1.0))
-    assert_close_scaled(value, float(expected.detach()))
-    assert_close_scaled([p.grad for p in net.parameters()], expected_grads)
+    assert_tiles_give_the_whole_gradient(net, whole)
 
 
 @pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt", "svd"])
