@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adntn.io.checkpoint import load_state_dict, save_state_dict
 from adntn import memory
+from adntn.io.checkpoint import load_state_dict, save_state_dict
 from adntn.memory import MemoryPolicy, current_policy, memory_policy, release_pages, row_blocks
 
 
@@ -70,7 +70,7 @@ def test_row_blocks_cover_the_rows_in_order() -> None:
 _FAULTS_SCRIPT = """
 import resource, torch
 from adntn import memory
-values, page = 1 << 20, 4096  # 4 MiB tensors
+values, page = 1 << 20, resource.getpagesize()  # 4 MiB tensors
 def faults_per_page():
     torch.ones(values)
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
