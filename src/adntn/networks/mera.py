@@ -244,7 +244,7 @@ class MERA(Generator):
         return factors, in_dims
 
     def _state(self, capture: list[torch.Tensor] | None = None, rows: slice | None = None,
-               fixed: Cuts = (), upper: Scaled | None = None) -> Scaled:
+               fixed: Cuts = (), upper: Scaled | None = None, activate: bool = True) -> Scaled:
         """The state above the leaves, shape bonds[0] (its first leg cut to ``rows`` when given,
         and each leg k of ``fixed`` to its slice: the bottom layer's cores, or the root with one
         level, are sliced along that child axis; no disentangler may touch those legs, see
@@ -258,12 +258,13 @@ class MERA(Generator):
         (no gain products on them, forward or backward). ``capture`` collects each layer's largest
         |pre-activation|, top layer first, of the network without activations (used to calibrate
         the gains; a reduction, so no state is kept and none is copied). ``upper``: the
-        ``_upper_state()`` a caller building many slices made once."""
+        ``_upper_state()`` a caller building many slices made once; ``activate`` False leaves out
+        the bottom layer's sigma."""
         cuts = dict(fixed) if rows is None else {0: rows, **dict(fixed)}
         state, pending = self._upper_state(capture) if upper is None else upper
         if self.levels == 1:
             return _cut_root(state, cuts), pending
-        return self._layer(1, state, pending, capture, cuts)
+        return self._layer(1, state, pending, capture, cuts, activate)
 
     def _upper_state(self, capture: list[torch.Tensor] | None = None) -> Scaled:
         """The state entering the bottom layer (layers L-1 .. 2 applied; the root with one or two
@@ -274,13 +275,14 @@ class MERA(Generator):
         return state, pending
 
     def _layer(self, h: int, state: torch.Tensor, pending: torch.Tensor | None,
-               capture: list[torch.Tensor] | None = None, cuts: dict[int, slice] | None = None) -> Scaled:
+               capture: list[torch.Tensor] | None = None, cuts: dict[int, slice] | None = None,
+               activate: bool = True) -> Scaled:
         """Layer h on ``state`` (legs bonds[h]): its isometries, the child axis of leg k cut to
-        ``cuts[k]``, its disentanglers, its sigma. The input state is only read (every factor is
-        a matrix), so it may be shared; the output is overwritten in place when no gradient is
-        wanted."""
+        ``cuts[k]``, its disentanglers, and its sigma when ``activate``. The input state is only
+        read (every factor is a matrix), so it may be shared; the output is overwritten in place
+        when no gradient is wanted."""
         factors, legs, pending = self._layer_factors(h, pending, cuts)
-        return self._layer_apply(h, state, factors, list(self.bonds[h]), legs, capture), pending
+        return self._layer_apply(h, state, factors, list(self.bonds[h]), legs, capture, activate), pending
 
     def _layer_factors(self, h: int, pending: torch.Tensor | None, cuts: dict[int, slice] | None = None
                        ) -> tuple[list[torch.Tensor], list[int], torch.Tensor | None]:
@@ -728,9 +730,8 @@ class MERA(Generator):
         factors, in_dims, shape = self._leaf_plan(fixed=((0, rows), *fixed))
         if any(isinstance(f, torch.Tensor) for f in factors) or sum(f is not None for f in factors) > 1:
             return None
-        state, pending = self._upper_state() if upper is None else upper
-        layer_factors, legs, pending = self._layer_factors(1, pending, {0: rows, **dict(fixed)})
-        z = self._layer_apply(1, state, layer_factors, list(self.bonds[1]), legs, activate=False).reshape(shape)
+        z, pending = self._state(rows=rows, fixed=fixed, upper=upper, activate=False)
+        z = z.reshape(shape)
         mix = None
         for g, factor in enumerate(factors):
             if factor is not None:
