@@ -187,18 +187,22 @@ def test_mera_weight_written_in_tiles_is_the_autograd_weight(n_legs: int, active
     assert_close_scaled(out, expected)
 
 
-def test_mera_blocked_tiles_with_a_matrix_leaf_0_fix_leg_0_alone() -> None:
-    """A matrix leaf 0 is cut through its rows, the state above the leaves shared by every tile:
-    no other leg is fixed, however small the block, and the product is still x W^T."""
-    torch.manual_seed(0)
-    net = build(make_spec("mera", (64, 48), 8, bond=2, mix_rank=0))
+@pytest.mark.parametrize("leg_1_mixed", [False, True])
+def test_mera_blocked_tiles_with_matrix_leaves_cut_legs_0_and_1_through_their_rows(leg_1_mixed: bool) -> None:
+    """Matrix leaves are cut through their rows, the state above the leaves shared by every tile:
+    leg 0 and, unless a physical disentangler acts on it, leg 1, however small the block; no
+    other leg. The product is still x W^T and the weight written in tiles the weight."""
+    spec = make_spec("mera", (64, 48), 8, bond=2, mix_rank=1)
+    net = active_mera(spec, (0,) if leg_1_mixed else (1,))  # the physical pair (1, 2), or (3, 4)
     with torch.no_grad():
-        assert not net.leaf_is_identity[0]
+        assert not net.leaf_is_identity[0] and not net.leaf_is_identity[1]
         weight = net()
         x = torch.randn(3, 48)
         with memory_policy(block_bytes=4):
-            assert net._tile_legs() == ((0,), ())
+            assert net._tile_legs() == (((0,) if leg_1_mixed else (0, 1)), ())
             assert_close_scaled(net.blocked_linear(x), x @ weight.T)
+            out = torch.full(weight.shape, float("nan"))
+            assert_close_scaled(net(out=out), weight)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu", "gelu"])
@@ -783,13 +787,16 @@ def test_mera_tiles_give_the_whole_gradient_for_every_activation(activation: str
 
 
 @pytest.mark.parametrize("leg_1_mixed", [False, True])
-def test_mera_fit_tiles_cut_leg_1_where_a_value_of_leg_0_exceeds_a_block(leg_1_mixed: bool, memory_policy) -> None:
+@pytest.mark.parametrize("bond", [64, 2])
+def test_mera_fit_tiles_cut_leg_1_where_a_value_of_leg_0_exceeds_a_block(leg_1_mixed: bool, bond: int,
+                                                                        memory_policy) -> None:
     """One value of leg 0 holds 16,384 of the 65,536 values; with 9,000-value blocks each is cut
-    in two along leg 1, unless a disentangler acts on leg 1. The tiles are the pieces of the
+    in two along leg 1, unless a disentangler acts on leg 1: in the state with identity leaves
+    (bond 64), through leaf 1's rows with matrix leaves (bond 2). The tiles are the pieces of the
     whole leg tensor, and accumulating tile by tile gives the whole objective's gradient."""
     memory_policy(block_bytes=4 * 9000)
     torch.manual_seed(0)
-    spec = make_spec("mera", (256, 256), 8, bond=64)  # identity leaves: the state is sliced
+    spec = make_spec("mera", (256, 256), 8, bond=bond)
     ranks = spec.disentangler_ranks  # physical pairs (1, 3, 5), then level 1's, then level 2's
     spec = replace(spec, mix_ranks=ranks if leg_1_mixed else (0, *ranks[1:3], 0, *ranks[4:]))
     net = build(spec)

@@ -328,18 +328,21 @@ class MERA(Generator):
         ``fixed`` to its slice (``upper``: see ``_state``). The last layer's scale is folded into
         a leaf factor when there is a dense one; else it is returned, for the caller to fuse into
         its own pass over X (the distance, the write into weight order)."""
+        in_state = tuple((k, cut) for k, cut in fixed if self.leaf_is_identity[k])  # the rest cut leaf rows
         if rows is not None and self.leaf_is_identity[0]:
-            return self._leaves(self._state(rows=rows, fixed=fixed, upper=upper), fixed=((0, rows), *fixed))
+            return self._leaves(self._state(rows=rows, fixed=in_state, upper=upper), fixed=((0, rows), *fixed))
         # the leaf groups may overwrite the state; with one level it is the root, but then there
         # are no physical pairs (``boundary_pairs(2)`` is empty)
-        return self._leaves(self._state(fixed=fixed, upper=upper), leaf_rows=rows, fixed=fixed)
+        cuts = fixed if rows is None else ((0, rows), *fixed)
+        return self._leaves(self._state(fixed=in_state, upper=upper), fixed=cuts)
 
-    def _leaves(self, above: Scaled, leaf_rows: slice | None = None, fixed: Cuts = (), own: bool = True) -> Scaled:
-        """The last layer on the state ``above`` (already cut along the identity legs ``fixed``):
-        (X, s) as in ``_scaled_legs``, leaf 0's rows cut to ``leaf_rows``; ``own``: the state
-        may be overwritten (when no gradient is wanted)."""
+    def _leaves(self, above: Scaled, fixed: Cuts = (), own: bool = True, lead: int = 0) -> Scaled:
+        """The last layer on the state ``above``, for the legs ``fixed`` cut to their slices (see
+        ``_leaf_plan``): (X, s) as in ``_scaled_legs``; ``own``: the state may be overwritten (when
+        no gradient is wanted); ``lead``: the rows of the first ``lead`` leaves are already
+        applied (``_lead``)."""
         state, scale = above
-        factors, in_dims, shape = self._leaf_plan(leaf_rows, fixed)
+        factors, in_dims, shape = self._leaf_plan(fixed, lead)
         own = own and not torch.is_grad_enabled()
         if scale is not None and not any(isinstance(f, torch.Tensor) for f in factors):
             legs = _kron_apply(state, factors, in_dims, inplace=own)
@@ -347,18 +350,33 @@ class MERA(Generator):
             legs, scale = _kron_apply(state, factors, in_dims, scale, inplace=own), None
         return legs.reshape(shape), scale
 
-    def _leaf_plan(self, leaf_rows: slice | None = None, fixed: Cuts = ()) -> tuple[list[Factor], list[int], list[int]]:
-        """``_leaf_groups`` for ``_leaves``' cuts: the factors (leaf 0's rows cut to ``leaf_rows``),
-        their input dims and the legs' shape, each leg of ``fixed`` cut to its slice."""
+    def _leaf_plan(self, fixed: Cuts = (), lead: int = 0) -> tuple[list[Factor], list[int], list[int]]:
+        """``_leaf_groups`` for ``_leaves``' cuts: the factors, their input dims and the legs'
+        shape, each leg of ``fixed`` cut to its slice: through its leaf's rows where that is a
+        matrix (a group of its own, ``_cuts_rows``), else in the state already (``_free``).
+        ``lead``: the first ``lead`` leaves' factors are left out, the state's axes being their rows."""
         factors, in_dims = self._leaf_groups()
         shape = list(self.spec.leg_dims)
-        if leaf_rows is not None:
-            factors[0] = factors[0][leaf_rows]
-            shape[0] = factors[0].shape[0]
         groups = self._group_of_leg()
-        for k, cut in fixed:  # a fixed leg is free, so its own group, with an identity leaf
-            shape[k] = in_dims[groups[k]] = len(range(self.spec.leg_dims[k])[cut])
+        for k, cut in fixed:
+            shape[k] = len(range(self.spec.leg_dims[k])[cut])
+            if self.leaf_is_identity[k]:  # a free leg: its own group, the state cut
+                in_dims[groups[k]] = shape[k]
+            else:
+                factors[groups[k]] = factors[groups[k]][cut]
+        for k in range(lead):
+            factors[k], in_dims[k] = None, shape[k]
         return factors, in_dims, shape
+
+    def _lead(self, above: Scaled, k: int, rows: slice) -> Scaled:
+        """Leaf k's ``rows`` (a matrix, its own group) applied to axis k of the state above the
+        leaves, the axes before it already cut to one value: (X, s) with X of shape
+        (1, .., 1, rows, b_k+1, .., b_K). Fixing legs 0 and 1 so, a tile's chain starts at leg 2
+        and can take the legs in either direction (``_kron_apply``)."""
+        state, scale = above
+        leaf = self._leaf_groups()[0][self._group_of_leg()[k]][rows]
+        made = leaf @ state.reshape(state.shape[k], -1)
+        return made.reshape(*state.shape[:k], leaf.shape[0], *state.shape[k + 1:]), scale
 
     def _group_of_leg(self) -> list[int]:
         """For each leg, the index of its group in ``_leaf_groups`` (a physical pair is one)."""
@@ -376,19 +394,27 @@ class MERA(Generator):
         touched = {leg for level in self.pairs[:2] for first in level for leg in (first, first + 1)}
         return self.leaf_is_identity[k] and k not in touched
 
+    def _cuts_rows(self, k: int) -> bool:
+        """Whether leg k can be cut through its leaf's rows: a matrix leaf in a group of its own
+        (no physical disentangler on it), so the state above the leaves stays whole."""
+        return not self.leaf_is_identity[k] and not {k - 1, k} & set(self.pairs[0])
+
     def _tile_legs(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The legs ``blocked_linear`` fixes per tile: a head (leg 0, then leg 1) and a tail (the
         last legs), added in the order 1, K-1, K-2 while a tile would hold more than one streamed
         block (``memory.current_policy``), each only where ``_free`` and while one leg is left
-        unfixed. Leg 0 is always fixed (through its leaf's rows when that is a matrix; then no
-        other leg is, the state above the leaves being shared by all tiles). Leg 1 comes first:
-        with both of its node's legs fixed, the node is applied once per value and leaves an
-        axis of size 1 (``_tile_state``)."""
+        unfixed. Leg 0 is always fixed. Leg 1 comes first: with both of its node's legs fixed,
+        the node is applied once per value and leaves an axis of size 1 (``_tile_state``). With a
+        matrix leaf 0 the legs are cut through their leaves' rows, the state above the leaves
+        being shared by all tiles: leg 0, and leg 1 where ``_cuts_rows`` (leaf 0's rows are
+        applied once per value, ``_lead``)."""
         n_legs, dims = self.spec.n_legs, self.spec.leg_dims
         head, tail = [0], []
-        if not self.leaf_is_identity[0]:  # leaf 0's rows are cut, the state above is whole
-            return (0,), ()
         target = current_policy().block_values()
+        if not self.leaf_is_identity[0]:
+            if n_legs > 2 and math.prod(dims[1:]) > target and self._cuts_rows(1):
+                return (0, 1), ()
+            return (0,), ()
         for side, k in ((head, 1), (tail, n_legs - 1), (tail, n_legs - 2)):
             if self.spec.rows * self.spec.cols // math.prod(dims[j] for j in head + tail) <= target:
                 break
@@ -419,7 +445,7 @@ class MERA(Generator):
         for rows in self.row_slices():
             cuts: list[Cuts] = [()]
             values = len(range(dims[0])[rows]) * math.prod(dims[1:])
-            if values > block and self.leaf_is_identity[0] and self._free(1):
+            if values > block and (self._free(1) if self.leaf_is_identity[0] else self._cuts_rows(1)):
                 step = -(-dims[1] // min(dims[1], -(-values // block)))  # equal pieces, the fewest
                 cuts = [((1, slice(start, min(start + step, dims[1]))),) for start in range(0, dims[1], step)]
             tiles += [(rows, fixed) for fixed in cuts]
@@ -467,12 +493,14 @@ class MERA(Generator):
         """Half of what ``blocked_linear`` holds on the weight side: two tiles (the legs and the
         buffer in weight order, each 1/(d_k ...) of the padded weight for the legs it fixes,
         ``_tile_legs``), the state entering the bottom layer (``_upper_state``) and, when leaf 0 is
-        a matrix, the state above the leaves cut along the tail."""
+        a matrix, the state above the leaves and its rows for the head's values (``_lead``)."""
         head, tail = self._tile_legs()
-        dims = self.spec.leg_dims
+        dims, bonds = self.spec.leg_dims, self.bonds[0]
         tile = self.spec.rows * self.spec.cols // math.prod(dims[k] for k in head + tail)
         upper = math.prod(self.bonds[1]) if self.levels > 2 else 0
-        above = 0 if self.leaf_is_identity[0] else math.prod(self.bonds[0]) // math.prod(dims[k] for k in tail)
+        above = 0
+        if not self.leaf_is_identity[0]:
+            above = sum(math.prod(bonds[k:]) for k in range(len(head) + 1))
         return tile + (upper + above) // 2
 
     def _shared_above(self) -> Scaled | None:
@@ -512,12 +540,15 @@ class MERA(Generator):
                 break  # this and every later tile's rows are padding
             head_cuts = tuple((k, slice(v, v + 1)) for k, v in zip(head, head_values))
             both = self.levels == 1 or len(head) == 2  # node 0's legs all cut: applied once per head value
+            if above is not None and head_values[1:] == [0] * (len(head) - 1):  # a new value of leg 0
+                leading = self._lead(above, 0, head_cuts[0][1])
             headed = None if above is not None else self._cut_end(upper, head_cuts, 0) if both else upper
             for tail_value in range(math.prod(spec.leg_dims[k] for k in tail)):
                 tail_values = _digits(tail_value, [spec.leg_dims[k] for k in tail])
                 tail_cuts = tuple((k, slice(v, v + 1)) for k, v in zip(tail, tail_values))
-                if above is not None:  # a matrix leaf 0, whose rows are cut (``_tile_legs``: no tail)
-                    legs, scale = self._leaves(above, leaf_rows=head_cuts[0][1], own=False)
+                if above is not None:  # matrix leaves, whose rows are cut (``_tile_legs``: no tail)
+                    lead = leading if len(head) == 1 else self._lead(leading, 1, head_cuts[1][1])
+                    legs, scale = self._leaves(lead, fixed=head_cuts, own=False, lead=len(head))
                 else:
                     legs, scale = self._leaves(self._tile_state(headed, head_cuts + tail_cuts, both),
                                                fixed=head_cuts + tail_cuts)
@@ -710,7 +741,7 @@ class MERA(Generator):
         target = target_legs[tuple(index)].to(self.root.dtype)
         above, upper = (None, None) if start is None else start
         if above is not None:  # a matrix leaf 0: its rows on the state above the leaves
-            legs, scale = self._leaves(above, leaf_rows=rows, fixed=fixed, own=False)
+            legs, scale = self._leaves(above, fixed=((0, rows), *fixed), own=False)
             return scaled_squared_distance(legs, scale, target)
         fused = self._fused_tail(rows, fixed, upper)
         if fused is not None:
@@ -727,7 +758,7 @@ class MERA(Generator):
         if (not torch.is_grad_enabled() or traced() or self.levels < 2 or not self.leaf_is_identity[0]
                 or (activation is not None and activation not in SIGMA_MIX_ACTIVATIONS)):
             return None
-        factors, in_dims, shape = self._leaf_plan(fixed=((0, rows), *fixed))
+        factors, in_dims, shape = self._leaf_plan(((0, rows), *fixed))
         if any(isinstance(f, torch.Tensor) for f in factors) or sum(f is not None for f in factors) > 1:
             return None
         z, pending = self._state(rows=rows, fixed=fixed, upper=upper, activate=False)
