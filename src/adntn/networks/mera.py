@@ -65,6 +65,7 @@ Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 FACTORIZED_SHARE = 16
 Scaled = tuple[torch.Tensor, torch.Tensor | None]  # a state and the scalar it is still to be multiplied by
 Cuts = tuple[tuple[int, slice], ...]  # (leg, slice) pairs
+LayerFactors = tuple[list[torch.Tensor], list[int], torch.Tensor | None]  # ``MERA._layer_factors``
 
 
 def _kron_apply(state: torch.Tensor, factors: list[Factor], in_dims: list[int],
@@ -284,24 +285,30 @@ class MERA(Generator):
         factors, legs, pending = self._layer_factors(h, pending, cuts)
         return self._layer_apply(h, state, factors, list(self.bonds[h]), legs, capture, activate), pending
 
-    def _layer_factors(self, h: int, pending: torch.Tensor | None, cuts: dict[int, slice] | None = None
-                       ) -> tuple[list[torch.Tensor], list[int], torch.Tensor | None]:
+    def _layer_factors(self, h: int, pending: torch.Tensor | None, cuts: dict[int, slice] | None = None,
+                       made: LayerFactors | None = None) -> LayerFactors:
         """Layer h's isometries as matrices (a b, c), cut as in ``_layer``, the layer's gain (and
         the scale pending from above) folded into the first; its output legs; the scale pending
-        after its sigma."""
-        first = sum(len(self.bonds[g]) for g in range(1, h))
-        cores = list(self.nodes)[first:first + len(self.bonds[h])]
-        legs = list(self.bonds[h - 1])
-        for k, cut in (cuts or {}).items():
-            j, axis = divmod(k, 2)
-            cores[j] = cores[j][cut] if axis == 0 else cores[j][:, cut]
-            legs[k] = cores[j].shape[axis]
-        factors = [core.reshape(-1, core.shape[2]) for core in cores]
-        activation = self.activations[h - 1] if len(self.activations) else None
-        if activation is not None:
-            gain, out_scale = activation.scales()
-            factors[0] = factors[0] * (gain if pending is None else gain * pending)
-            pending = out_scale
+        after its sigma. ``made``: this call's result without ``cuts`` (for the same ``pending``),
+        made once by a caller cutting the layer many times (each cut is then rows of a view)."""
+        if made is None:
+            first = sum(len(self.bonds[g]) for g in range(1, h))
+            cores = list(self.nodes)[first:first + len(self.bonds[h])]
+            factors = [core.reshape(-1, core.shape[2]) for core in cores]
+            activation = self.activations[h - 1] if len(self.activations) else None
+            if activation is not None:
+                gain, out_scale = activation.scales()
+                factors[0] = factors[0] * (gain if pending is None else gain * pending)
+                pending = out_scale
+            made = factors, list(self.bonds[h - 1]), pending
+        factors, legs, pending = made
+        if cuts:
+            factors, legs = list(factors), list(legs)
+            for k, cut in cuts.items():
+                j, axis = divmod(k, 2)
+                node = factors[j].reshape(legs[2 * j], legs[2 * j + 1], -1)
+                node = node[cut] if axis == 0 else node[:, cut]
+                factors[j], legs[k] = node.reshape(-1, node.shape[2]), node.shape[axis]
         return factors, legs, pending
 
     def _layer_apply(self, h: int, state: torch.Tensor, factors: list[Factor], in_dims: list[int],
@@ -336,13 +343,14 @@ class MERA(Generator):
         cuts = fixed if rows is None else ((0, rows), *fixed)
         return self._leaves(self._state(fixed=in_state, upper=upper), fixed=cuts)
 
-    def _leaves(self, above: Scaled, fixed: Cuts = (), own: bool = True, lead: int = 0) -> Scaled:
+    def _leaves(self, above: Scaled, fixed: Cuts = (), own: bool = True, lead: int = 0,
+                groups: tuple[list[Factor], list[int]] | None = None) -> Scaled:
         """The last layer on the state ``above``, for the legs ``fixed`` cut to their slices (see
         ``_leaf_plan``): (X, s) as in ``_scaled_legs``; ``own``: the state may be overwritten (when
         no gradient is wanted); ``lead``: the rows of the first ``lead`` leaves are already
-        applied (``_lead``)."""
+        applied (``_lead``); ``groups``: ``_leaf_groups()``, made once by a caller of many tiles."""
         state, scale = above
-        factors, in_dims, shape = self._leaf_plan(fixed, lead)
+        factors, in_dims, shape = self._leaf_plan(fixed, lead, groups)
         own = own and not torch.is_grad_enabled()
         if scale is not None and not any(isinstance(f, torch.Tensor) for f in factors):
             legs = _kron_apply(state, factors, in_dims, inplace=own)
@@ -350,31 +358,34 @@ class MERA(Generator):
             legs, scale = _kron_apply(state, factors, in_dims, scale, inplace=own), None
         return legs.reshape(shape), scale
 
-    def _leaf_plan(self, fixed: Cuts = (), lead: int = 0) -> tuple[list[Factor], list[int], list[int]]:
+    def _leaf_plan(self, fixed: Cuts = (), lead: int = 0, groups: tuple[list[Factor], list[int]] | None = None
+                   ) -> tuple[list[Factor], list[int], list[int]]:
         """``_leaf_groups`` for ``_leaves``' cuts: the factors, their input dims and the legs'
         shape, each leg of ``fixed`` cut to its slice: through its leaf's rows where that is a
         matrix (a group of its own, ``_cuts_rows``), else in the state already (``_free``).
-        ``lead``: the first ``lead`` leaves' factors are left out, the state's axes being their rows."""
-        factors, in_dims = self._leaf_groups()
+        ``lead``: the first ``lead`` leaves' factors are left out, the state's axes being their rows.
+        ``groups``: see ``_leaves``."""
+        factors, in_dims = self._leaf_groups() if groups is None else groups
+        factors, in_dims = list(factors), list(in_dims)
         shape = list(self.spec.leg_dims)
-        groups = self._group_of_leg()
+        group_of = self._group_of_leg()
         for k, cut in fixed:
             shape[k] = len(range(self.spec.leg_dims[k])[cut])
             if self.leaf_is_identity[k]:  # a free leg: its own group, the state cut
-                in_dims[groups[k]] = shape[k]
+                in_dims[group_of[k]] = shape[k]
             else:
-                factors[groups[k]] = factors[groups[k]][cut]
+                factors[group_of[k]] = factors[group_of[k]][cut]
         for k in range(lead):
             factors[k], in_dims[k] = None, shape[k]
         return factors, in_dims, shape
 
-    def _lead(self, above: Scaled, k: int, rows: slice) -> Scaled:
+    def _lead(self, above: Scaled, k: int, rows: slice, groups: tuple[list[Factor], list[int]]) -> Scaled:
         """Leaf k's ``rows`` (a matrix, its own group) applied to axis k of the state above the
         leaves, the axes before it already cut to one value: (X, s) with X of shape
         (1, .., 1, rows, b_k+1, .., b_K). Fixing legs 0 and 1 so, a tile's chain starts at leg 2
-        and can take the legs in either direction (``_kron_apply``)."""
+        and can take the legs in either direction (``_kron_apply``). ``groups``: ``_leaf_groups()``."""
         state, scale = above
-        leaf = self._leaf_groups()[0][self._group_of_leg()[k]][rows]
+        leaf = groups[0][self._group_of_leg()[k]][rows]
         made = leaf @ state.reshape(state.shape[k], -1)
         return made.reshape(*state.shape[:k], leaf.shape[0], *state.shape[k + 1:]), scale
 
@@ -455,36 +466,38 @@ class MERA(Generator):
         """Slices of bond 0 whose states above the leaves hold about one streamed block each."""
         return _slices(self.bonds[0][0], math.prod(self.bonds[0]))
 
-    def _cut_end(self, upper: Scaled, cuts: Cuts, node: int) -> Scaled:
+    def _cut_end(self, upper: Scaled, cuts: Cuts, node: int, made: LayerFactors | None = None) -> Scaled:
         """``upper`` (the state entering the bottom layer) with the bottom layer's isometry of
         ``node`` (0 or the last), cut along ``cuts``, already applied; with one level, the root
         cut. A tile's state is then the remaining isometries on a state that is already small
-        (applied in the chain, the end ones would come last and leave a larger intermediate)."""
+        (applied in the chain, the end ones would come last and leave a larger intermediate).
+        ``made``: see ``_layer_factors``."""
         state, pending = upper
         if self.levels == 1:
             return _cut_root(state, dict(cuts)), pending
-        factors, _, _ = self._layer_factors(1, pending, dict(cuts))
+        factors, _, _ = self._layer_factors(1, pending, dict(cuts), made)
         dims = list(state.shape)
         chosen = [f if g == (node % len(factors)) else None for g, f in enumerate(factors)]
         result = _kron_apply(state, chosen, dims)
         dims[node] = factors[node].shape[0]
         return result.reshape(dims), pending
 
-    def _tile_state(self, headed: Scaled, cuts: Cuts, head_done: bool) -> Scaled:
+    def _tile_state(self, headed: Scaled, cuts: Cuts, head_done: bool, made: LayerFactors | None = None) -> Scaled:
         """The state above the leaves for one tile of ``blocked_linear``, cut along ``cuts``:
         ``headed`` is ``_upper_state()``, or (``head_done``) ``_cut_end`` of node 0, done when
         both of its legs are cut. The last node's isometry is applied first too when both of its
         legs are cut, then the others in one chain, the bottom layer's disentanglers and sigma.
         A node applied first leaves an axis of size 1, which the chain's rotation moves for free;
-        in the chain, a cut end node would shrink the state last, after a larger intermediate."""
+        in the chain, a cut end node would shrink the state last, after a larger intermediate.
+        ``made``: see ``_layer_factors``."""
         state, pending_above = headed
         if self.levels == 1:  # the root, cut along leg 0 by ``_cut_end``; ``_tile_legs`` leaves leg 1 whole
             return headed
-        factors, legs, pending = self._layer_factors(1, pending_above, dict(cuts))
+        factors, legs, pending = self._layer_factors(1, pending_above, dict(cuts), made)
         last = len(factors) - 1
         tail_done = {2 * last, 2 * last + 1} <= dict(cuts).keys()
         if tail_done:
-            state, _ = self._cut_end((state, pending_above), cuts, last)
+            state, _ = self._cut_end((state, pending_above), cuts, last, made)
         chain: list[Factor] = [None if head_done else factors[0], *factors[1:last],
                                None if tail_done else factors[last]]
         return self._layer_apply(1, state, chain, list(state.shape), legs), pending
@@ -533,6 +546,8 @@ class MERA(Generator):
         above, upper = self._tile_start() if start is None else start
         per_leg_0 = math.prod(spec.leg_dims[k] for k in head[1:])
         leg_0 = range(spec.leg_dims[0]) if leg_0 is None else leg_0
+        groups = self._leaf_groups()
+        made = self._layer_factors(1, upper[1]) if upper is not None and self.levels > 1 else None
         for head_value in range(leg_0.start * per_leg_0, leg_0.stop * per_leg_0):
             head_values = _digits(head_value, [spec.leg_dims[k] for k in head])
             head_o = _index([v // in_dims[k] for k, v in zip(head, head_values)], [out_dims[k] for k in head])
@@ -540,18 +555,27 @@ class MERA(Generator):
                 break  # this and every later tile's rows are padding
             head_cuts = tuple((k, slice(v, v + 1)) for k, v in zip(head, head_values))
             both = self.levels == 1 or len(head) == 2  # node 0's legs all cut: applied once per head value
-            if above is not None and head_values[1:] == [0] * (len(head) - 1):  # a new value of leg 0
-                leading = self._lead(above, 0, head_cuts[0][1])
-            headed = None if above is not None else self._cut_end(upper, head_cuts, 0) if both else upper
+            new_leg_0 = head_values[1:] == [0] * (len(head) - 1)
+            if above is not None:  # matrix leaves, whose rows are cut (``_tile_legs``: no tail)
+                if new_leg_0:
+                    leading = self._lead(above, 0, head_cuts[0][1], groups)
+            elif self.levels > 1 and len(head) == 2:  # node 0 on the values of leg 1 at once, a row a tile
+                if new_leg_0:
+                    node_0, _ = self._cut_end(upper, head_cuts[:1], 0, made)
+                headed = node_0[head_values[1]:head_values[1] + 1], upper[1]
+            else:
+                headed = self._cut_end(upper, head_cuts, 0) if both else upper
             for tail_value in range(math.prod(spec.leg_dims[k] for k in tail)):
                 tail_values = _digits(tail_value, [spec.leg_dims[k] for k in tail])
                 tail_cuts = tuple((k, slice(v, v + 1)) for k, v in zip(tail, tail_values))
-                if above is not None:  # matrix leaves, whose rows are cut (``_tile_legs``: no tail)
-                    lead = leading if len(head) == 1 else self._lead(leading, 1, head_cuts[1][1])
-                    legs, scale = self._leaves(lead, fixed=head_cuts, own=False, lead=len(head))
+                if above is not None:
+                    lead = leading if len(head) == 1 else self._lead(leading, 1, head_cuts[1][1], groups)
+                    legs, scale = self._leaves(lead, fixed=head_cuts, own=False, lead=len(head), groups=groups)
                 else:
-                    legs, scale = self._leaves(self._tile_state(headed, head_cuts + tail_cuts, both),
-                                               fixed=head_cuts + tail_cuts)
+                    cuts = head_cuts + tail_cuts
+                    legs, scale = self._leaves(self._tile_state(headed, cuts, both, made), fixed=cuts, groups=groups)
+                    if scale is not None:  # the legs were made for this tile: scaled while in cache
+                        legs, scale = legs.mul_(scale), None
                 split = weight_order(legs.reshape([spec.leg_dims[k] for k in mid]),
                                      [out_dims[k] for k in mid], [in_dims[k] for k in mid])
                 yield head_values + tail_values, split, scale
