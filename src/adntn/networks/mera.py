@@ -720,8 +720,9 @@ class MERA(Generator):
         """The weight; without autograd it is written a tile at a time (``_write_tiles``), into
         ``out`` when given: no weight-sized state besides ``out``, each tile's disentanglers,
         sigma, scale and permutation into weight order on values still in cache (fc6 of VGG-16,
-        224 tiles of 1.8 MB: 205 ms at 2,000x, of which the permuted copy into ``out`` 68 and the
-        GEMMs 45-60; 178 ms at 50,000x. The whole state at once took 371-476 ms at 2,000x)."""
+        224 tiles of 1.8 MB: 205 ms at 2,000x, of which the permuted copy into ``out`` 68 and
+        ``_kron_apply``'s GEMM chains 43 (cProfile); 178 ms at 50,000x. The whole state at once
+        took 371-476 ms at 2,000x)."""
         if torch.is_grad_enabled() or not unpadded(self.spec):
             return super().forward(out)
         out = direct_output(out, self.spec)
