@@ -190,7 +190,7 @@ def main() -> None:
     wanted = {r for r in args.rows.split(",") if r}
     rows = [row for row in plan_rows() if not wanted or row["id"] in wanted]
     results = {
-        "settings": (f"{args.epochs} epoch(s) CE+KD ({EXTREME_EPOCHS} for the extreme rows) (Adam, constant lr {args.finetune_lr}, batch {args.batch_size}, "
+        "settings": (f"{args.epochs} epoch(s) CE+KD ({max(args.epochs, EXTREME_EPOCHS)} for the extreme rows) (Adam, constant lr {args.finetune_lr}, batch {args.batch_size}, "
                      f"{'dropout off' if args.no_dropout else 'dropout on; off for the extreme rows'}) after "
                      f"{args.steps} weight-space + {args.steps} activation-space Adam steps (lr {args.lr}); "
                      f"activation {args.activation}; seed {args.seed}; torch {torch.__version__}, "
