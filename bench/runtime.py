@@ -51,6 +51,26 @@ def median_ms(call, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def cpu_model() -> str:
+    """The CPU's model name: timings differ by vendor and model."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def git_commit() -> str:
+    """HEAD's short hash, with "-dirty" when src/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True,
+                               cwd=ROOT).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if dirty else "")
+
+
 def rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS"):
@@ -261,7 +281,8 @@ def main() -> int:
     if args.quick:
         LAYERS.pop("fc6")
         args.archs, args.batches = ["ttn"], (1, 32)
-    results = {"machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores), torch {torch.__version__}",
+    results = {"machine": f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
+                          f"git {git_commit()}",
                "threads": args.threads, "load_before": round(os.getloadavg()[0], 2)}
     results["layers"] = layer_rows(args)
     if not (args.quick or args.no_model):
