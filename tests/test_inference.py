@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
+from adntn.memory import memory_policy
 from adntn.models.layers import GeneratedConv2d, GeneratedLinear, inference_cost
 from adntn.networks import build
 from adntn.networks.budget import spec_for_bond_dim, spec_for_ratio
@@ -130,6 +131,42 @@ def test_factorized_gradients_equal_the_dense_ones(arch: str, conv: bool) -> Non
     assert len(grads["dense"]) == len(grads["factorized"]) > 2
     for actual, expected in zip(grads["factorized"], grads["dense"]):
         assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("arch, n_legs", [("ttn", 4), ("ttn", 8), ("tt", 4), ("attn", 2)])
+@pytest.mark.parametrize("conv", [False, True])
+def test_factorized_in_row_chunks_equals_the_dense_layer_with_its_gradients(arch: str, n_legs: int,
+                                                                           conv: bool) -> None:
+    """A cache block of a few intermediate rows: x goes through ``linear`` in chunks of 1-2 rows."""
+    shape = CONV_SHAPE if conv else LINEAR_SHAPE
+    net = generator(arch, shape, n_legs)
+    layer = (GeneratedConv2d(net, torch.randn(shape[0]), (2, 2), (1, 1)) if conv
+             else GeneratedLinear(net, torch.randn(shape[0])))
+    x = torch.randn(*((2, 4, 7, 6) if conv else (9, shape[1])), requires_grad=True)
+    probe = torch.randn_like(layer(x))
+    xs, i, y, j, chi = net._digit_sizes()
+    per_row = xs * chi * j if net.linear_order == "left" else i * y * chi
+    results = {}
+    for schedule in ("dense", "factorized"):
+        layer.schedule = schedule
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with memory_policy(cache_bytes=4 * per_row * 2):
+            assert net.linear_chunk_rows() == 2
+            out = layer(x)
+        (out * probe).sum().backward()
+        results[schedule] = [out.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()
+                                                               if p.grad is not None]
+    assert len(results["dense"]) == len(results["factorized"]) > 3
+    for actual, expected in zip(results["factorized"], results["dense"]):
+        assert_close(actual, expected)
+
+
+def test_attn_with_a_middle_disentangler_takes_the_batch_whole() -> None:
+    net = generator("attn", LINEAR_SHAPE, 4)
+    assert net.middle is not None
+    with memory_policy(cache_bytes=4):
+        assert net.linear_chunk_rows() is None
 
 
 @pytest.mark.parametrize("shape", [LINEAR_SHAPE, CONV_SHAPE, (64, 48)])
