@@ -51,26 +51,6 @@ def median_ms(call, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def cpu_model() -> str:
-    """The CPU's model name: timings differ by vendor and model."""
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-        return line.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def git_commit() -> str:
-    """HEAD's short hash, with "-dirty" when src/ has uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True,
-                               cwd=ROOT).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (head or "unknown") + ("-dirty" if dirty else "")
-
-
 def rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS"):
@@ -281,8 +261,12 @@ def main() -> int:
     if args.quick:
         LAYERS.pop("fc6")
         args.archs, args.batches = ["ttn"], (1, 32)
-    results = {"machine": f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
-                          f"git {git_commit()}",
+    from speed import machine_info  # bench/speed.py: the CPU's model and the commit, as its results name them
+
+    info = machine_info()
+    commit = (info["git_commit"] or "unknown")[:7] + ("-dirty" if info["src_uncommitted_changes"] else "")
+    results = {"machine": f"{info['cpu']} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
+                          f"git {commit}",
                "threads": args.threads, "load_before": round(os.getloadavg()[0], 2)}
     results["layers"] = layer_rows(args)
     if not (args.quick or args.no_model):
