@@ -150,7 +150,7 @@ def active_mera(spec: GeneratorSpec, active: tuple) -> MERA:
 @pytest.mark.parametrize("batch", [1, 5])
 def test_mera_blocked_tiles_fix_the_free_end_legs_and_give_x_times_the_weight(
         shape: tuple, n_legs: int, active: tuple, batch: int) -> None:
-    """With a small streamed block, tiles fix leg 1 and the last legs too, where no disentangler
+    """With small blocks, tiles fix leg 1 and the last legs too, where no disentangler
     touches them (identity leaves: bond 64; ``active``: the disentanglers with rank 1, in the
     spec's order): x W^T still, for padded and convolution shapes; the tile legs are exactly the
     free ones the order 1, K-1, K-2 reaches, and ``block_values`` shrinks with the tile."""
@@ -159,7 +159,7 @@ def test_mera_blocked_tiles_fix_the_free_end_legs_and_give_x_times_the_weight(
         weight = net().reshape(shape[0], -1)
         x = torch.randn(batch, weight.shape[1])
         whole = net.block_values()
-        with memory_policy(block_bytes=4):
+        with memory_policy(block_bytes=4, cache_bytes=4):
             head, tail = net._tile_legs()
             touched = {leg for level in net.pairs[:2] for k in level for leg in (k, k + 1)}
             expected_head = (0, 1) if n_legs > 2 and 1 not in touched else (0,)
@@ -173,6 +173,19 @@ def test_mera_blocked_tiles_fix_the_free_end_legs_and_give_x_times_the_weight(
             assert_close_scaled(net.blocked_linear(x), x @ weight.T)
 
 
+@pytest.mark.parametrize("cache_bytes, head", [(1 << 20, (0,)), (4, (0, 1))])
+def test_mera_tiles_fix_leg_1_beyond_a_cache_block_and_the_tail_beyond_a_streamed_block(cache_bytes, head) -> None:
+    """Leg 1 is fixed once a tile of leg 0 holds more than one cache block, the end legs only
+    beyond a streamed block: here the streamed block holds a tile of leg 0 (64 x 48 / 4 values)."""
+    net = active_mera(make_spec("mera", (64, 48), 8, bond=64, mix_rank=1), ())
+    with torch.no_grad():
+        weight = net()
+        x = torch.randn(3, 48)
+        with memory_policy(block_bytes=4 * 64 * 48, cache_bytes=cache_bytes):
+            assert net._tile_legs() == (head, ())
+            assert_close_scaled(net.blocked_linear(x), x @ weight.T)
+
+
 @pytest.mark.parametrize("n_legs, active", [(2, ()), (4, ()), (8, ()), (8, (1,)), (8, (3,)), (16, ())])
 @pytest.mark.parametrize("bond", [2, 64])
 def test_mera_weight_written_in_tiles_is_the_autograd_weight(n_legs: int, active: tuple, bond: int) -> None:
@@ -182,7 +195,7 @@ def test_mera_weight_written_in_tiles_is_the_autograd_weight(n_legs: int, active
     net = active_mera(make_spec("mera", (64, 48), n_legs, bond=bond, mix_rank=1), active)
     expected = net().detach()
     out = torch.full(expected.shape, float("nan"))
-    with torch.no_grad(), memory_policy(block_bytes=4):
+    with torch.no_grad(), memory_policy(block_bytes=4, cache_bytes=4):
         assert net(out=out).data_ptr() == out.data_ptr()
     assert_close_scaled(out, expected)
 
