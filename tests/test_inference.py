@@ -296,7 +296,10 @@ def test_auto_picks_a_schedule_from_the_cost(arch: str) -> None:
         assert layer.resolve_schedule(2, x.requires_grad_()) == "dense"
     else:
         assert chosen == ("factorized" if cost["factorized"]["flops"] < cost["dense"]["flops"] else "blocked")
-    assert "schedule=auto" in repr(layer) and "inference_bytes=" in repr(layer)
+    one = inference_cost(net, 1)  # the repr states what one row runs, and what that holds and costs
+    run = "factorized" if one["factorized"] is not None and one["factorized"]["flops"] < one["dense"]["flops"] else "blocked"
+    assert f"schedule=auto, inference={run}, inference_bytes={one[run]['bytes']}," in repr(layer)
+    assert f"{one[run]['flops']} flops/sample" in repr(layer)
 
 
 @settings(max_examples=25, deadline=None)

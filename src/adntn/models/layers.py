@@ -126,15 +126,16 @@ class GeneratedLayer(nn.Module):
         return self.generator.blocked_linear(flat)
 
     def inference_repr(self) -> str:
-        """schedule, inference memory (cores + cached operands) and flops per sample vs dense."""
+        """schedule, and what inference on one row (no gradient) runs: its schedule, the bytes it
+        holds (``inference_cost``: cores + cached operands, or two row blocks) and its flops per
+        sample against the dense layer's."""
         rows, cols = self.generator.spec.matrix_shape
-        memory = _core_bytes(self.generator) + self.generator.linear_state_bytes()
-        if self.generator.has_factorized:
-            per_sample = f"{2 * self.generator.linear_macs(1)} flops/sample factorized"
-        else:
-            per_sample = "blocked (generates the rows)"
-        return (f"schedule={self._schedule}, inference_bytes={memory}, {per_sample} "
-                f"vs {2 * rows * cols} dense")
+        run = self._schedule
+        if run == "auto":
+            run = "factorized" if self._factorized_is_cheaper(1) else "blocked"
+        cost = inference_cost(self.generator, 1)[run]
+        return (f"schedule={self._schedule}, inference={run}, inference_bytes={cost['bytes']}, "
+                f"{cost['flops']} flops/sample vs {2 * rows * cols} dense")
 
     @property
     def weight(self) -> torch.Tensor:
