@@ -7,7 +7,9 @@
    shown), against the dense ``nn.Linear`` of the same shape and TensorLy-Torch's
    ``FactorizedLinear`` (BlockTT, factorized forward) at about the same parameter count; batch 1,
    32 and 256; median of ``--repeats`` after a warm-up; the layer's resident bytes (cores, cached
-   operands or row blocks) against the dense weight's.
+   operands or row blocks) against the dense weight's, as the cost model counts them, and as
+   measured: the rise of the peak RSS that building the layer and two forwards cause in a fresh
+   process (``layer_memory``), for the dense layer and the generated one.
 2. Whole model: torchvision VGG-16 (random weights, saved as .pth: no download) with fc6+fc7
    compressed by ttn at 2,000x (weight-space stage only); each variant in a fresh process: the
    directory's size, load time, resident memory after load (VmRSS, and above the imports),
@@ -22,6 +24,8 @@ layers take 32 ms), so the load average is recorded with the results.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -87,6 +91,7 @@ def layer_rows(args) -> list[dict]:
 
     torch.manual_seed(0)
     rows = []
+    dense_rss: dict[tuple[str, int], int | None] = {}  # measured once per layer and batch
     with torch.no_grad():
         for name, shape in LAYERS.items():
             dense = nn.Linear(shape[1], shape[0]).eval()
@@ -110,6 +115,12 @@ def layer_rows(args) -> list[dict]:
                                "batch": batch, "dense_ms": median_ms(lambda: dense(x), args.repeats),
                                "adntn_ms": median_ms(lambda: layer(x), args.repeats),
                                "schedule": layer.resolve_schedule(batch, x)}
+                        measure = {"layer": name, "shape": list(shape), "ratio": ratio, "batch": batch,
+                                   "threads": args.threads}
+                        row["rss_added"] = run_child("layer", {**measure, "arch": arch}).get("rss_added")
+                        if (name, batch) not in dense_rss:
+                            dense_rss[name, batch] = run_child("layer", {**measure, "arch": "dense"}).get("rss_added")
+                        row["dense_rss_added"] = dense_rss[name, batch]
                         cost = inference_cost(generator, batch)[row["schedule"]]
                         row["adntn_bytes"] = cost["bytes"]
                         row["dense_bytes"] = 4 * spec.dense_params
@@ -124,11 +135,56 @@ def layer_rows(args) -> list[dict]:
     return rows
 
 
+def layer_memory(payload: dict) -> dict:
+    """In a fresh process, what one layer adds to the resident memory: a first copy of the layer
+    (the dense ``nn.Linear``, or the generated layer as ``layer_rows`` makes it) is built, run and
+    dropped, so that one-off costs are paid; then VmRSS, a second copy built, the peak (VmHWM)
+    reset to the resident set, two forwards without autograd; the peak's rise over that reading
+    (cores or weight, cached operands, the forward's temporaries and its output)."""
+    import torch
+    from torch import nn
+
+    from adntn.models.layers import GeneratedLinear
+    from adntn.networks import build
+    from adntn.networks.budget import spec_for_ratio
+
+    torch.set_num_threads(payload["threads"])
+    rows, cols = payload["shape"]
+
+    def built() -> nn.Module:
+        torch.manual_seed(0)
+        if payload["arch"] == "dense":
+            return nn.Linear(cols, rows).eval()
+        generator = build(spec_for_ratio(payload["arch"], tuple(payload["shape"]), payload["ratio"], "tanh",
+                                         label=payload["layer"]))
+        with torch.no_grad():
+            for key, p in generator.named_parameters():
+                if key.endswith(".p"):
+                    p.normal_(0, 0.1)
+        return GeneratedLinear(generator, None).eval()
+
+    x = torch.randn(payload["batch"], cols)
+    with torch.no_grad():  # a first layer pays the one-off costs (lazy imports, BLAS buffers), then goes
+        built()(x)
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)  # glibc gives the freed pages back
+    base = rss_bytes()
+    layer = built()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    peak = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+    return {"rss_added": peak - base}
+
+
 # ------------------------------------------------------------------------------- whole model
 
 def child(kind: str, payload: dict) -> dict:
     import torch
 
+    if kind == "layer":
+        return layer_memory(payload)
     torch.set_num_threads(payload["threads"])
     images = {batch: torch.randn(batch, 3, 224, 224) for batch in (1, 32)}
     if kind == "onnx":
@@ -202,6 +258,13 @@ def model_rows(args) -> dict:
 
 # ----------------------------------------------------------------------------------- report
 
+def rss_cell(row: dict) -> str:
+    """The measured rises of ``layer_memory`` for the dense and the generated layer, in MB."""
+    if row.get("rss_added") is None or row.get("dense_rss_added") is None:
+        return "-"
+    return f"{row['dense_rss_added'] / 1e6:,.1f} / {row['rss_added'] / 1e6:,.1f}"
+
+
 def markdown(results: dict) -> str:
     lines = ["# bench-runtime: inference without dense weights", "",
              f"{results['machine']}; {results['threads']} threads; load average {results['load_before']} before, "
@@ -210,17 +273,17 @@ def markdown(results: dict) -> str:
              "rank matched to the core parameters from below).", "",
              *([results["rerun"] + ".", ""] if "rerun" in results else []),
              "| layer | arch | ratio | batch | schedule | dense ms | adntn ms | speed-up | tltorch ms (rank) "
-             "| adntn bytes | % of dense weight |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| adntn bytes | % of dense weight | RSS added, dense / adntn MB |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["layers"]:
         if "skipped" in r:
-            lines.append(f"| {r['layer']} | {r['arch']} | {r['ratio']} | - | - | - | - | - | - | - | {r['skipped']} |")
+            lines.append(f"| {r['layer']} | {r['arch']} | {r['ratio']} | - | - | - | - | - | - | - | - | {r['skipped']} |")
             continue
         tl = f"{r['tltorch_ms']:.3f} ({r['tltorch_rank']})" if "tltorch_ms" in r else \
             ("fails" if "tltorch_error" in r else "-")
         lines.append(f"| {r['layer']} | {r['arch']} | {r['ratio']:,} | {r['batch']} | {r['schedule']} | "
                      f"{r['dense_ms']:.3f} | {r['adntn_ms']:.3f} | {r['dense_ms'] / r['adntn_ms']:.1f}x | {tl} | "
-                     f"{r['adntn_bytes']:,} | {100 * r['adntn_bytes'] / r['dense_bytes']:.2f} |")
+                     f"{r['adntn_bytes']:,} | {100 * r['adntn_bytes'] / r['dense_bytes']:.2f} | {rss_cell(r)} |")
     model = results.get("model")
     if model:
         lines += ["", "Whole model: VGG-16 (torchvision, random weights), fc6+fc7 by ttn at 2,000x, 224x224.", "",
