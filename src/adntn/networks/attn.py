@@ -284,12 +284,6 @@ class ATTN(HalvesGenerator):
         ops["middle"] = (equation, (middle.p.reshape(ou, iu, ov, iv, rank), *operands))
         return ops
 
-    def linear_chunk_rows(self) -> int | None:
-        """With a middle disentangler None, the whole batch at once: the correction's contraction
-        order is planned for the batch, and chunks would redo its batch-free pairs each (VGG-16's
-        fc6 at 2,000x, batch 256, in chunks of 2 rows: 404-751 ms against 175-180 ms whole)."""
-        return super().linear_chunk_rows() if self.middle is None else None
-
     def correct_linear(self, out: torch.Tensor, flat: torch.Tensor, ops: dict) -> torch.Tensor:
         """``out`` plus the middle disentangler's correction applied to the padded input.
 

@@ -247,8 +247,9 @@ class HalvesGenerator(Generator):
                  y[n, y, x] = sum_ib U[n, y, (i, b)] L[x,i,b] (one GEMM on U permuted, M = n y)
         and the rows are cropped to ``out`` (``correct_linear`` adds any correction first). The
         operands are cached while the cores are unchanged, unless a gradient wrt them is wanted
-        (``Generator.cached``). The rows of x go through in chunks whose intermediate (T or U)
-        stays cache-sized (``linear_chunk_rows``)."""
+        (``Generator.cached``). The rows of x go through the product in chunks whose
+        intermediate (T or U) stays cache-sized (``linear_chunk_rows``); the correction takes the
+        whole batch."""
         spec = self.spec
         rows, cols = spec.matrix_shape
         ops = self.cached("linear", self.linear_operands)
@@ -258,27 +259,29 @@ class HalvesGenerator(Generator):
             flat = torch.nn.functional.pad(flat, (0, spec.cols - cols))
         n, chunk = flat.shape[0], self.linear_chunk_rows()
         # traced (export, ONNX): one piece, the batch staying symbolic
-        if torch.compiler.is_compiling() or chunk is None or n <= chunk:
-            out = self._linear_rows(flat, ops)
+        if torch.compiler.is_compiling() or n <= chunk:
+            out = self._product_rows(flat, ops)
         else:
             out = flat.new_empty(n, spec.rows)
             for start in range(0, n, chunk):
-                out[start:start + chunk] = self._linear_rows(flat[start:start + chunk], ops)
+                out[start:start + chunk] = self._product_rows(flat[start:start + chunk], ops)
+        out = self.correct_linear(out, flat, ops)  # on the whole batch: its path is planned for it
         if spec.rows != rows:
             out = out[:, :rows]
         return out.reshape(*lead, rows)
 
-    def linear_chunk_rows(self) -> int | None:
-        """Rows of x per chunk of ``linear`` (None: the whole batch at once): T (x b j values a
-        row) or U (i y b) in one cache-sized block (``memory.current_policy``). On VGG-16's fc6
+    def linear_chunk_rows(self) -> int:
+        """Rows of x per chunk of the halves' product in ``linear``: T (x b j values a row) or U
+        (i y b) in one cache-sized block (``memory.current_policy``). On VGG-16's fc6
         at 2,000x (T 426 KB a row), batch 256: chunks of 2 rows 120 ms, the whole batch (a T of
         109 MB, through memory) 150-280 ms (AMD EPYC, 2 threads; chunks of 1-8 rows: 120-126)."""
         xs, i, y, j, chi = self._digit_sizes()
         per_row = xs * chi * j if self.linear_order == "left" else i * y * chi
         return max(1, current_policy().cache_values() // per_row)
 
-    def _linear_rows(self, flat: torch.Tensor, ops: dict) -> torch.Tensor:
-        """x W^T (n, padded rows) for ``flat`` (n, padded cols), in ``linear_order``."""
+    def _product_rows(self, flat: torch.Tensor, ops: dict) -> torch.Tensor:
+        """The halves' product applied to ``flat`` (n, padded cols): (n, padded rows), in
+        ``linear_order``, without the correction of ``correct_linear``."""
         n = flat.shape[0]
         a, b = ops["a"], ops["b"]
         xs, i, y, j, chi = self._digit_sizes()
@@ -290,7 +293,7 @@ class HalvesGenerator(Generator):
             u = (flat.reshape(n * i, j) @ a).view(n, i, y, chi)
             out = (u.permute(0, 2, 1, 3).reshape(n * y, i * chi) @ b).view(n, y, xs)
             out = out.transpose(1, 2).reshape(n, xs * y)
-        return self.correct_linear(out, flat, ops)
+        return out
 
     def correct_linear(self, out: torch.Tensor, flat: torch.Tensor, ops: dict) -> torch.Tensor:
         """Hook: ``out`` (n, padded rows) of ``linear`` with any correction for the padded input
