@@ -243,6 +243,23 @@ def test_the_cache_follows_an_optimizer_step(arch: str, monkeypatch) -> None:
     assert_close(after, expected)
 
 
+def test_building_the_cache_gives_its_temporaries_pages_back(monkeypatch) -> None:
+    """The heap is trimmed once when the operands are built, never on a cache hit nor when a
+    gradient is wanted (no cache)."""
+    import adntn.networks.base as base
+
+    trims = []
+    monkeypatch.setattr(base, "trim_heap", lambda: trims.append(1))
+    layer = GeneratedLinear(generator("ttn", LINEAR_SHAPE), None, schedule="factorized")
+    x = torch.randn(3, LINEAR_SHAPE[1])
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    assert trims == [1]
+    layer(x).sum().backward()
+    assert trims == [1]
+
+
 @pytest.mark.parametrize("change", ["copy_", "new data", "double"])
 def test_the_cache_follows_a_core_changed_outside_an_optimizer(change: str) -> None:
     """An in-place write (version), a new ``.data`` (pointer) and a cast (dtype) each rebuild the

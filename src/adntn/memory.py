@@ -131,6 +131,15 @@ def reused_blocks() -> Iterator[None]:
         libc.malloc_trim(0)
 
 
+def trim_heap() -> None:
+    """Give the free pages of malloc's heap back to the OS (glibc's ``malloc_trim``); a no-op off
+    glibc. For a caller that has just dropped temporaries much larger than what it keeps: glibc
+    keeps freed blocks below its mmap threshold (which its adjustment raises to 32 MiB) mapped."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _private_file_mapping(start: int, stop: int) -> bool:
     """Whether the addresses [start, stop) lie in one private mapping of a file (/proc/self/maps)."""
     try:
