@@ -91,7 +91,7 @@ def layer_rows(args) -> list[dict]:
 
     torch.manual_seed(0)
     rows = []
-    dense_rss: dict[tuple[str, int], int | None] = {}  # measured once per layer and batch
+    dense_rss: dict[tuple[str, int], dict] = {}  # measured once per layer and batch
     with torch.no_grad():
         for name, shape in LAYERS.items():
             dense = nn.Linear(shape[1], shape[0]).eval()
@@ -117,10 +117,10 @@ def layer_rows(args) -> list[dict]:
                                "schedule": layer.resolve_schedule(batch, x)}
                         measure = {"layer": name, "shape": list(shape), "ratio": ratio, "batch": batch,
                                    "threads": args.threads}
-                        row["rss_added"] = run_child("layer", {**measure, "arch": arch}).get("rss_added")
+                        row["rss"] = run_child("layer", {**measure, "arch": arch})
                         if (name, batch) not in dense_rss:
-                            dense_rss[name, batch] = run_child("layer", {**measure, "arch": "dense"}).get("rss_added")
-                        row["dense_rss_added"] = dense_rss[name, batch]
+                            dense_rss[name, batch] = run_child("layer", {**measure, "arch": "dense"})
+                        row["dense_rss"] = dense_rss[name, batch]
                         cost = inference_cost(generator, batch)[row["schedule"]]
                         row["adntn_bytes"] = cost["bytes"]
                         row["dense_bytes"] = 4 * spec.dense_params
@@ -140,7 +140,8 @@ def layer_memory(payload: dict) -> dict:
     (the dense ``nn.Linear``, or the generated layer as ``layer_rows`` makes it) is built, run and
     dropped, so that one-off costs are paid; then VmRSS, a second copy built, the peak (VmHWM)
     reset to the resident set, two forwards without autograd; the peak's rise over that reading
-    (cores or weight, cached operands, the forward's temporaries and its output)."""
+    (cores or weight, cached operands, the forward's temporaries and its output) and what stays
+    resident after the forwards (with what malloc keeps of freed temporaries)."""
     import torch
     from torch import nn
 
@@ -175,7 +176,7 @@ def layer_memory(payload: dict) -> dict:
         layer(x)
         layer(x)
     peak = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
-    return {"rss_added": peak - base}
+    return {"rss_added": peak - base, "rss_held": rss_bytes() - base}
 
 
 # ------------------------------------------------------------------------------- whole model
@@ -259,10 +260,11 @@ def model_rows(args) -> dict:
 # ----------------------------------------------------------------------------------- report
 
 def rss_cell(row: dict) -> str:
-    """The measured rises of ``layer_memory`` for the dense and the generated layer, in MB."""
-    if row.get("rss_added") is None or row.get("dense_rss_added") is None:
+    """``layer_memory``'s peak and held rises, in MB: the dense layer's, then the generated one's."""
+    dense, ours = row.get("dense_rss"), row.get("rss")
+    if not dense or not ours or "rss_added" not in dense or "rss_added" not in ours:
         return "-"
-    return f"{row['dense_rss_added'] / 1e6:,.1f} / {row['rss_added'] / 1e6:,.1f}"
+    return "; ".join(f"{m['rss_added'] / 1e6:,.1f} / {m['rss_held'] / 1e6:,.1f}" for m in (dense, ours))
 
 
 def markdown(results: dict) -> str:
@@ -273,7 +275,7 @@ def markdown(results: dict) -> str:
              "rank matched to the core parameters from below).", "",
              *([results["rerun"] + ".", ""] if "rerun" in results else []),
              "| layer | arch | ratio | batch | schedule | dense ms | adntn ms | speed-up | tltorch ms (rank) "
-             "| adntn bytes | % of dense weight | RSS added, dense / adntn MB |",
+             "| adntn bytes | % of dense weight | RSS added MB, peak / held: dense; adntn |",
              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["layers"]:
         if "skipped" in r:
