@@ -24,7 +24,6 @@ layers take 32 ms), so the load average is recorded with the results.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -80,13 +79,28 @@ def tltorch_layer(shape: tuple[int, int], spec, core_params: int):
     return best
 
 
+def generated_layer(spec, bias=None):
+    """The generated ``nn.Linear`` of ``spec`` in eval mode, its disentanglers moved off the
+    identity (P ~ N(0, 0.1)) as after a fit: random cores, speed and memory do not depend on them."""
+    import torch
+
+    from adntn.models.layers import GeneratedLinear
+    from adntn.networks import build
+
+    generator = build(spec)
+    with torch.no_grad():
+        for key, p in generator.named_parameters():
+            if key.endswith(".p"):
+                p.normal_(0, 0.1)
+    return GeneratedLinear(generator, bias).eval()
+
+
 def layer_rows(args) -> list[dict]:
     import torch
     from torch import nn
 
     from adntn.errors import AdntnError
-    from adntn.models.layers import GeneratedLinear, inference_cost
-    from adntn.networks import build
+    from adntn.models.layers import inference_cost
     from adntn.networks.budget import spec_for_ratio
 
     torch.manual_seed(0)
@@ -102,12 +116,8 @@ def layer_rows(args) -> list[dict]:
                     except AdntnError as error:
                         rows.append({"layer": name, "arch": arch, "ratio": ratio, "skipped": str(error)})
                         continue
-                    generator = build(spec)
-                    with torch.no_grad():  # disentanglers off the identity, as after a fit
-                        for key, p in generator.named_parameters():
-                            if key.endswith(".p"):
-                                p.normal_(0, 0.1)
-                    layer = GeneratedLinear(generator, dense.bias).eval()
+                    layer = generated_layer(spec, dense.bias)
+                    generator = layer.generator
                     tl = tltorch_layer(shape, spec, spec.core_params) if spec.n_legs > 1 else None
                     for batch in args.batches:
                         x = torch.randn(batch, shape[1])
@@ -145,9 +155,9 @@ def layer_memory(payload: dict) -> dict:
     import torch
     from torch import nn
 
-    from adntn.models.layers import GeneratedLinear
-    from adntn.networks import build
+    from adntn.memory import trim_heap
     from adntn.networks.budget import spec_for_ratio
+    from speed import hwm_bytes
 
     torch.set_num_threads(payload["threads"])
     rows, cols = payload["shape"]
@@ -156,27 +166,21 @@ def layer_memory(payload: dict) -> dict:
         torch.manual_seed(0)
         if payload["arch"] == "dense":
             return nn.Linear(cols, rows).eval()
-        generator = build(spec_for_ratio(payload["arch"], tuple(payload["shape"]), payload["ratio"], "tanh",
-                                         label=payload["layer"]))
-        with torch.no_grad():
-            for key, p in generator.named_parameters():
-                if key.endswith(".p"):
-                    p.normal_(0, 0.1)
-        return GeneratedLinear(generator, None).eval()
+        return generated_layer(spec_for_ratio(payload["arch"], tuple(payload["shape"]), payload["ratio"], "tanh",
+                                              label=payload["layer"]))
 
     x = torch.randn(payload["batch"], cols)
     with torch.no_grad():  # a first layer pays the one-off costs (lazy imports, BLAS buffers), then goes
         built()(x)
     gc.collect()
-    ctypes.CDLL(None).malloc_trim(0)  # glibc gives the freed pages back
+    trim_heap()
     base = rss_bytes()
     layer = built()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     with torch.no_grad():
         layer(x)
         layer(x)
-    peak = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
-    return {"rss_added": peak - base, "rss_held": rss_bytes() - base}
+    return {"rss_added": hwm_bytes() - base, "rss_held": rss_bytes() - base}
 
 
 # ------------------------------------------------------------------------------- whole model
@@ -217,7 +221,9 @@ def child(kind: str, payload: dict) -> dict:
     with torch.no_grad():
         for batch, call in run.items():
             result[f"images_per_s_{batch}"] = batch / (median_ms(call, payload["repeats"]) / 1000)
-    result["peak_rss"] = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+    from speed import hwm_bytes
+
+    result["peak_rss"] = hwm_bytes()
     return result
 
 
