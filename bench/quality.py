@@ -135,6 +135,7 @@ def run_row(row: dict, model: Path, data: Path, work: Path, args) -> dict:
         "top1": report["accuracy"]["compressed"]["top1"],
         "dense_top1": report["accuracy"]["dense"]["top1"],
         "test_images": report["accuracy"]["images"],
+        "paired": report["accuracy"]["paired"],
         "train_images": report["training"]["train_images"],
         "epochs": epochs,
         "dropout": options.dropout,
@@ -154,18 +155,24 @@ def markdown(results: dict) -> str:
         "2026-11-24). Compare rows of the same code only: the feature-cache shuffling fix (2026-12-01) and "
         "the stratified recording of the activation stage's inputs (2026-12-02) changed every data-aware row.",
         "",
-        "| row | arch | fc6 core params (ratio) | fc7 core params (ratio) | total | epochs | test top-1 | dense top-1 | Δ points | wall s | commit | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Paired (rows that record it): top-1 agreement with dense on the test images; images right by "
+        "dense only / by compressed only; McNemar's exact two-sided p-value for equal accuracy.",
+        "",
+        "| row | arch | fc6 core params (ratio) | fc7 core params (ratio) | total | epochs | test top-1 | dense top-1 | Δ points | paired: agree, lost / gained, p | wall s | commit | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         if "top1" not in row:
-            lines.append(f"| {row['id']} | {row['arch']} | - | - | - | - | - | - | - | - | - | {'; '.join(row['notes']) or row.get('error', '')} |")
+            lines.append(f"| {row['id']} | {row['arch']} | - | - | - | - | - | - | - | - | - | - | {'; '.join(row['notes']) or row.get('error', '')} |")
             continue
         delta = 100 * (row["top1"] - row["dense_top1"])
+        paired = row.get("paired")
+        pairs = "-" if paired is None else (f"{paired['top1_agreement']:.4f}, {paired['lost']} / {paired['gained']}, "
+                                            f"{paired['mcnemar_p']:.2f}")
         lines.append(
             f"| {row['id']} | {row['arch']} | {row['core_params']['fc6']:,} ({row['layer_ratio']['fc6']:,.0f}x) | "
             f"{row['core_params']['fc7']:,} ({row['layer_ratio']['fc7']:,.0f}x) | {row['core_params_total']:,} | {row['epochs']}{'' if row.get('dropout', True) else ', no dropout'} | "
-            f"{row['top1']:.4f} | {row['dense_top1']:.4f} | {delta:+.2f} | {row['seconds']:,.0f} | {row.get('commit', '-')} | {'; '.join(row['notes'])} |"
+            f"{row['top1']:.4f} | {row['dense_top1']:.4f} | {delta:+.2f} | {pairs} | {row['seconds']:,.0f} | {row.get('commit', '-')} | {'; '.join(row['notes'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,8 @@ from adntn.data.images import Preprocessing, image_splits, resolve_preprocessing
 from adntn.training.distill import (FinetuneConfig, distillation_loss, finetune, finetune_full, generated_parameters,
                            logits_of)
 from adntn.errors import AdntnError
-from adntn.training.evaluate import Accuracy, accuracy_of_logits, evaluate, tensor_batches
+from adntn.training.evaluate import (Accuracy, Paired, Predictions, accuracy_of_logits, evaluate, mcnemar_p,
+                                    paired_counts, predict, tensor_batches)
 from adntn.models.layers import GeneratedConv2d, GeneratedLinear, dense_weights, generated_from, swap_in
 from adntn.networks.ttn import TTN
 from adntn.progress import Progress
@@ -86,6 +87,37 @@ def test_evaluate_matches_logits_and_restores_mode():
 def test_evaluate_without_samples_is_an_error():
     with pytest.raises(ValueError, match="no samples"):
         evaluate(tiny_head(), [])
+
+
+def test_mcnemar_p_of_hand_computed_splits():
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(5, 0) == pytest.approx(2 / 32, rel=1e-12)  # 2 P[B(5, 1/2) = 0]
+    assert mcnemar_p(1, 9) == pytest.approx(2 * 11 / 1024, rel=1e-12)  # 2 (1 + 10) / 2^10
+    assert mcnemar_p(9, 1) == mcnemar_p(1, 9) and mcnemar_p(3, 3) == 1.0
+    # a split far beyond the floats' range of 2^n: in log space
+    # exact: 2 sum_{i <= 400} C(1000, i) / 2^1000 in integers = 2.72846415606602e-10
+    assert mcnemar_p(600, 400) == pytest.approx(2.72846415606602e-10, rel=1e-9) and mcnemar_p(2000, 2000) == 1.0
+
+
+def test_paired_counts_of_hand_made_predictions():
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    dense = Predictions(torch.tensor([0, 1, 2, 0, 0]), labels, torch.ones(5, dtype=torch.bool))  # 3 right
+    compressed = Predictions(torch.tensor([0, 2, 2, 3, 1]), labels, torch.ones(5, dtype=torch.bool))  # 3 right
+    agree, lost, gained, images = paired_counts(compressed, dense)
+    assert (agree, lost, gained, images) == (2, 1, 1, 5)  # samples 0, 2 agree; 1 lost; 3 gained
+    described = Paired(agree, lost, gained, images).describe()
+    assert described["top1_agreement"] == 0.4 and described["mcnemar_p"] == 1.0
+    with pytest.raises(ValueError, match="same samples"):
+        paired_counts(compressed, Predictions(dense.top1, labels.flip(0), dense.in_top5))
+
+
+def test_predict_gives_the_accuracy_of_evaluate():
+    head = tiny_head()
+    inputs, labels = torch.randn(50, 32), torch.randint(0, 3, (50,))
+    predictions = predict(head, tensor_batches(inputs, labels, 16))
+    assert torch.equal(predictions.top1, logits_of(head, inputs, 50).argmax(dim=1))
+    top1, top5, images = predictions.counts()
+    assert Accuracy(top1=top1 / images, top5=top5 / images, images=images) == evaluate(head, tensor_batches(inputs, labels, 16))
 
 
 # --- generated layers ------------------------------------------------------------------------

@@ -131,7 +131,12 @@ def _unnamed_row(content):
     (lambda content: {**content, "layers": "fc6"}, "'layers'"),
     (_unnamed_row, "'name'"),
     (lambda content: {**content, "source": {**content["source"], "metadata": ["mean"]}}, "'metadata'"),
-], ids=["list", "null", "no-layers", "no-keys", "no-source", "layers-string", "row-unnamed", "metadata-list"])
+    (lambda content: {**content, "accuracy": {"split": "test", "images": 3, "dense": {"top1": 1.0, "top5": 1.0},
+                                              "compressed": {"top1": 1.0, "top5": 1.0},
+                                              "paired": {"top1_agreement": 1.0, "lost": -1, "gained": 0, "images": 3,
+                                                         "mcnemar_p": 1.0}}}, "'lost'"),
+], ids=["list", "null", "no-layers", "no-keys", "no-source", "layers-string", "row-unnamed", "metadata-list",
+        "paired-negative"])
 def test_malformed_report_json(archive, edit, fragment):
     _edit_report(archive, edit)
     _all_refuse(archive, fragment)

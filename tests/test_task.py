@@ -61,6 +61,17 @@ def test_report_says_what_was_trained_on_what(setup):
     assert training["activation_fit"]["bias"].startswith("moved so each output's mean")
 
 
+def test_report_pairs_the_compressed_model_with_the_dense_one(setup):
+    _, _, _, _, report = setup
+    accuracy = report["accuracy"]
+    paired = accuracy["paired"]
+    assert paired["images"] == accuracy["images"] == 30
+    assert paired["gained"] - paired["lost"] == round(30 * (accuracy["compressed"]["top1"] - accuracy["dense"]["top1"]))
+    assert 0 <= paired["top1_agreement"] <= 1 and 0 < paired["mcnemar_p"] <= 1
+    shown = adntn("report", setup[3])
+    assert shown.exit_code == 0 and f"right by dense only {paired['lost']}, by compressed only {paired['gained']}" in shown.stdout, shown.stdout
+
+
 def test_eval_of_the_directory_matches_the_reported_accuracy(setup):
     root, _, config, out, report = setup
     result = adntn("eval", out, "--data", root / "data", "--config", config, "--json")

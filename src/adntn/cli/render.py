@@ -97,6 +97,17 @@ def accuracy_table(report: dict) -> Table | None:
     return table
 
 
+def paired_text(report: dict) -> Text | None:
+    """The compressed model against the dense one on the same images, in one sentence (None for
+    a report without it)."""
+    paired = (report.get("accuracy") or {}).get("paired")
+    if not paired:
+        return None
+    return Text(f"on the same images: top-1 agreement with dense {_fraction(paired['top1_agreement'])}; right by "
+                f"dense only {paired['lost']:,}, by compressed only {paired['gained']:,} (McNemar p = "
+                f"{paired['mcnemar_p']:.2g}: the chance of a split at least this uneven between equally good models)")
+
+
 def training_text(report: dict) -> Text:
     settings = report["settings"]
     lines = [f"weight-space fit: {settings['steps']} Adam steps per layer, lr {settings['lr']}, seed {settings['seed']}"]
@@ -114,5 +125,8 @@ def render(report: dict, console: Console) -> None:
     accuracy = accuracy_table(report)
     if accuracy is not None:
         parts.append(accuracy)
+    paired = paired_text(report)
+    if paired is not None:
+        parts.append(paired)
     parts.append(training_text(report))
     console.print(Group(*parts))

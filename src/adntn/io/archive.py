@@ -306,6 +306,12 @@ def _check_rest(report: Mapping) -> None:
             measured = _field(accuracy, model, "dict", "the report's 'accuracy'")
             for key in ("top1", "top5"):
                 _field(measured, key, "number", f"its accuracy of the {model} model", nullable=True)
+        paired = _field(accuracy, "paired", "dict", "the report's 'accuracy'", optional=True)
+        if paired is not None:
+            for key in ("lost", "gained", "images"):
+                _field(paired, key, "count", "the report's 'paired'")
+            for key in ("top1_agreement", "mcnemar_p"):
+                _field(paired, key, "number", "the report's 'paired'", nullable=True)
 
 
 def validate_report(report: object, path: Path) -> dict:

@@ -57,7 +57,7 @@ from adntn.progress import Progress
 from adntn.training.distill import (EpochCheckpoint, FinetuneResult, distillation_loss, finetune, finetune_features,
                                    finetune_full, logits_of,
                                    generated_parameters)
-from adntn.training.evaluate import Accuracy, accuracy_of_counts, count_hits
+from adntn.training.evaluate import Accuracy, Paired, Predictions, accuracy_of_counts, paired_counts, predict
 from adntn.training.features import (FEATURE_DTYPES, FeatureFile, cached_features, feature_cache_key, record_inputs,
                                      split_at_classifier)
 from adntn.training.fit import fit
@@ -130,18 +130,26 @@ def _samples_digest(dataset) -> str:
     return digest.hexdigest()
 
 
-def _features_accuracy(model: nn.Module, features: FeatureFile, batch_size: int) -> Accuracy:
-    """Accuracy of ``model`` on cached features, each rank counting its shard."""
+def _features_predictions(model: nn.Module, features: FeatureFile, batch_size: int) -> Predictions:
+    """``model``'s predictions on this rank's shard of cached features."""
     first, last = distributed.shard(len(features))
-    counts = count_hits(model, features.batches(batch_size, start=first, stop=last))
-    return accuracy_of_counts(*map(round, distributed.sum_all(list(counts))))
+    return predict(model, features.batches(batch_size, start=first, stop=last))
 
 
-def _images_accuracy(model: nn.Module, dataset, preprocessing: Preprocessing) -> Accuracy:
-    """Accuracy of ``model`` on an image split, each rank counting its shard."""
+def _images_predictions(model: nn.Module, dataset, preprocessing: Preprocessing) -> Predictions:
+    """``model``'s predictions on this rank's shard of an image split."""
     first, last = distributed.shard(len(dataset))
-    counts = count_hits(model, image_loader(Subset(dataset, range(first, last)), preprocessing))
-    return accuracy_of_counts(*map(round, distributed.sum_all(list(counts))))
+    return predict(model, image_loader(Subset(dataset, range(first, last)), preprocessing))
+
+
+def _accuracy(predictions: Predictions) -> Accuracy:
+    """The accuracy of every rank's shard together."""
+    return accuracy_of_counts(*map(round, distributed.sum_all(list(predictions.counts()))))
+
+
+def _paired(compressed: Predictions, dense: Predictions) -> Paired:
+    """The compressed model against the dense one, every rank's shard together."""
+    return Paired(*map(round, distributed.sum_all(list(paired_counts(compressed, dense)))))
 
 
 def head_only(layers: list[LayerInfo]) -> bool:
@@ -254,19 +262,20 @@ class _Run:
     """Where stages 2 and 3 run: the head on cached trunk features (every compressed layer in the
     classifier), or the whole model on images. ``model`` is the dense part that runs, ``prefix``
     its module path inside the full model; the inputs recorded from it for the activation-space
-    fit (train) and its error (held out); the dense accuracy; ``finetune(student, groups, checkpoint)`` and
-    ``accuracy(student)`` for a copy of ``model`` with generated layers; on features,
+    fit (train) and its error (held out); the dense model's predictions on this rank's shard of the
+    held-out split; ``finetune(student, groups, checkpoint)`` and ``predictions(student)`` (the same
+    shard) for a copy of ``model`` with generated layers; on features,
     ``train_sample(n)``: a stratified sample of n training rows (``FeatureFile.sample``)."""
 
     model: nn.Module
     prefix: str
     train_inputs: dict[str, torch.Tensor]
     heldout_inputs: dict[str, torch.Tensor]
-    dense_accuracy: Accuracy
+    dense_predictions: Predictions
     train_images: int
     heldout_images: int
     finetune: Callable[[nn.Module, dict, EpochCheckpoint | None], FinetuneResult]
-    accuracy: Callable[[nn.Module], Accuracy]
+    predictions: Callable[[nn.Module], Predictions]
     features_cached: bool
     train_sample: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None  # (inputs, labels) of n rows
 
@@ -293,10 +302,10 @@ def _on_features(source: Source, teacher: nn.Module, names: list[str], data: Tas
 
     head.to(device)
     return _Run(head, HEAD, recorded(train), recorded(heldout),
-                _features_accuracy(head, heldout.features, config.batch_size), len(train.labels), len(heldout.labels),
+                _features_predictions(head, heldout.features, config.batch_size), len(train.labels), len(heldout.labels),
                 lambda student, groups, checkpoint: finetune_features(student, head, train.features, groups, config,
                                                                       progress, checkpoint),
-                lambda student: _features_accuracy(student, heldout.features, config.batch_size), True,
+                lambda student: _features_predictions(student, heldout.features, config.batch_size), True,
                 lambda count: train.features.sample(count, options.seed))
 
 
@@ -309,11 +318,11 @@ def _on_images(source: Source, teacher: nn.Module, names: list[str], data: TaskD
     train_inputs, heldout_inputs = (  # stratified samples: folders are read in class order
         record_inputs(teacher, names, image_loader(stratified_subset(split, samples, options.seed), preprocessing),
                       samples) for split in (splits.train, splits.heldout))
-    return _Run(teacher, "", train_inputs, heldout_inputs, _images_accuracy(teacher, splits.heldout, preprocessing),
+    return _Run(teacher, "", train_inputs, heldout_inputs, _images_predictions(teacher, splits.heldout, preprocessing),
                 len(splits.train), len(splits.heldout),
                 lambda student, groups, checkpoint: finetune_full(student, teacher, train_loader, groups, config,
                                                                   progress, checkpoint),
-                lambda student: _images_accuracy(student, splits.heldout, preprocessing), False)
+                lambda student: _images_predictions(student, splits.heldout, preprocessing), False)
 
 
 def _trained_values(student: nn.Module, results: list[LayerResult], extra: tuple[LayerInfo, ...], prefix: str,
@@ -358,15 +367,17 @@ def run_task_stages(run: _Run, source: Source, results: list[LayerResult], optio
     groups.update(_extra_groups(student, extra, run.prefix))
     checkpoint = None if state is None else EpochCheckpoint(state, _run_key(source, options, student), options.resume)
     result = run.finetune(student, groups, checkpoint)
-    compressed_accuracy = run.accuracy(student)
-    warning = chance_warning(compressed_accuracy, run.dense_accuracy, len(data.splits.classes), result)
+    predictions = run.predictions(student)
+    compressed_accuracy, dense_accuracy = _accuracy(predictions), _accuracy(run.dense_predictions)
+    warning = chance_warning(compressed_accuracy, dense_accuracy, len(data.splits.classes), result)
     if warning is not None:
         progress.note(warning)
     tuned, trained = _trained_values(student, results, extra, run.prefix, source)
     tuned = _activation_errors(tuned, run.heldout_inputs, source, options.steps)
     report = {"training": _training_report(run, result, options, data),
               "accuracy": {"split": data.splits.heldout_name, "images": run.heldout_images,
-                           "dense": run.dense_accuracy.describe(), "compressed": compressed_accuracy.describe()}}
+                           "dense": dense_accuracy.describe(), "compressed": compressed_accuracy.describe(),
+                           "paired": _paired(predictions, run.dense_predictions).describe()}}
     return TaskOutcome(tuned, trained, report)
 
 
@@ -469,6 +480,6 @@ def evaluate_model(model: nn.Module, metadata: dict[str, str], num_classes: int,
     name, heldout = heldout_split(data, preprocessing)
     indices, classes_source = class_indices(heldout.classes, num_classes, metadata, class_map)
     heldout = stratified_subset(relabel(heldout, indices), max_images, seed)
-    accuracy = _images_accuracy(model, heldout, preprocessing)
+    accuracy = _accuracy(_images_predictions(model, heldout, preprocessing))
     return {"split": name, "images": accuracy.images, **accuracy.describe(), "preprocessing_source": origin,
             "classes": {"folders": len(heldout.classes), "outputs": num_classes, "mapped_by": classes_source}}
