@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
@@ -40,8 +40,16 @@ def schedules(net: Generator) -> list[str]:
     return (["factorized"] if net.has_factorized else []) + ["blocked", "dense", "auto"]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, scale: float | None = None) -> None:
+    """Equal up to rounding (``tolerances``): ``scale`` the magnitude of the summed terms, by
+    default the largest |expected| (give ``product_scale`` where a few outputs may cancel)."""
+    assert_close_scaled(actual, expected, scale=scale)
+
+
+def product_scale(x: torch.Tensor, weight: torch.Tensor) -> float:
+    """The largest sum of |terms| of x W^T: the magnitude its rounding follows (an output that is
+    small because its terms cancel carries their rounding)."""
+    return float((x.abs().reshape(-1, weight.shape[1]) @ weight.abs().T).max())
 
 
 def no_forward(monkeypatch, net: Generator) -> None:
@@ -316,6 +324,7 @@ def test_auto_picks_a_schedule_from_the_cost(arch: str) -> None:
 @settings(max_examples=25, deadline=None)
 @given(arch=st.sampled_from(["ttn", "tt"]), rows=st.integers(2, 40), cols=st.integers(2, 40),
        legs=st.sampled_from([2, 4]), bond=st.integers(1, 4), batch=st.integers(1, 5), seed=st.integers(0, 99))
+@example(arch="tt", rows=4, cols=33, legs=4, bond=1, batch=1, seed=38)  # outputs 10x smaller than their terms
 def test_factorized_equals_dense_on_random_shapes(arch, rows, cols, legs, bond, batch, seed) -> None:
     torch.manual_seed(seed)
     try:
@@ -325,9 +334,10 @@ def test_factorized_equals_dense_on_random_shapes(arch, rows, cols, legs, bond, 
     net = build(spec)
     x = torch.randn(batch, cols)
     with torch.no_grad():
-        expected = x @ net().T
-        assert_close(net.linear(x), expected)
-        assert_close(net.blocked_linear(x), expected)
+        weight = net()
+        expected, scale = x @ weight.T, product_scale(x, weight)
+        assert_close(net.linear(x), expected, scale)
+        assert_close(net.blocked_linear(x), expected, scale)
 
 
 def test_a_generated_layer_moves_and_casts_like_any_module():
@@ -351,7 +361,7 @@ def test_attn_with_some_disentanglers_has_the_dense_layers_factorized_map(mix_ra
     x = torch.randn(5, LINEAR_SHAPE[1])
     with torch.no_grad():
         weight = net()
-        assert_close(net.linear(x), x @ weight.T)
+        assert_close(net.linear(x), x @ weight.T, product_scale(x, weight))
         assert_close(torch.cat([b.reshape(-1, LINEAR_SHAPE[1]).clone() for b in net.row_blocks()]), weight)  # reused buffers
 
 
