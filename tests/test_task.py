@@ -81,6 +81,26 @@ def test_eval_of_the_directory_matches_the_reported_accuracy(setup):
     assert abs(measured["top1"] - report["accuracy"]["compressed"]["top1"]) < 1e-9
 
 
+def test_eval_against_the_dense_checkpoint_pairs_as_the_report_did(setup):
+    root, checkpoint, config, out, report = setup
+    result = adntn("eval", out, "--data", root / "data", "--config", config, "--against", checkpoint, "--json")
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)
+    assert measured["paired"] == report["accuracy"]["paired"]
+    assert abs(measured["against"]["top1"] - report["accuracy"]["dense"]["top1"]) < 1e-9
+    assert measured["against"]["path"] == str(checkpoint)
+    text = adntn("eval", out, "--data", root / "data", "--config", config, "--against", checkpoint)
+    assert text.exit_code == 0 and "tiny.pt (vgg11) on the same images" in text.stdout, text.output
+
+
+def test_eval_against_a_model_of_other_outputs_is_refused(setup, tmp_path):
+    root, _, config, out, _ = setup
+    torch.save(small_vgg11(3).state_dict(), tmp_path / "three.pt")
+    result = adntn("eval", out, "--data", root / "data", "--config", config, "--against", tmp_path / "three.pt")
+    assert result.exit_code == 1 and "--against needs a model of the same outputs" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_eval_of_the_dense_checkpoint_matches_the_reported_dense_accuracy(setup):
     root, checkpoint, config, _, report = setup
     result = adntn("eval", checkpoint, "--data", root / "data", "--config", config, "--json")

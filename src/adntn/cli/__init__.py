@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from adntn.core.registry import archs
 from adntn.core.spec import ACTIVATIONS
@@ -319,27 +320,50 @@ def evaluate(
         "--max-images", help="At most N held-out images, stratified by class (seed 0).")] = None,
     model: ModelOption = None,
     allow_pickle: PickleOption = False,
+    against: Annotated[Optional[Path], typer.Option(
+        "--against", help="Another checkpoint or directory of the same outputs (e.g. the dense model) to measure "
+                          "on the same images and pair with, image by image: top-1 agreement, images right by "
+                          "one model only, McNemar's exact p.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Measure top-1 and top-5 accuracy on the held-out split."""
+    from adntn.pipeline.task import evaluate_model
+
+    if max_images is not None and max_images < 1:
+        raise AdntnError(f"--max-images must be a positive integer, not {max_images}.")
+    network, metadata, name, num_classes = _evaluated_model(source, model, allow_pickle)
+    reference = None
+    if against is not None:
+        reference, _, reference_name, reference_classes = _evaluated_model(against, model, allow_pickle)
+        if reference_classes != num_classes:
+            raise AdntnError(f"{against} has {reference_classes} outputs and {source} {num_classes}: "
+                             "--against needs a model of the same outputs.")
+    result = {"model": name, **evaluate_model(network, metadata, num_classes, data, config, class_map=class_map,
+                                              max_images=max_images, against=reference)}
+    if against is not None:
+        result["against"] = {"path": str(against), "model": reference_name, **result["against"]}
+    if as_json:
+        _print_json(result)
+        return
+    typer.echo(f"{source.name} ({result['model']}) on {result['images']:,} {result['split']} images: "
+               f"top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+    if against is not None:
+        reference_result, paired = result["against"], result["paired"]
+        typer.echo(f"{against.name} ({reference_name}) on the same images: top-1 {reference_result['top1']:.4f}, "
+                   f"top-5 {reference_result['top5']:.4f}; top-1 agreement {paired['top1_agreement']:.4f}, right by "
+                   f"{against.name} only {paired['lost']:,}, by {source.name} only {paired['gained']:,} "
+                   f"(McNemar p = {paired['mcnemar_p']:.2g})")
+
+
+def _evaluated_model(source: Path, model: str | None, allow_pickle: bool) -> tuple[nn.Module, dict, str, int]:
+    """(model, metadata, model name, outputs) of a dense checkpoint or a compressed directory (run
+    compressed, its generated layers in place)."""
     from adntn.io.archive import read_report
     from adntn.pipeline.load import load
     from adntn.pipeline.source import read_source
-    from adntn.pipeline.task import evaluate_model
 
-    if source.is_dir():  # the compressed model itself, its generated layers in place
+    if source.is_dir():
         described = read_report(source)["source"]
-        network, metadata = load(source), described.get("metadata") or {}
-        name, num_classes = described["model"], described["num_classes"]
-    else:
-        read = read_source(source, model=model, allow_pickle=allow_pickle, mmap=False)
-        network, metadata, name, num_classes = read.dense_model(), read.metadata, read.info.name, read.info.num_classes
-    if max_images is not None and max_images < 1:
-        raise AdntnError(f"--max-images must be a positive integer, not {max_images}.")
-    result = {"model": name, **evaluate_model(network, metadata, num_classes, data, config, class_map=class_map,
-                                              max_images=max_images)}
-    if as_json:
-        _print_json(result)
-    else:
-        typer.echo(f"{source.name} ({result['model']}) on {result['images']:,} {result['split']} images: "
-                   f"top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+        return load(source), described.get("metadata") or {}, described["model"], described["num_classes"]
+    read = read_source(source, model=model, allow_pickle=allow_pickle, mmap=False)
+    return read.dense_model(), read.metadata, read.info.name, read.info.num_classes

@@ -473,13 +473,21 @@ def _training_report(run: _Run, result: FinetuneResult, options: CompressOptions
 
 def evaluate_model(model: nn.Module, metadata: dict[str, str], num_classes: int, data: Path,
                    config: Path | None, *, class_map: Path | None = None, max_images: int | None = None,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, against: nn.Module | None = None) -> dict:
     """Top-1/top-5 of ``model`` on the held-out split of ``data`` (only val/ or test/ is needed),
-    class folders mapped to outputs as :func:`open_data` maps them."""
+    class folders mapped to outputs as :func:`open_data` maps them. With ``against`` (another
+    model of the same outputs, e.g. the dense one) that model is measured on the same images and
+    preprocessing too, and the two are paired image by image (``against`` and ``paired``: the
+    second model as the reference, :class:`~adntn.training.evaluate.Paired`)."""
     preprocessing, origin = resolve_preprocessing(config, metadata)
     name, heldout = heldout_split(data, preprocessing)
     indices, classes_source = class_indices(heldout.classes, num_classes, metadata, class_map)
     heldout = stratified_subset(relabel(heldout, indices), max_images, seed)
-    accuracy = _accuracy(_images_predictions(model, heldout, preprocessing))
-    return {"split": name, "images": accuracy.images, **accuracy.describe(), "preprocessing_source": origin,
-            "classes": {"folders": len(heldout.classes), "outputs": num_classes, "mapped_by": classes_source}}
+    predictions = _images_predictions(model, heldout, preprocessing)
+    accuracy = _accuracy(predictions)
+    result = {"split": name, "images": accuracy.images, **accuracy.describe(), "preprocessing_source": origin,
+              "classes": {"folders": len(heldout.classes), "outputs": num_classes, "mapped_by": classes_source}}
+    if against is not None:
+        reference = _images_predictions(against, heldout, preprocessing)
+        result.update(against=_accuracy(reference).describe(), paired=_paired(predictions, reference).describe())
+    return result
