@@ -255,12 +255,26 @@ def model_rows(args) -> dict:
     if not onnx.exists():
         adntn.export_onnx(directory, onnx)
     payload = {"threads": args.threads, "repeats": max(3, args.repeats // 2)}
-    size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-    return {
-        "dense": {"bytes": pth.stat().st_size, **run_child("dense", {**payload, "path": str(pth)})},
-        "adntn": {"bytes": size, **run_child("adntn", {**payload, "path": str(directory)})},
-        "onnx": {"bytes": onnx.stat().st_size, **run_child("onnx", {**payload, "path": str(onnx)})},
-    }
+    variants = {"dense": (pth, pth.stat().st_size),
+                "adntn": (directory, sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())),
+                "onnx": (onnx, onnx.stat().st_size)}
+    rounds: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(args.model_rounds):  # alternated processes: this machine's speed drifts between runs
+        for name, (path, _) in variants.items():
+            rounds[name].append(run_child(name, {**payload, "path": str(path)}))
+    return {name: {"bytes": size, **summarised(rounds[name])} for name, (_, size) in variants.items()}
+
+
+def summarised(runs: list[dict]) -> dict:
+    """One variant's runs: each measured value's median, the images/s also as (least, most), and
+    the runs themselves; the first error if any run failed."""
+    failed = next((run for run in runs if "error" in run), None)
+    if failed is not None:
+        return failed
+    summary = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    for key in [key for key in runs[0] if key.startswith("images_per_s")]:
+        summary[key + "_range"] = (min(run[key] for run in runs), max(run[key] for run in runs))
+    return {**summary, "runs": runs}
 
 
 # ----------------------------------------------------------------------------------- report
@@ -271,6 +285,11 @@ def rss_cell(row: dict) -> str:
     if not dense or not ours or "rss_added" not in dense or "rss_added" not in ours:
         return "-"
     return "; ".join(f"{m['rss_added'] / 1e6:,.1f} / {m['rss_held'] / 1e6:,.1f}" for m in (dense, ours))
+
+
+def images_per_s(row: dict, batch: int) -> str:
+    value, spread = row[f"images_per_s_{batch}"], row.get(f"images_per_s_{batch}_range")
+    return f"{value:.2f}" + ("" if spread is None else f" ({spread[0]:.2f} - {spread[1]:.2f})")
 
 
 def markdown(results: dict) -> str:
@@ -294,7 +313,10 @@ def markdown(results: dict) -> str:
                      f"{r['adntn_bytes']:,} | {100 * r['adntn_bytes'] / r['dense_bytes']:.2f} | {rss_cell(r)} |")
     model = results.get("model")
     if model:
-        lines += ["", "Whole model: VGG-16 (torchvision, random weights), fc6+fc7 by ttn at 2,000x, 224x224.", "",
+        runs = len(next(iter(model.values())).get("runs", [None]))
+        lines += ["", "Whole model: VGG-16 (torchvision, random weights), fc6+fc7 by ttn at 2,000x, 224x224"
+                  + (f"; each variant in {runs} fresh processes, alternated with the others: medians, images/s "
+                     "also (least - most)." if runs > 1 else "."), "",
                   "| variant | file bytes | load s | RSS after load | RSS above imports | peak RSS (after the runs) "
                   "| images/s b=1 | images/s b=32 |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -304,8 +326,7 @@ def markdown(results: dict) -> str:
                 continue
             lines.append(f"| {name} | {row['bytes']:,} | {row['load_s']:.3f} | {row['rss_after_load'] / 1e6:,.0f} MB | "
                          f"{row['rss_above_imports'] / 1e6:,.0f} MB | {row['peak_rss'] / 1e6:,.0f} MB | "
-                         f"{row['images_per_s_1']:.2f} | "
-                         f"{row['images_per_s_32']:.2f} |")
+                         f"{images_per_s(row, 1)} | {images_per_s(row, 32)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -317,6 +338,9 @@ def main() -> int:
     parser.add_argument("--archs", default=",".join(ARCHS))
     parser.add_argument("--quick", action="store_true", help="fc7 only, ttn, batch 1 and 32, no whole model")
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model part")
+    parser.add_argument("--no-layers", action="store_true", help="the whole-model part only")
+    parser.add_argument("--model-rounds", type=int, default=3,
+                        help="fresh processes per whole-model variant, alternated (default 3)")
     parser.add_argument("--work", default="/tmp/adntn-bench-runtime")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "runtime.json")
     args = parser.parse_args()
@@ -339,7 +363,7 @@ def main() -> int:
     results = {"machine": f"{info['cpu']} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
                           f"git {commit}",
                "threads": args.threads, "load_before": round(os.getloadavg()[0], 2)}
-    results["layers"] = layer_rows(args)
+    results["layers"] = [] if args.no_layers else layer_rows(args)
     if not (args.quick or args.no_model):
         results["model"] = model_rows(args)
     results["load_after"] = round(os.getloadavg()[0], 2)
