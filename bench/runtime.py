@@ -298,10 +298,11 @@ def markdown(results: dict) -> str:
              f"{results['load_after']} after. Medians. `adntn` = the generated layer under `auto` "
              "(schedule shown); `tltorch` = TensorLy-Torch FactorizedLinear (BlockTT, factorized forward, "
              "rank matched to the core parameters from below).", "",
-             *([results["rerun"] + ".", ""] if "rerun" in results else []),
-             "| layer | arch | ratio | batch | schedule | dense ms | adntn ms | speed-up | tltorch ms (rank) "
-             "| adntn bytes | % of dense weight | RSS added MB, peak / held: dense; adntn |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             *([results["rerun"] + ".", ""] if "rerun" in results else [])]
+    if results["layers"]:
+        lines += ["| layer | arch | ratio | batch | schedule | dense ms | adntn ms | speed-up | tltorch ms (rank) "
+                  "| adntn bytes | % of dense weight | RSS added MB, peak / held: dense; adntn |",
+                  "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["layers"]:
         if "skipped" in r:
             lines.append(f"| {r['layer']} | {r['arch']} | {r['ratio']} | - | - | - | - | - | - | - | - | {r['skipped']} |")
@@ -314,7 +315,7 @@ def markdown(results: dict) -> str:
     model = results.get("model")
     if model:
         runs = len(next(iter(model.values())).get("runs", [None]))
-        lines += ["", "Whole model: VGG-16 (torchvision, random weights), fc6+fc7 by ttn at 2,000x, 224x224"
+        lines += ([""] if results["layers"] else []) + ["Whole model: VGG-16 (torchvision, random weights), fc6+fc7 by ttn at 2,000x, 224x224"
                   + (f"; each variant in {runs} fresh processes, alternated with the others: medians, images/s "
                      "also (least - most)." if runs > 1 else "."), "",
                   "| variant | file bytes | load s | RSS after load | RSS above imports | peak RSS (after the runs) "
