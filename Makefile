@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo-out
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench bench-speed bench-quality bench-runtime clean
+.PHONY: install demo test test-explore bench bench-speed bench-quality bench-runtime clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 	MKL_CBWR=AVX2 $(BIN)/python -m pytest $(NUMERIC)
 	MKL_CBWR=COMPATIBLE $(BIN)/python -m pytest $(NUMERIC)
+
+# the property tests on fresh random examples, ten times (make test draws the same ones every run)
+PROPERTY := tests/test_networks.py tests/test_inference.py tests/test_contract.py tests/test_tensorize.py
+test-explore: $(STAMP)
+	for run in 1 2 3 4 5 6 7 8 9 10; do ADNTN_HYPOTHESIS=explore $(BIN)/python -m pytest -x $(PROPERTY) || exit 1; done
 
 bench: bench-speed bench-quality bench-runtime
 

@@ -1,12 +1,24 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the property tests' profile.
 
+``make test`` (and CI) draws the same hypothesis examples on every run (``derandomized``): a run
+is red or green by the code and the machine's arithmetic, not by which examples it drew.
+``ADNTN_HYPOTHESIS=explore`` (``make test-explore``) draws fresh ones, to look for counterexamples;
+pin what it finds with ``@example``.
+"""
+
+import os
 from contextlib import ExitStack
 
 import pytest
 import torch
+from hypothesis import settings
 
 from adntn import memory
 from adntn.demo import small_vgg11
+
+settings.register_profile("derandomized", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("ADNTN_HYPOTHESIS", "derandomized"))
 
 
 @pytest.fixture
