@@ -25,22 +25,12 @@ class Accuracy:
         return asdict(self)
 
 
-def _correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """(top-1 hits, top-k hits) of logits (n, classes) against labels (n,), k = min(5, classes)."""
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    hits = top == labels.to(top.device).unsqueeze(1)
-    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
-
-
 def accuracy_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> Accuracy:
     """Accuracy of logits (n, classes) against integer labels (n,)."""
     if logits.dim() != 2 or logits.shape[0] != labels.shape[0] or logits.shape[0] == 0:
         raise ValueError(f"need logits (n, classes) and labels (n,) with n > 0, got {tuple(logits.shape)}, "
                          f"{tuple(labels.shape)}")
-    top1, top5 = _correct(logits, labels)
-    n = logits.shape[0]
-    return Accuracy(top1=top1 / n, top5=top5 / n, images=n)
+    return accuracy_of_counts(*_predictions_of(logits, labels).counts())
 
 
 @dataclass(frozen=True)
@@ -57,6 +47,13 @@ class Predictions:
         return int((self.top1 == self.labels).sum()), int(self.in_top5.sum()), len(self.labels)
 
 
+def _predictions_of(logits: torch.Tensor, labels: torch.Tensor) -> Predictions:
+    """:class:`Predictions` of logits (n, classes) against integer labels (n,), on the CPU."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+    labels = labels.cpu().long()
+    return Predictions(top[:, 0], labels, (top == labels.unsqueeze(1)).any(dim=1))
+
+
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Predictions:
     """:class:`Predictions` of ``model`` in eval mode over ``batches`` of (inputs, labels (b,))
@@ -64,29 +61,19 @@ def predict(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    top1, labels, in_top5 = [], [], []
+    parts = []
     try:
-        for inputs, batch_labels in batches:
-            if len(batch_labels) == 0:
+        for inputs, labels in batches:
+            if len(labels) == 0:
                 continue
             with input_size_errors(inputs):
-                logits = model(inputs.to(device))
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-            batch_labels = batch_labels.cpu().long()
-            top1.append(top[:, 0])
-            labels.append(batch_labels)
-            in_top5.append((top == batch_labels.unsqueeze(1)).any(dim=1))
+                parts.append(_predictions_of(model(inputs.to(device)), labels))
     finally:
         model.train(was_training)
-    if not labels:
+    if not parts:
         return Predictions(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                            torch.zeros(0, dtype=torch.bool))
-    return Predictions(torch.cat(top1), torch.cat(labels), torch.cat(in_top5))
-
-
-def count_hits(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int, int]:
-    """(top-1 hits, top-k hits, samples) of ``model`` in eval mode over ``batches`` (``predict``)."""
-    return predict(model, batches).counts()
+    return Predictions(*(torch.cat([getattr(part, field) for part in parts]) for field in ("top1", "labels", "in_top5")))
 
 
 def mcnemar_p(lost: int, gained: int) -> float:
@@ -140,7 +127,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
     Inputs go to the model's device; the model's train/eval mode is restored afterwards.
     """
-    return accuracy_of_counts(*count_hits(model, batches))
+    return accuracy_of_counts(*predict(model, batches).counts())
 
 
 def tensor_batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
