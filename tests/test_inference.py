@@ -40,12 +40,6 @@ def schedules(net: Generator) -> list[str]:
     return (["factorized"] if net.has_factorized else []) + ["blocked", "dense", "auto"]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, scale: float | None = None) -> None:
-    """Equal up to rounding (``tolerances``): ``scale`` the magnitude of the summed terms, by
-    default the largest |expected| (give ``product_scale`` where a few outputs may cancel)."""
-    assert_close_scaled(actual, expected, scale=scale)
-
-
 def product_scale(x: torch.Tensor, weight: torch.Tensor) -> float:
     """The largest sum of |terms| of x W^T: the magnitude its rounding follows (an output that is
     small because its terms cancel carries their rounding)."""
@@ -82,7 +76,7 @@ def test_linear_schedules_equal_the_dense_layer(arch: str, n_legs: int, batch: i
             else:
                 actual = layer(x)
         assert actual.shape == expected.shape
-        assert_close(actual, expected)
+        assert_close_scaled(actual, expected)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -105,7 +99,7 @@ def test_conv_schedules_equal_the_dense_convolution(arch: str, batch: int, monke
             else:
                 actual = layer(x)
         assert actual.shape == expected.shape
-        assert_close(actual, expected)
+        assert_close_scaled(actual, expected)
 
 
 def test_factorized_is_refused_without_a_factorized_form() -> None:
@@ -138,7 +132,7 @@ def test_factorized_gradients_equal_the_dense_ones(arch: str, conv: bool) -> Non
         grads[schedule] = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
     assert len(grads["dense"]) == len(grads["factorized"]) > 2
     for actual, expected in zip(grads["factorized"], grads["dense"]):
-        assert_close(actual, expected)
+        assert_close_scaled(actual, expected)
 
 
 @pytest.mark.parametrize("arch, n_legs", [("ttn", 4), ("ttn", 8), ("tt", 4), ("attn", 2), ("attn", 4)])
@@ -168,7 +162,7 @@ def test_factorized_in_row_chunks_equals_the_dense_layer_with_its_gradients(arch
                                                                if p.grad is not None]
     assert len(results["dense"]) == len(results["factorized"]) > 3
     for actual, expected in zip(results["factorized"], results["dense"]):
-        assert_close(actual, expected)
+        assert_close_scaled(actual, expected)
 
 
 @pytest.mark.parametrize("shape", [LINEAR_SHAPE, CONV_SHAPE, (64, 48)])
@@ -208,8 +202,7 @@ def _check_mera_factorized(shape: tuple[int, ...], n_legs: int, bond: int, mix_r
         (outputs[form] * probe).sum().backward()
         grads[form] = [x.grad.clone(), *(p.grad.clone() for p in net.parameters() if p.grad is not None)]
     # y sums products x W that may cancel: its scale is that of the terms
-    terms = float((x.detach().abs() @ weight.detach().abs().T).max())
-    assert_close_scaled(outputs["factorized"], outputs["dense"], scale=terms)
+    assert_close_scaled(outputs["factorized"], outputs["dense"], scale=product_scale(x.detach(), weight.detach()))
     assert len(grads["factorized"]) == len(grads["dense"]) > 2
     assert_close_scaled(grads["factorized"], grads["dense"])
 
@@ -248,7 +241,7 @@ def test_the_cache_follows_an_optimizer_step(arch: str, monkeypatch) -> None:
         after = layer(x)
         expected = F.linear(x, net())
     assert not torch.allclose(after, before)
-    assert_close(after, expected)
+    assert_close_scaled(after, expected)
 
 
 def test_building_the_cache_gives_its_temporaries_pages_back(monkeypatch) -> None:
@@ -287,7 +280,7 @@ def test_the_cache_follows_a_core_changed_outside_an_optimizer(change: str) -> N
             layer.double()
             x = x.double()
         after = layer(x)
-        assert_close(after, F.linear(x, net()))
+        assert_close_scaled(after, F.linear(x, net()))
     assert after.dtype == (torch.float64 if change == "double" else torch.float32)
     if change != "double":
         assert not torch.allclose(after, before)
@@ -336,8 +329,8 @@ def test_factorized_equals_dense_on_random_shapes(arch, rows, cols, legs, bond, 
     with torch.no_grad():
         weight = net()
         expected, scale = x @ weight.T, product_scale(x, weight)
-        assert_close(net.linear(x), expected, scale)
-        assert_close(net.blocked_linear(x), expected, scale)
+        assert_close_scaled(net.linear(x), expected, scale=scale)
+        assert_close_scaled(net.blocked_linear(x), expected, scale=scale)
 
 
 def test_a_generated_layer_moves_and_casts_like_any_module():
@@ -361,8 +354,8 @@ def test_attn_with_some_disentanglers_has_the_dense_layers_factorized_map(mix_ra
     x = torch.randn(5, LINEAR_SHAPE[1])
     with torch.no_grad():
         weight = net()
-        assert_close(net.linear(x), x @ weight.T, product_scale(x, weight))
-        assert_close(torch.cat([b.reshape(-1, LINEAR_SHAPE[1]).clone() for b in net.row_blocks()]), weight)  # reused buffers
+        assert_close_scaled(net.linear(x), x @ weight.T, scale=product_scale(x, weight))
+        assert_close_scaled(torch.cat([b.reshape(-1, LINEAR_SHAPE[1]).clone() for b in net.row_blocks()]), weight)  # reused buffers
 
 
 @pytest.mark.parametrize("shape, order, fold", [((53, 30), "left", "right"), ((64, 64), "right", "left"),
@@ -382,7 +375,7 @@ def test_attn_middle_correction_reads_the_main_operands(shape, order, fold, monk
     assert (net.linear_order, net._middle_fold()) == (order, fold)
     x = torch.randn(6, shape[1], requires_grad=True)
     with torch.no_grad():
-        assert_close(net.linear(x), x @ net().T)
+        assert_close_scaled(net.linear(x), x @ net().T)
         ops = net.cached("linear", net.linear_operands)
     cores = {p.untyped_storage().data_ptr() for p in net.parameters()}
     tensors = [t for t in (ops["a"], ops["b"], *ops["middle"][1])]
