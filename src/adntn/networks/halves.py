@@ -275,9 +275,12 @@ class HalvesGenerator(Generator):
         (i y b) in one cache-sized block (``memory.current_policy``). On VGG-16's fc6
         at 2,000x (T 426 KB a row), batch 256: chunks of 2 rows 120 ms, the whole batch (a T of
         109 MB, through memory) 150-280 ms (AMD EPYC, 2 threads; chunks of 1-8 rows: 120-126)."""
+        return max(1, current_policy().cache_values() // self.linear_row_values())
+
+    def linear_row_values(self) -> int:
+        """Values per input row of the product's intermediate (T or U)."""
         xs, i, y, j, chi = self._digit_sizes()
-        per_row = xs * chi * j if self.linear_order == "left" else i * y * chi
-        return max(1, current_policy().cache_values() // per_row)
+        return xs * chi * j if self.linear_order == "left" else i * y * chi
 
     def _product_rows(self, flat: torch.Tensor, ops: dict) -> torch.Tensor:
         """The halves' product applied to ``flat`` (n, padded cols): (n, padded rows), in
