@@ -159,3 +159,14 @@ def test_layer_groups_all_conv_and_fc(vgg):
     assert labels(["fc", "fc8"]) == ["fc6", "fc7", "fc8"]
     with pytest.raises(adntn.AdntnError, match="named more than once"):
         source.select(["all", "fc6"])
+
+
+@pytest.mark.parametrize("arch", ["ttn", "mera", "tt"])
+def test_a_one_output_linear_of_three_inputs(arch):
+    """A 1x3 weight has one prime factor in all: a bond dim builds it, a ratio it cannot reach is
+    an AdntnError (it was a bare ValueError from an empty list of leg counts)."""
+    template = nn.Sequential(nn.Linear(3, 1))
+    result = adntn.compress(template, layers=["0"], arch=arch, bond_dim=1, steps=2)
+    assert result.model[0].generator().shape == (1, 3)
+    with pytest.raises(adntn.AdntnError, match="0 \\(1x3\\) cannot reach 2x"):
+        adntn.compress(template, layers=["0"], arch=arch, ratio=2, steps=2)

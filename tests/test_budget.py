@@ -123,3 +123,21 @@ def test_a_budget_in_parameters():
     assert spec_for_budget("attn", (4096, 512), 200, "tanh").core_params <= 200
     with pytest.raises(AdntnError, match=r"cannot fit in 10 parameters with --arch mera: its smallest generator has 60"):
         spec_for_budget("mera", (4096, 512), 10, "tanh", label="fc6")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 1, 1, 1)])
+@pytest.mark.parametrize("arch", ["ttn", "attn", "mera", "tt"])
+def test_a_weight_with_under_two_prime_factors_gets_two_legs(arch, shape):
+    """1x3 cannot be cut into two legs of dim >= 2; it gets two legs anyway (some of dim 1), the
+    same structure ``--bond-dim`` builds, and a ratio it cannot reach is one sentence."""
+    from adntn.networks import build
+    from adntn.networks.budget import spec_for_budget
+
+    smallest = smallest_spec(arch, shape, "tanh")
+    assert smallest.n_legs == 2 == spec_for_bond_dim(arch, shape, 1, "tanh").n_legs
+    assert sum(p.numel() for p in build(smallest).parameters()) == smallest.core_params
+    assert build(smallest)().shape == shape
+    assert spec_for_budget(arch, shape, smallest.core_params, "tanh") == smallest
+    with pytest.raises(AdntnError, match=rf"^fc \(.*\) cannot reach 2x with --arch {arch}: its smallest "
+                                         rf"generator has {smallest.core_params} parameters? \((0\.\d+|1)x\)\.$"):
+        spec_for_ratio(arch, shape, 2, "tanh", label="fc")

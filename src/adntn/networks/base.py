@@ -355,8 +355,10 @@ class Generator(nn.Module):
 
     @classmethod
     def leg_counts(cls, rows: int, cols: int) -> list[int]:
-        """The leg counts a (rows, cols) weight can be cut into: powers of two up to ``max_legs``."""
-        return [1 << e for e in range(1, int(math.log2(max_legs(rows, cols))) + 1)]
+        """The leg counts a (rows, cols) weight can be cut into: powers of two from 2 up to
+        ``max_legs``; a weight with fewer than two prime factors in all (1x3) still gets 2 legs,
+        some of dim 1, as ``default_leg_count`` gives it."""
+        return [1 << e for e in range(1, max(1, int(math.log2(max_legs(rows, cols)))) + 1)]
 
     @classmethod
     def default_leg_count(cls, rows: int, cols: int) -> int:

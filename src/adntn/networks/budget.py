@@ -40,6 +40,10 @@ def _check_nonempty(shape: tuple[int, ...], label: str) -> None:
                          "adntn cannot compress a layer without weights.")
 
 
+def _shown_ratio(ratio: float) -> str:
+    """A ratio as the messages show it: 2,010x, 11.5x, 0.667x."""
+    return f"{ratio:,.0f}x" if ratio >= 100 else f"{ratio:.3g}x"
+
 
 def make_spec(arch: str, shape: tuple[int, ...], bond_dims: tuple[int, ...], activation: str,
               n_legs: int) -> GeneratorSpec:
@@ -167,14 +171,11 @@ def spec_for_budget(arch: str, shape: tuple[int, ...], budget: int, activation: 
     tree = _largest("ttn" if mixed else arch, shape, budget, activation) if budget >= 1 else None
     if tree is None:
         smallest = smallest_spec(arch, shape, activation)
-        if asked is not None:
-            shown = f"{asked:,.0f}" if asked >= 1000 else f"{asked:g}"
-            reach = f"reach {shown}x"
-        else:
-            reach = f"fit in {budget:,} parameters"
+        reach = f"reach {_shown_ratio(asked)}" if asked is not None else f"fit in {budget:,} parameters"
+        noun = "parameter" if smallest.core_params == 1 else "parameters"
         raise AdntnError(
             f"{label} ({'x'.join(map(str, shape))}) cannot {reach} with --arch {arch}: its smallest "
-            f"generator has {smallest.core_params} parameters ({smallest.ratio:,.0f}x)."
+            f"generator has {smallest.core_params:,} {noun} ({_shown_ratio(smallest.ratio)})."
         )
     if not mixed:
         return tree
