@@ -163,10 +163,24 @@ def test_layer_groups_all_conv_and_fc(vgg):
 
 @pytest.mark.parametrize("arch", ["ttn", "mera", "tt"])
 def test_a_one_output_linear_of_three_inputs(arch):
-    """A 1x3 weight has one prime factor in all: a bond dim builds it, a ratio it cannot reach is
-    an AdntnError (it was a bare ValueError from an empty list of leg counts)."""
-    template = nn.Sequential(nn.Linear(3, 1))
-    result = adntn.compress(template, layers=["0"], arch=arch, bond_dim=1, steps=2)
+    """A 1x3 weight has one prime factor in all: a bond dim builds it (with a note that it is not
+    smaller than the weight), a ratio it cannot reach is an AdntnError (it was a bare ValueError
+    from an empty list of leg counts)."""
+    notes = []
+
+    class Recorder(adntn.Progress):
+        def note(self, message):
+            notes.append(message)
+
+    template = nn.Sequential(nn.Linear(3, 1), nn.Linear(1, 64))
+    result = adntn.compress(template, layers=["0"], arch=arch, bond_dim=1, steps=2, progress=Recorder())
     assert result.model[0].generator().shape == (1, 3)
+    core = result.report["layers"][0]["core_params"]
+    assert core >= 3 and [n for n in notes if "not compressed" in n] == [
+        f"0's generator has {core} parameters against 3 in its weight, so it is not compressed; leave it out of "
+        "--layers or give it a smaller structure."]
+    notes.clear()
+    smaller = adntn.compress(template, layers=["1"], arch=arch, bond_dim=1, steps=2, progress=Recorder())
+    assert smaller.report["layers"][0]["core_params"] < 64 and not any("not compressed" in n for n in notes)
     with pytest.raises(adntn.AdntnError, match="0 \\(1x3\\) cannot reach 2x"):
         adntn.compress(template, layers=["0"], arch=arch, ratio=2, steps=2)

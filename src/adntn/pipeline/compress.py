@@ -249,6 +249,7 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
     results = weight_errors(source, results, progress)
     if data is None:
         _warn_data_free(source, results, progress)
+    _warn_not_smaller(results, progress)
     replaced = {key for result in results for key in (result.layer.weight_key, result.layer.bias_key) if key}
     dense = {key: trained.get(key, tensor) for key, tensor in source.state.items() if key not in replaced}
     if allocation is not None:
@@ -280,6 +281,17 @@ def _warn_data_free(source: Source, results: list[LayerResult], progress: Progre
                           "to keep its accuracy (it may be no better than chance); fit it to its task with data: "
                           f"adntn compress {checkpoint} --layers {result.layer.label} --data IMAGEFOLDER "
                           "(train/ and val/ inside), or try a lower --ratio.")
+
+
+def _warn_not_smaller(results: list[LayerResult], progress: Progress) -> None:
+    """A note for each layer whose generator has at least as many parameters as its weight (a tiny
+    layer under a whole-model budget, or a large ``--bond-dim``): it is stored, but not smaller."""
+    for result in results:
+        spec = result.compressed.generator.spec
+        if spec.core_params >= spec.dense_params:
+            progress.note(f"{result.layer.label}'s generator has {spec.core_params:,} parameters against "
+                          f"{spec.dense_params:,} in its weight, so it is not compressed; leave it out of "
+                          "--layers or give it a smaller structure.")
 
 
 def _task_run(source: Source, layers: tuple[LayerInfo, ...], options: CompressOptions, data, progress: Progress):
