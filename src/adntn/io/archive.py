@@ -460,12 +460,20 @@ def dense_path(directory: Path) -> Path:
 
 
 def read_dense(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``directory``'s dense.safetensors (every layer not compressed), each finite."""
     path = Path(directory) / DENSE_FILE
     try:
         with safe_open(str(dense_path(directory)), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            return {key: finite_dense(handle.get_tensor(key), key, path) for key in handle.keys()}
     except (OSError, SafetensorError) as error:
         raise AdntnError(f"{path} is missing or corrupt ({type(error).__name__}).") from None
+
+
+def finite_dense(tensor: torch.Tensor, key: str, path: Path) -> torch.Tensor:
+    """``tensor`` (``key`` of the dense file ``path``), refused when it holds NaN or Inf values."""
+    if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+        raise AdntnError(f"{path} holds NaN or Inf values in {key}; the model it describes cannot run.")
+    return tensor
 
 
 def layer_paths(directory: Path, report: dict) -> list[Path]:

@@ -14,6 +14,7 @@ import pickle
 import re
 import struct
 import sys
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -74,7 +75,26 @@ def load_state_dict(
         tensors, metadata = _extract_tensors(_torch_load(path, allow_pickle, mmap), path), {}
     if not tensors:
         raise AdntnError(f"{path} is not a checkpoint: it holds no tensors.")
+    check_dense_tensors(tensors, str(path))
     return _strip_data_parallel_prefix(tensors), metadata
+
+
+def check_dense_tensors(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse a tensor that holds no ordinary values: sparse, quantized, nested or on the meta device.
+
+    Raises:
+        AdntnError: naming the first such tensor of ``where`` (a file, or a module's class name).
+    """
+    for name, tensor in tensors.items():
+        if tensor.is_meta:
+            raise AdntnError(f"{where} holds {name} on the meta device, without values; "
+                             "save the tensors after loading or initialising them.")
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+            kind, fix = (("quantized", "dequantize()") if tensor.is_quantized else
+                         ("nested", "to_padded_tensor(0)") if tensor.is_nested else
+                         (str(tensor.layout).removeprefix("torch."), "to_dense()"))
+            raise AdntnError(f"{where} holds {name} as a {kind} tensor; adntn reads dense tensors only, "
+                             f"so save it with tensor.{fix} first.")
 
 
 def _read_safetensors(path: Path, mmap: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -141,9 +161,11 @@ def _torch_load(path: Path, allow_pickle: bool, mmap: bool = False) -> object:
     """``torch.load`` on CPU, translating every failure into an :class:`AdntnError`."""
     _check_expansion(path)
     try:
-        if mmap and zipfile.is_zipfile(path):  # torch.load maps only the zip format
-            return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        with warnings.catch_warnings():  # e.g. torch's note on validating sparse tensors, refused later
+            warnings.simplefilter("ignore", UserWarning)
+            if mmap and zipfile.is_zipfile(path):  # torch.load maps only the zip format
+                return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except OSError as error:
         raise AdntnError(f"Cannot read {path}: {error.strerror or error}.") from None
     except pickle.UnpicklingError as error:
@@ -291,6 +313,17 @@ def check_finite(tensors: Mapping[str, torch.Tensor], keys: Iterable[str]) -> No
                     f"{key} has weights too large for float32 arithmetic (sum of squares "
                     f"{squared_norm:.3g}, more than {MAX_SQUARED_NORM:.3g}); rescale them before compressing."
                 )
+
+
+def check_runnable(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN or Inf values in any floating-point tensor of ``where`` (a checkpoint to run).
+
+    Raises:
+        AdntnError: naming the first such tensor.
+    """
+    for key, tensor in tensors.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not _all_finite(tensor):
+            raise AdntnError(f"{where} holds NaN or Inf values in {key}; a model with them cannot run.")
 
 
 def _squared_norm(tensor: torch.Tensor) -> float:

@@ -208,6 +208,16 @@ def _check_keys(layout: _Layout, keys: set[str]) -> None:
         raise _DoesNotFit(f"it has an unexpected {unexpected[0]}", keys_match=False)
 
 
+def _check_dtypes(layout: _Layout, state: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the layout's keys is real floating point but the BatchNorm step counters
+    (which torchvision keeps as integers); a model given anything else could not run."""
+    for key in sorted(state, key=_report_order):
+        dtype = state[key].dtype
+        if not key.endswith(f".{BATCH_NORM_OPTIONAL}") and (dtype.is_complex or not dtype.is_floating_point):
+            raise AdntnError(f"The checkpoint's {key} holds {str(dtype).removeprefix('torch.')} values, but "
+                             f"torchvision's {layout.name} takes real floating-point tensors there.")
+
+
 def _report_order(key: str) -> tuple[bool, list[int | str]]:
     """Sort key for error reports: weights first, ``features.2`` before ``features.10``."""
     return not key.endswith(".weight"), [int(p) if p.isdigit() else p for p in key.split(".")]
@@ -230,6 +240,7 @@ def _expect_shape(state: dict[str, torch.Tensor], key: str, shape: tuple[int, ..
 def _fit(layout: _Layout, state: dict[str, torch.Tensor]) -> ModelInfo:
     """The :class:`ModelInfo` of ``state`` under ``layout``, or :class:`_DoesNotFit`."""
     _check_keys(layout, set(state))
+    _check_dtypes(layout, state)
     layers, in_channels = [], INPUT_CHANNELS
     for slot in layout.convs:
         module = f"features.{slot.index}"

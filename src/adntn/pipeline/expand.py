@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from adntn.io.archive import DENSE_FILE, dense_path, materialize, materialize_rows, read_dense
+from adntn.io.archive import DENSE_FILE, dense_path, finite_dense, materialize, materialize_rows, read_dense
 from adntn.io.files import atomic_write
 from adntn.io.safetensors import SAFETENSORS_SUFFIX, stream_safetensors
 from adntn.errors import AdntnError
@@ -52,7 +52,7 @@ def _stream(directory: Path, output: Path) -> None:
             def produce(key: str) -> torch.Tensor | Iterable[torch.Tensor]:
                 if key in layers:
                     return materialize_rows(layers[key].generator, layers[key].dtype)
-                return biases[key] if key in biases else dense.get_tensor(key)
+                return biases[key] if key in biases else finite_dense(dense.get_tensor(key), key, path)
 
             if output.suffix == SAFETENSORS_SUFFIX:
                 metadata = report["source"].get("metadata") or None  # mean, std, ... for `adntn eval`
