@@ -1,6 +1,7 @@
 """Hostile and broken inputs: tampered archives, interrupted runs, dangerous destinations, stray
 options. Each is refused in one sentence (exit 1, nothing written) or handled, quickly."""
 
+import importlib.util
 import json
 import math
 import os
@@ -219,12 +220,12 @@ def test_cores_that_do_not_match_the_spec(archive):
         key = max((key for key in tensors if key.startswith("core.")), key=lambda key: tensors[key].numel())
         tensors[key] = torch.zeros(tuple(d + 1 for d in tensors[key].shape))
     _edit_layer(archive, FC6, edit)
-    _all_refuse(archive, "cores", report=False)
+    _all_refuse(archive, "cores")
 
 
 def test_an_extra_tensor_in_a_layer_file(archive):
     _edit_layer(archive, FC6, lambda tensors, metadata: tensors.update({"core.extra": torch.zeros(3)}))
-    _all_refuse(archive, "core.extra", report=False)
+    _all_refuse(archive, "core.extra")
 
 
 def test_nan_cores_are_refused(archive):
@@ -232,12 +233,12 @@ def test_nan_cores_are_refused(archive):
         key = next(key for key in tensors if key.startswith("core."))
         tensors[key][(0,) * tensors[key].dim()] = float("nan")
     _edit_layer(archive, FC6, edit)
-    _all_refuse(archive, "NaN", report=False)
+    _all_refuse(archive, "NaN")
 
 
 def test_a_bias_of_the_wrong_shape(archive):
     _edit_layer(archive, FC6, lambda tensors, metadata: tensors.update({"bias": torch.zeros(7)}))
-    _all_refuse(archive, "bias", report=False)
+    _all_refuse(archive, "bias")
 
 
 def test_dense_tensors_that_do_not_fit_the_model(archive):
@@ -247,7 +248,47 @@ def test_dense_tensors_that_do_not_fit_the_model(archive):
         metadata = handle.metadata()
     tensors["classifier.3.weight"] = torch.zeros(256, 100)  # fc7 no longer takes fc6's 256 outputs
     save_file(tensors, str(path), metadata)
-    _all_refuse(archive, "classifier.3.weight", report=False)
+    _all_refuse(archive, "classifier.3.weight")
+
+
+def _edit_dense(archive, edit):
+    """Rewrite dense.safetensors: ``edit(tensors)`` changes them in place."""
+    path = archive / "dense.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = handle.metadata()
+    edit(tensors)
+    save_file(tensors, str(path), metadata)
+
+
+def test_dense_tensors_of_an_integer_dtype(archive):
+    _edit_dense(archive, lambda tensors: tensors.update({"classifier.6.weight": tensors["classifier.6.weight"].long()}))
+    _all_refuse(archive, "int64")
+    _one_sentence(["inspect", archive], "int64", archive.parent)
+
+
+def test_nan_in_the_dense_file(archive, tmp_path):
+    def edit(tensors):
+        tensors["features.0.weight"][0, 0, 0, 0] = float("nan")
+    _edit_dense(archive, edit)
+    _all_refuse(archive, "NaN", report=False)  # report reads no tensor
+    _one_sentence(["expand", archive, "-o", archive.parent / "dense.safetensors"], "NaN", archive.parent)
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxscript")),
+                    reason="needs adntn[export]")
+@pytest.mark.parametrize("size, fragment", [("-1", "is -1"), ("0", "is 0"), ("8", "side 32 to"),
+                                            ("100000", "side 32 to")])
+def test_an_export_input_size_out_of_range(archive, size, fragment):
+    _one_sentence(["export", archive, "-o", archive.parent / "m.onnx", "--input-size", size], fragment,
+                  archive.parent)
+
+
+def test_an_input_size_in_the_metadata_out_of_range(archive):
+    _edit_report(archive, lambda content: {**content, "source": {**content["source"],
+                                                                 "metadata": {"input_size": "0"}}})
+    with pytest.raises(AdntnError, match="input_size metadata is 0"):
+        adntn.export_onnx(archive, archive.parent / "m.onnx")
 
 
 def test_dense_tensors_not_listed_in_the_report(archive):
@@ -255,21 +296,21 @@ def test_dense_tensors_not_listed_in_the_report(archive):
         content["keys"].remove("classifier.6.bias")
         return content
     _edit_report(archive, edit)
-    _all_refuse(archive, "classifier.6.bias", report=False)
+    _all_refuse(archive, "classifier.6.bias")
 
 
 def test_a_layer_file_that_is_a_fifo_does_not_hang(archive):
     layer = archive / "layers" / f"{FC6}.safetensors"
     layer.unlink()
     os.mkfifo(layer)
-    _all_refuse(archive, "not a regular file", report=False)
+    _all_refuse(archive, "not a regular file")
 
 
 def test_a_dense_file_that_is_a_fifo_does_not_hang(archive):
     dense = archive / "dense.safetensors"
     dense.unlink()
     os.mkfifo(dense)
-    _all_refuse(archive, "not a regular file", report=False)
+    _all_refuse(archive, "not a regular file")
 
 
 def test_the_untampered_archive_still_works(archive, tmp_path):
@@ -479,6 +520,56 @@ def test_complex_weights_are_refused(tmp_path):
     torch.save(state, path)
     _one_sentence(["compress", path, "--layers", "fc6", "--ratio", "20", "--out", tmp_path / "o"], "complex",
                   tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "meta"])
+def test_tensors_without_ordinary_values_are_refused(tmp_path, kind):
+    state = small_vgg11().state_dict()
+    if kind == "sparse":
+        state["classifier.3.weight"] = state["classifier.3.weight"].to_sparse()
+    else:
+        state["classifier.3.weight"] = torch.empty_like(state["classifier.3.weight"], device="meta")
+    path = tmp_path / f"{kind}.pt"
+    torch.save(state, path)
+    for args in (["compress", path, "--layers", "fc6", "--ratio", "20", "--out", tmp_path / "o"],
+                 ["inspect", path], ["eval", path, "--data", tmp_path / "nodata"]):
+        _one_sentence(args, kind, tmp_path)
+    module = small_vgg11()
+    module.classifier[3].weight = torch.nn.Parameter(state["classifier.3.weight"], requires_grad=False)
+    with pytest.raises(AdntnError, match=kind):
+        adntn.compress(module, ["fc6"], ratio=20, steps=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_eval_refuses_weights_that_are_not_real_floating_point(tmp_path, dtype):
+    state = small_vgg11().state_dict()
+    state["features.0.weight"] = (state["features.0.weight"] * 100).to(dtype)
+    path = tmp_path / "odd.pt"
+    torch.save(state, path)
+    _one_sentence(["eval", path, "--data", tmp_path / "nodata"], str(dtype).removeprefix("torch."), tmp_path)
+
+
+def test_eval_refuses_nan_weights(tmp_path):
+    state = small_vgg11().state_dict()
+    state["classifier.3.bias"][0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(state, path)
+    _one_sentence(["eval", path, "--data", tmp_path / "nodata"], "NaN", tmp_path)
+
+
+@pytest.mark.parametrize("ratios, fragment", [("fc6=20,fc6=30", "fc6 more than once"),
+                                              ("fc6=20,classifier.0=30", "twice, as fc6 and classifier.0")])
+def test_a_layer_given_two_ratios(checkpoint, tmp_path, ratios, fragment):
+    _one_sentence(["compress", checkpoint, "--layers", "fc6", "--ratio", ratios, "--out", tmp_path / "o"],
+                  fragment, tmp_path)
+
+
+def test_data_that_is_a_file(checkpoint, tmp_path):
+    data = tmp_path / "images.tar"
+    data.write_bytes(b"not a folder")
+    _one_sentence(["compress", checkpoint, "--layers", "fc6", "--ratio", "20", "--out", tmp_path / "o", "--data", data],
+                  "is a file", tmp_path)
+    _one_sentence(["eval", checkpoint, "--data", data], "is a file", tmp_path)
 
 
 def test_safetensors_metadata_that_is_not_strings(tmp_path):

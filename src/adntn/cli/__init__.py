@@ -267,10 +267,10 @@ def report(
     as_json: JsonOption = False,
 ) -> None:
     """Show what compression gained and lost."""
-    from adntn.io.archive import read_report
     from adntn.cli.render import render
+    from adntn.pipeline.load import read_archive
 
-    content = read_report(directory)
+    content = read_archive(directory)[0]  # the layer files and dense.safetensors checked too
     if as_json:
         _print_json(content)
     else:

@@ -303,8 +303,7 @@ def image_splits(root: Path, preprocessing: Preprocessing) -> Splits:
     transformed by ``preprocessing.transform()`` into tensors (3, H, W) with integer labels.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise AdntnError(f"Data folder {root} does not exist.")
+    check_data_folder(root)
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise AdntnError(f"Data folder {root} has no train/ folder.")
@@ -470,11 +469,20 @@ def stratified_subset(folder: datasets.ImageFolder, max_images: int | None, seed
     return copy_
 
 
+def check_data_folder(root: Path) -> None:
+    """Refuse a ``--data`` that is missing or not a folder."""
+    if root.is_dir():
+        return
+    if root.exists():
+        raise AdntnError(f"Data folder {root} is a file; --data takes a folder holding train/ and val/ "
+                         "(an archive must be unpacked first).")
+    raise AdntnError(f"Data folder {root} does not exist.")
+
+
 def heldout_split(root: Path, preprocessing: Preprocessing) -> tuple[str, datasets.ImageFolder]:
     """(name, dataset) of ``root/val`` (or ``root/test``) alone, for an evaluation (no train/ needed)."""
     root = Path(root)
-    if not root.is_dir():
-        raise AdntnError(f"Data folder {root} does not exist.")
+    check_data_folder(root)
     name = next((name for name in HELDOUT_SPLITS if (root / name).is_dir()), None)
     if name is None:
         raise AdntnError(f"Data folder {root} has no val/ or test/ folder for the held-out split.")

@@ -87,6 +87,10 @@ def plan_layers(source: Source, layers: tuple[LayerInfo, ...], options: Compress
     if stray:
         known = source.layer(stray[0])  # an unknown name is refused here
         raise AdntnError(f"--ratio names {stray[0]} ({known.module}), which is not among the compressed layers.")
+    for layer in layers:
+        named = [name for name in (layer.alias, layer.module) if name and name in options.layer_ratios]
+        if len(named) > 1:
+            raise AdntnError(f"--ratio names {layer.label} twice, as {named[0]} and {named[1]}; give each layer one ratio.")
     specs = []
     for layer in layers:
         if options.bond_dim is not None:

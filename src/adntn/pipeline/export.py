@@ -26,6 +26,11 @@ from adntn.models.layers import GeneratedLayer
 from adntn.pipeline.load import load
 
 DEFAULT_INPUT_SIZE = 224  # torchvision's AlexNet and VGG on ImageNet
+# The smallest image side the features take (VGG: five 2x2 poolings; AlexNet: its stride-4 conv and
+# three 3x3 stride-2 poolings), and the largest side exported (the trace's activations grow with s^2).
+MIN_INPUT_SIZE = {"alexnet": 63}
+MIN_VGG_INPUT_SIZE = 32
+MAX_INPUT_SIZE = 2048
 
 
 def export_schedule(module: GeneratedLayer) -> str:
@@ -41,6 +46,16 @@ def input_size_of(report: dict) -> int:
     except (ValueError, TypeError, IndexError):
         raise AdntnError(f"The checkpoint's input_size metadata ({metadata['input_size']!r}) is not a size; "
                          "pass --input-size.") from None
+    return side
+
+
+def check_input_size(side: int, model: str, origin: str) -> int:
+    """``side`` (from ``origin``: --input-size, or the metadata), refused unless torchvision's
+    ``model`` takes images of that side and it is at most :data:`MAX_INPUT_SIZE`."""
+    smallest = MIN_INPUT_SIZE.get(model, MIN_VGG_INPUT_SIZE)
+    if not smallest <= side <= MAX_INPUT_SIZE:
+        raise AdntnError(f"{origin} is {side}, but {model} takes images of side {smallest} to {MAX_INPUT_SIZE} "
+                         "here; pass --input-size in that range.")
     return side
 
 
@@ -61,15 +76,19 @@ def export_onnx(directory: str | Path, out: str | Path, *, input_size: int | Non
     if out.exists() and not force:
         raise AdntnError(f"{out} already exists; pass --force to replace it.")
     report = read_report(directory)
+    if input_shape is None:
+        if model is not None:
+            raise AdntnError("Exporting a module that is no torchvision model needs its input_shape.")
+        model_name = report["source"]["model"]
+        if input_size is not None:
+            side = check_input_size(input_size, model_name, "--input-size")
+        else:
+            side = check_input_size(input_size_of(report), model_name, "The checkpoint's input_size metadata")
+        input_shape = (2, 3, side, side)
     network = load(directory, model=model)
     for module in network.modules():
         if isinstance(module, GeneratedLayer):
             module.schedule = export_schedule(module)
-    if input_shape is None:
-        if model is not None:
-            raise AdntnError("Exporting a module that is no torchvision model needs its input_shape.")
-        side = input_size or input_size_of(report)
-        input_shape = (2, 3, side, side)
     example = torch.zeros(input_shape)
     batch = torch.export.Dim("batch")
 

@@ -61,10 +61,16 @@ def parse_ratio(text: str) -> tuple[float | None, dict[str, float]]:
     try:
         if "=" not in text:
             return float(text), {}
-        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
-        return None, {name.strip(): float(value) for name, value in pairs}
+        pairs = [(name.strip(), float(value)) for name, value in
+                 (item.split("=", 1) for item in text.split(",") if item.strip())]
     except ValueError:
         raise AdntnError(f"--ratio takes a number or LAYER=NUMBER pairs separated by commas, not '{text}'.") from None
+    ratios: dict[str, float] = {}
+    for name, value in pairs:
+        if name in ratios:
+            raise AdntnError(f"--ratio names {name} more than once; give each layer one ratio.")
+        ratios[name] = value
+    return None, ratios
 
 
 def _positive_finite(value: float, flag: str) -> None:
