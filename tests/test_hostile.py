@@ -152,6 +152,7 @@ def test_report_json_that_is_a_directory(archive):
 @pytest.mark.parametrize("key, value, fragment", [
     ("dtype", "float128", "float128"),
     ("module", None, "module"),
+    ("format_version", "99", "format version 99"),
 ])
 def test_malformed_layer_metadata(archive, key, value, fragment):
     def edit(tensors, metadata):
@@ -160,7 +161,12 @@ def test_malformed_layer_metadata(archive, key, value, fragment):
         else:
             metadata[key] = value
     _edit_layer(archive, FC6, edit)
-    _all_refuse(archive, fragment, report=False)
+    _all_refuse(archive, fragment)
+
+
+def test_a_spec_of_a_newer_version(archive):
+    _edit_layer(archive, FC6, _spec_edit(version=99))
+    _all_refuse(archive, "spec of version 99")
 
 
 @pytest.mark.parametrize("name", ["../../outside", "/etc/passwd", "classifier/0", "classifier..0"])
@@ -180,7 +186,7 @@ def test_a_symlinked_layer_file_pointing_outside_is_refused(archive):
     outside = archive.parent.parent / "elsewhere.safetensors"
     shutil.move(layer, outside)
     layer.symlink_to(outside)
-    _all_refuse(archive, "outside", report=False)
+    _all_refuse(archive, "outside")
 
 
 def _spec_edit(**changes):
@@ -212,7 +218,7 @@ def test_a_huge_spec_in_a_small_file_is_refused_before_building(archive, also_re
             raise AssertionError(f"built {spec.core_params:,} core parameters for real")
         return build(spec)
     monkeypatch.setattr(archive_module, "build", small_builds_only)
-    _all_refuse(archive, FC6, report=False)
+    _all_refuse(archive, FC6)
 
 
 def test_cores_that_do_not_match_the_spec(archive):

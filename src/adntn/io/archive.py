@@ -379,6 +379,8 @@ def _layer_spec(path: Path, meta: Mapping[str, str], row: Mapping | None) -> tup
     for key in ("spec", "module", "dtype"):
         if key not in meta:
             raise AdntnError(f"{path} lacks the '{key}' entry of a layer file's metadata.")
+    if meta.get("format_version", str(FORMAT_VERSION)) != str(FORMAT_VERSION):
+        raise AdntnError(f"{path} has format version {meta['format_version']}; this adntn reads {FORMAT_VERSION}.")
     if meta["dtype"] not in WEIGHT_DTYPES:
         raise AdntnError(f"{path} gives the weight dtype '{meta['dtype']}', which is not one adntn writes "
                          f"({', '.join(WEIGHT_DTYPES)}).")
@@ -389,6 +391,8 @@ def _layer_spec(path: Path, meta: Mapping[str, str], row: Mapping | None) -> tup
         spec = GeneratorSpec.from_json(meta["spec"])
     except (KeyError, ValueError, TypeError, AttributeError):
         raise AdntnError(f"{path} has a corrupt spec.") from None
+    if spec.version != FORMAT_VERSION:
+        raise AdntnError(f"{path} has a spec of version {spec.version}; this adntn reads {FORMAT_VERSION}.")
     if not (len(spec.shape) in (2, 4) and all(_is_int(d) and d > 0 for d in
                                               (*spec.shape, *spec.out_dims, *spec.in_dims, *spec.bond_dims))
             and 1 <= spec.n_legs <= MAX_LEGS and _is_int(spec.mix_rank) and spec.mix_rank >= 0):
