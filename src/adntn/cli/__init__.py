@@ -297,7 +297,8 @@ def export(
     directory: Annotated[Path, typer.Argument(help="A directory written by 'adntn compress'.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write (.onnx).")],
     input_size: Annotated[Optional[int], typer.Option(
-        "--input-size", help="Image side (default: the checkpoint's input_size metadata, else 224).")] = None,
+        "--input-size", help="Image side, 32 (AlexNet: 63) to 2048 (default: the checkpoint's input_size "
+                             "metadata, else 224).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Write an ONNX graph whose compressed layers stay compressed (needs adntn[export])."""
