@@ -99,7 +99,7 @@ def test_every_arch_compresses(checkpoint, tmp_path, arch):
 
 def test_existing_output_needs_force(checkpoint, compressed):
     before = (compressed / "report.json").read_bytes()
-    result = adntn("compress", checkpoint, "--layers", "fc6", "--out", compressed, "--steps", "1")
+    result = adntn("compress", checkpoint, "--layers", "fc6", "--ratio", "20", "--out", compressed, "--steps", "1")
     assert result.exit_code == 1
     assert "already exists; pass --force" in result.stderr
     assert (compressed / "report.json").read_bytes() == before
@@ -305,3 +305,10 @@ def test_integers_beyond_int64_are_one_sentence(checkpoint, tmp_path, flag):
 def test_a_ratio_for_a_layer_that_does_not_exist(checkpoint, tmp_path):
     _fails(["compress", checkpoint, "--layers", "fc6", "--ratio", "fc6=10,fc99=5", "--out", tmp_path / "o"],
            "Unknown layer 'fc99'", tmp_path)
+
+
+def test_a_p_value_that_underflowed_is_not_printed_as_zero():
+    from adntn.cli.render import p_value
+
+    assert p_value(0.0) == "< 1e-300"
+    assert p_value(0.2761) == "= 0.28"

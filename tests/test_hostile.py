@@ -603,3 +603,13 @@ def test_the_data_free_warning_says_what_to_expect(checkpoint):
     adntn.compress(checkpoint, ["fc6"], ratio=200, steps=0, progress=Recording())
     assert len(notes) == 1
     assert "accuracy" in notes[0] and "--data" in notes[0] and "adntn compress" in notes[0], notes[0]
+
+
+@pytest.mark.parametrize("args, fragment", [(["--layers", "fc9"], "Unknown layer 'fc9'"),
+                                            (["--layers", "fc6", "--ratio", "1e9"], "cannot reach")])
+def test_a_wrong_layer_or_ratio_is_reported_before_an_existing_output(checkpoint, pristine, tmp_path, args, fragment):
+    """The output exists and --force is not given: the mistake the run would hit next is named first."""
+    out = Path(shutil.copytree(pristine, tmp_path / "small.adntn"))
+    _one_sentence(["compress", checkpoint, *args, "--out", out], fragment, tmp_path)
+    _one_sentence(["compress", checkpoint, "--layers", "fc6", "--ratio", "20", "--out", out], "already exists",
+                  tmp_path)

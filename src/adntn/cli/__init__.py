@@ -132,8 +132,8 @@ def inspect(
         _print_json({"model": info.name, "num_classes": info.num_classes, "layers": rows})
         return
     table = Table(title=f"{checkpoint.name}: {info.name}, {info.num_classes} classes")
-    for column in ("alias", "module", "kind", "weight shape", "params"):
-        table.add_column(column, justify="right" if column == "params" else "left")
+    for column in ("alias", "module", "kind", "weight shape", "params (weight + bias)"):
+        table.add_column(column, justify="left" if column in ("alias", "module", "kind", "weight shape") else "right")
     for row in rows:
         table.add_row(row["alias"] or "-", row["module"], row["kind"],
                       "x".join(map(str, row["shape"])), f"{row['params']:,}")
@@ -148,7 +148,7 @@ def _inspect_directory(directory: Path, batch: int, as_json: bool) -> None:
         _print_json({"directory": str(directory), "batch": batch, "layers": rows})
         return
     table = Table(title=f"{directory.name}: inference at batch {batch} (auto schedule)")
-    for column in ("layer", "arch", "schedule", "memory", "dense memory", "flops/sample", "dense flops/sample"):
+    for column in ("layer", "arch", "schedule", "bytes held", "dense bytes", "flops/sample", "dense flops/sample"):
         table.add_column(column, justify="left" if column in ("layer", "arch", "schedule") else "right")
     for row in rows:
         table.add_row(row["layer"], row["arch"], row["schedule"], f"{row['bytes']:,}", f"{row['dense_bytes']:,}",
@@ -223,8 +223,7 @@ def compress(
 ) -> None:
     """Replace each chosen layer's weight by a small tensor-network generator.
 
-    Under ``torchrun --nproc-per-node N -m adntn compress ...`` the data-aware stages run on N
-    processes (DistributedDataParallel; gloo on cpu, nccl with --device cuda) and rank 0 writes."""
+    Under 'torchrun --nproc-per-node N -m adntn compress ...' the data-aware stages run on N processes (DDP: gloo on cpu, nccl with --device cuda); rank 0 writes."""
     from adntn.cli.render import render
     from adntn.pipeline.compress import compress_to
     from dataclasses import replace
@@ -301,7 +300,7 @@ def export(
                              "metadata, else 224).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
-    """Write an ONNX graph whose compressed layers stay compressed (needs adntn[export])."""
+    """Write an ONNX graph whose compressed layers stay compressed (needs adntn\\[export])."""
     from adntn.pipeline.export import export_onnx
 
     written = export_onnx(directory, output, input_size=input_size, force=force)
@@ -328,6 +327,7 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """Measure top-1 and top-5 accuracy on the held-out split."""
+    from adntn.cli.render import p_value
     from adntn.pipeline.task import evaluate_model
 
     if max_images is not None and max_images < 1:
@@ -353,7 +353,7 @@ def evaluate(
         typer.echo(f"{against.name} ({reference_name}) on the same images: top-1 {reference_result['top1']:.4f}, "
                    f"top-5 {reference_result['top5']:.4f}; top-1 agreement {paired['top1_agreement']:.4f}, right by "
                    f"{against.name} only {paired['lost']:,}, by {source.name} only {paired['gained']:,} "
-                   f"(McNemar p = {paired['mcnemar_p']:.2g})")
+                   f"(McNemar p {p_value(paired['mcnemar_p'])})")
 
 
 def _evaluated_model(source: Path, model: str | None, allow_pickle: bool) -> tuple[nn.Module, dict, str, int]:

@@ -26,6 +26,11 @@ def _fraction(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def p_value(p: float) -> str:
+    """A p-value as printed: two digits, or below float64's range when it underflowed to 0."""
+    return "< 1e-300" if p == 0 else f"= {p:.2g}"
+
+
 LAYER_COLUMNS = (("layer", "left"), ("shape", "left"), ("arch", "left"), ("bonds", "left"), ("dense", "right"),
                  ("core", "right"), ("ratio", "right"), ("w.err", "right"), ("a.err", "right"), ("fit s", "right"))
 NARROW_DROPS = ("bonds", "shape", "fit s", "a.err")  # left out in this order while the table is too wide
@@ -104,8 +109,8 @@ def paired_text(report: dict) -> Text | None:
     if not paired:
         return None
     return Text(f"on the same images: top-1 agreement with dense {_fraction(paired['top1_agreement'])}; right by "
-                f"dense only {paired['lost']:,}, by compressed only {paired['gained']:,} (McNemar p = "
-                f"{paired['mcnemar_p']:.2g}: the chance of a split at least this uneven between equally good models)")
+                f"dense only {paired['lost']:,}, by compressed only {paired['gained']:,} (McNemar p "
+                f"{p_value(paired['mcnemar_p'])}: the chance of a split at least this uneven between equally good models)")
 
 
 def training_text(report: dict) -> Text:

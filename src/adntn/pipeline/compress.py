@@ -20,7 +20,7 @@ import functools
 import math
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -210,11 +210,14 @@ def build_report(source: Source, results: list[LayerResult], options: CompressOp
 
 def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
              options: CompressOptions | None = None, progress: Progress | None = None,
-             resume_state: Path | None = None, **kwargs) -> Compressed:
+             resume_state: Path | None = None, before_fitting: Callable[[], None] | None = None,
+             **kwargs) -> Compressed:
     """Compress ``layers`` of a model in memory or a checkpoint file; see ``adntn.compress``.
 
     ``resume_state``: a file where fine-tuning saves its state after every epoch (and resumes from
-    it with ``resume``); ``compress_to`` keeps it beside the output."""
+    it with ``resume``); ``compress_to`` keeps it beside the output. ``before_fitting`` is called
+    once the layers, their sizes and the data are checked, before any fitting (``compress_to``
+    checks its destination there, so a wrong layer name is reported before an existing output)."""
     progress = progress or Progress()
     options = CompressOptions.from_kwargs(**kwargs) if options is None else replace(options, **kwargs)
     if distributed.requested():  # torchrun: one process per device, cuda -> cuda:LOCAL_RANK
@@ -236,6 +239,8 @@ def compress(model_or_path: nn.Module | str | Path, layers: list[str] | str, *,
         data = open_data(options.data, options.config, source.metadata, source, class_map=options.class_map,
                          max_images=options.max_images, seed=options.seed, cache_dir=options.cache_dir)
         trained_layers(source, list(chosen), options)
+    if before_fitting is not None:
+        before_fitting()
     with _task_run(source, chosen, options, data, progress) as run:
         allocation = _allocate(source, chosen, options, progress, run) if allocated else None
         if allocation is not None:
@@ -325,7 +330,7 @@ def _allocate(source: Source, layers: tuple[LayerInfo, ...], options: CompressOp
 def compress_to(model_or_path: nn.Module | str | Path, layers: list[str] | str, out_dir: str | Path, *,
                 force: bool = False, options: CompressOptions | None = None, progress: Progress | None = None,
                 **kwargs) -> dict:
-    """``compress`` then ``save``, the destination checked first; returns the report written.
+    """``compress`` then ``save``, the destination checked before any fitting; returns the report written.
 
     Under torchrun only rank 0 writes; the other ranks return the report unwritten.
     """
@@ -336,11 +341,15 @@ def compress_to(model_or_path: nn.Module | str | Path, layers: list[str] | str, 
             raise AdntnError(f"--out {out_dir} would replace the checkpoint {model_or_path} that it is compressed from; "
                              "choose another output.")
     out_dir = Path(out_dir)
-    check_destination(out_dir, force=force)
     state = resume_path(out_dir)
-    if (options.resume if options is not None else kwargs.get("resume")) and not state.is_file():
-        progress.note(f"--resume: no saved fine-tuning state ({state}); starting from the first epoch.")
-    compressed = compress(model_or_path, layers, options=options, progress=progress, resume_state=state, **kwargs)
+
+    def check_output() -> None:
+        check_destination(out_dir, force=force)
+        if (options.resume if options is not None else kwargs.get("resume")) and not state.is_file():
+            progress.note(f"--resume: no saved fine-tuning state ({state}); starting from the first epoch.")
+
+    compressed = compress(model_or_path, layers, options=options, progress=progress, resume_state=state,
+                          before_fitting=check_output, **kwargs)
     if not distributed.is_main():
         return compressed.report
     with progress.stage("write_archive"):

@@ -70,6 +70,7 @@ PROBE_BATCH = 128
 CONV_RECORD_SAMPLES = 32  # conv inputs are whole feature maps (64x224x224 floats = 12.8 MB each)
 COVARIANCE_RANK = 256  # input directions kept by the activation-space fit of a linear layer
 HEAD = "classifier."
+ACCURACY_WARNING = 0.05  # top-1 lost to dense after fine-tuning above which the report notes how little it trained
 
 
 @dataclass(frozen=True)
@@ -369,7 +370,7 @@ def run_task_stages(run: _Run, source: Source, results: list[LayerResult], optio
     result = run.finetune(student, groups, checkpoint)
     predictions = run.predictions(student)
     compressed_accuracy, dense_accuracy = _accuracy(predictions), _accuracy(run.dense_predictions)
-    warning = chance_warning(compressed_accuracy, dense_accuracy, len(data.splits.classes), result)
+    warning = accuracy_warning(compressed_accuracy, dense_accuracy, len(data.splits.classes), result)
     if warning is not None:
         progress.note(warning)
     tuned, trained = _trained_values(student, results, extra, run.prefix, source)
@@ -381,18 +382,26 @@ def run_task_stages(run: _Run, source: Source, results: list[LayerResult], optio
     return TaskOutcome(tuned, trained, report)
 
 
-def chance_warning(compressed: Accuracy, dense: Accuracy, classes: int, result: FinetuneResult) -> str | None:
+def accuracy_warning(compressed: Accuracy, dense: Accuracy, classes: int, result: FinetuneResult) -> str | None:
     """A note when the fine-tuned model scores no better than guessing among ``classes`` (plus a
     margin of 3 standard errors) while the dense one does: its fine-tuning never took off from
     the plateau where the generators start (at 10,000x their outputs are nearly uncorrelated with
-    the layer's: activation error ~1)."""
+    the layer's: activation error ~1); or, short of that, when it is more than
+    ``ACCURACY_WARNING`` top-1 below the dense one, saying how little it trained."""
     chance = 1 / max(classes, 1)
     margin = 3 * math.sqrt(chance * (1 - chance) / max(compressed.images, 1))
-    if compressed.top1 > chance + margin or dense.top1 <= chance + margin:
+    if dense.top1 <= chance + margin:
         return None
-    loss = "" if result.final_loss is None else f" (final training loss {result.final_loss:.3g})"
-    return (f"The compressed model scores at chance, top-1 {compressed.top1:.3f} against the dense {dense.top1:.3f}: "
-            f"its fine-tuning did not take off{loss}; try another --seed, more --epochs or a lower --ratio.")
+    if compressed.top1 <= chance + margin:
+        loss = "" if result.final_loss is None else f" (final training loss {result.final_loss:.3g})"
+        return (f"The compressed model scores at chance, top-1 {compressed.top1:.3f} against the dense {dense.top1:.3f}: "
+                f"its fine-tuning did not take off{loss}; try another --seed, more --epochs or a lower --ratio.")
+    if dense.top1 - compressed.top1 <= ACCURACY_WARNING:
+        return None
+    steps = f"{result.steps:,} fine-tuning step{'' if result.steps == 1 else 's'}"
+    return (f"The compressed model reaches top-1 {compressed.top1:.4f} against {dense.top1:.4f} for the dense one "
+            f"after {steps} ({result.epochs} epoch{'' if result.epochs == 1 else 's'} of {result.images:,} images); "
+            "give it more (--epochs, or more images than --max-images) or a lower --ratio.")
 
 
 def allocation_measures(run: _Run, source: Source, layers: list[LayerInfo],
@@ -443,9 +452,12 @@ def allocation_measures(run: _Run, source: Source, layers: list[LayerInfo],
 def _training_report(run: _Run, result: FinetuneResult, options: CompressOptions, data: TaskData) -> dict:
     """The report's ``training``: what was trained, on what, how."""
     config, splits = options.finetune, data.splits
-    summary = (f"task-aware: {result.epochs} epochs of CE+KD (T={config.temperature}, KD weight {config.kd_weight}, "
-               f"{config.student_mode}) on {run.train_images:,} train images of {options.data.name}; "
-               f"trained: {', '.join(result.trained)}; accuracy on {run.heldout_images:,} {splits.heldout_name} images")
+    features = (f", from the cached {options.feature_dtype} trunk features ('adntn eval' runs the whole model)"
+                if run.features_cached else "")
+    summary = (f"task-aware: {result.epochs} epoch{'' if result.epochs == 1 else 's'} of CE+KD "
+               f"(T={config.temperature}, KD weight {config.kd_weight}, {config.student_mode}) on "
+               f"{run.train_images:,} train images of {options.data.name}; trained: {', '.join(result.trained)}; "
+               f"accuracy on {run.heldout_images:,} {splits.heldout_name} images{features}")
     return {
         "summary": summary,
         "data": str(options.data),
