@@ -62,15 +62,19 @@ def rss_bytes() -> int:
 
 
 def tltorch_layer(shape: tuple[int, int], spec, core_params: int):
-    """TensorLy-Torch's BlockTT FactorizedLinear over our legs' digits, at the rank whose weight
-    parameters come closest to ``core_params`` from below (at least rank 1)."""
+    """TensorLy-Torch's BlockTT FactorizedLinear over the balanced digits of ``choose_leg_factors``
+    (as many legs as ``spec``; ttn and attn move digits between their halves, which is theirs),
+    at the rank whose weight parameters come closest to ``core_params`` from below (at least rank 1)."""
     try:
         import tltorch
     except ImportError:  # pip install -e '.[bench]'
         return None
+    from adntn.core.tensorize import choose_leg_factors
+
+    out_dims, in_dims = choose_leg_factors(shape[0], shape[1], spec.n_legs)
     best = None
     for rank in range(1, 65):
-        layer = tltorch.FactorizedLinear(in_tensorized_features=spec.in_dims, out_tensorized_features=spec.out_dims,
+        layer = tltorch.FactorizedLinear(in_tensorized_features=in_dims, out_tensorized_features=out_dims,
                                          factorization="blocktt", rank=rank, implementation="factorized", bias=True)
         params = sum(p.numel() for p in layer.parameters()) - shape[0]
         if best is not None and params > core_params:

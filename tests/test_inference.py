@@ -6,6 +6,7 @@ from __future__ import annotations
 
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from adntn.memory import memory_policy
 from adntn.models.layers import GeneratedConv2d, GeneratedLinear, inference_cost
 from adntn.networks import build
 from adntn.networks.budget import spec_for_bond_dim, spec_for_ratio
+from adntn.core.tensorize import choose_leg_factors
 from adntn.networks.base import Generator
+from adntn.networks.halves import MIN_BLOCK_SIDE, halves_macs, oriented_leg_factors
 from adntn.networks.tt import GEMM_FULL_WIDTH, TTPlan
 
 from test_networks import make_spec, perturb_mixers
@@ -331,6 +334,57 @@ def test_factorized_equals_dense_on_random_shapes(arch, rows, cols, legs, bond, 
         expected, scale = x @ weight.T, product_scale(x, weight)
         assert_close_scaled(net.linear(x), expected, scale=scale)
         assert_close_scaled(net.blocked_linear(x), expected, scale=scale)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 5000), cols=st.integers(1, 30000), legs=st.sampled_from([2, 4, 8]),
+       min_side=st.integers(1, MIN_BLOCK_SIDE))
+def test_oriented_digits_keep_the_legs_and_cost_no_more(rows, cols, legs, min_side) -> None:
+    start = choose_leg_factors(rows, cols, legs)
+    out_dims, in_dims = oriented_leg_factors(rows, cols, legs, min_side)
+    assert [o * i for o, i in zip(out_dims, in_dims)] == [o * i for o, i in zip(*start)]
+    assert (math.prod(out_dims), math.prod(in_dims)) == (math.prod(start[0]), math.prod(start[1]))
+    m = legs // 2
+    assert halves_macs(out_dims, in_dims, m) <= halves_macs(*start, m)
+    if (out_dims, in_dims) != start:
+        sides = (math.prod(out_dims[:m]), math.prod(in_dims[:m]), math.prod(out_dims[m:]), math.prod(in_dims[m:]))
+        assert min(sides) >= min_side
+
+
+def test_vgg16_fc6_digits_are_oriented_for_the_halves_product() -> None:
+    """fc6's blocks go from 64x392 | 64x64 to 16x1568 | 256x16 (4x fewer multiply-adds); fc7's and
+    the CIFAR VGG's fc6 (4096x512), already at the 16-digit floor, stay as they were."""
+    out_dims, in_dims = oriented_leg_factors(4096, 25088, 8)
+    assert halves_macs(out_dims, in_dims, 4) * 4 <= halves_macs(*choose_leg_factors(4096, 25088, 8), 4)
+    for shape in ((4096, 4096), (4096, 512)):
+        assert oriented_leg_factors(*shape, 8) == choose_leg_factors(*shape, 8)
+    for arch in ("ttn", "attn"):
+        assert spec_for_ratio(arch, (4096, 25088), 2000, "tanh").out_dims == out_dims
+    assert spec_for_ratio("tt", (4096, 25088), 2000, "tanh").out_dims == choose_leg_factors(4096, 25088, 8)[0]
+
+
+@pytest.mark.parametrize("arch", ["ttn", "attn"])
+@pytest.mark.parametrize("shape", [(48, 160), (64, 36)])
+def test_factorized_equals_dense_on_oriented_digits(arch, shape) -> None:
+    """A spec whose digits were moved between the halves (at a floor of 2, so small shapes move):
+    the factorized product and its gradients are the dense layer's."""
+    base = make_spec(arch, shape, 4, bond=3, activation="tanh")
+    out_dims, in_dims = oriented_leg_factors(*shape, 4, min_side=2)
+    assert (out_dims, in_dims) != (base.out_dims, base.in_dims)
+    torch.manual_seed(0)
+    net = build(replace(base, out_dims=out_dims, in_dims=in_dims))
+    perturb_mixers(net)
+    x = torch.randn(5, shape[1], requires_grad=True)
+    weight = net()
+    expected = x @ weight.T
+    (expected.square().sum()).backward()
+    dense_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    actual = net.linear(x)
+    assert_close_scaled(actual, expected, scale=product_scale(x, weight))
+    actual.square().sum().backward()
+    for got, want in zip((p.grad for p in net.parameters()), dense_grads):
+        assert_close_scaled(got, want)
 
 
 def tt_plans(net) -> list:

@@ -368,12 +368,17 @@ class Generator(nn.Module):
         return max(2, min(k, max_legs(rows, cols)))
 
     @classmethod
+    def leg_factors(cls, rows: int, cols: int, n_legs: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(out_dims, in_dims) of a (rows, cols) weight cut into ``n_legs`` legs (``choose_leg_factors``)."""
+        return choose_leg_factors(rows, cols, n_legs)
+
+    @classmethod
     def make_spec(cls, shape: tuple[int, ...], bond_dims: tuple[int, ...], activation: str,
                   n_legs: int, mix_ranks: tuple[int, ...] | None = None) -> GeneratorSpec:
-        """The spec for ``shape`` cut into ``n_legs`` legs (``choose_leg_factors``), given bond dims
+        """The spec for ``shape`` cut into ``n_legs`` legs (``leg_factors``), given bond dims
         (and, for archs with disentanglers, each one's rank; default: all at ``mix_rank``)."""
         rows, cols = shape[0], math.prod(shape[1:])
-        out_dims, in_dims = choose_leg_factors(rows, cols, n_legs)
+        out_dims, in_dims = cls.leg_factors(rows, cols, n_legs)
         return GeneratorSpec(cls.arch, tuple(shape), out_dims, in_dims, tuple(bond_dims),
                              activation="none" if cls.linear_only else activation, mix_rank=cls.mix_rank,
                              mix_ranks=None if mix_ranks is None else tuple(mix_ranks))

@@ -25,6 +25,7 @@ from torch import nn
 
 from adntn.errors import AdntnError
 from adntn.core.spec import GeneratorSpec
+from adntn.core.tensorize import choose_leg_factors
 from adntn.networks.halves import HalvesGenerator
 from adntn.networks.target import is_narrow
 from adntn.networks.ttn import project, top_singular_vectors
@@ -155,6 +156,12 @@ class TT(HalvesGenerator):
         )
         self._split = tt_split(self.ranks, spec.leg_dims)
         self.linear_plan = tt_linear_plan(spec, self.ranks)
+
+    @classmethod
+    def leg_factors(cls, rows: int, cols: int, n_legs: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``choose_leg_factors``'s digits: the forward groups the legs by its own plan (``TTPlan``),
+        not by the halves."""
+        return choose_leg_factors(rows, cols, n_legs)
 
     @classmethod
     def param_count(cls, spec: GeneratorSpec) -> int:
