@@ -144,6 +144,50 @@ def test_fit_without_mix_trains_the_tree_and_leaves_the_disentanglers(arch):
             assert all(p.grad is None for m in mixers for p in m.parameters())
 
 
+@pytest.mark.parametrize("objective_kind", ["weight", "activation"])
+def test_an_attn_at_the_identity_fits_as_its_tree(objective_kind, monkeypatch):
+    """``fit(mix=False)`` of an attn whose disentanglers are the identity trains its tree alone:
+    the same cores as fitting the attn itself, and the same weight; off the identity it is the attn."""
+    from adntn.core.spec import GeneratorSpec
+    from adntn.core.tensorize import choose_leg_factors
+    from adntn.networks.attn import ATTN
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64)
+    spec = GeneratorSpec("attn", (48, 64), *choose_leg_factors(48, 64, 4), (3, 3), "tanh", mix_rank=2)
+    start = ATTN.from_target(spec, ATTN.fit_target(spec, weight))
+    assert start.mixers and start.unmixed() is start.tree
+
+    inputs = torch.randn(40, 64)
+
+    def objective():
+        if objective_kind == "weight":
+            return WeightObjective(ATTN.fit_target(spec, weight))
+        return ActivationObjective(weight, inputs)
+
+    fitted, results = {}, {}
+    for route in ("tree", "attn"):
+        generator = ATTN(spec)
+        generator.load_state_dict(start.state_dict())
+        with monkeypatch.context() as patch:
+            if route == "attn":
+                patch.setattr(ATTN, "unmixed", lambda self: self)
+            results[route] = fit(generator, objective(), steps=8, lr=1e-2, mix=False)
+        fitted[route] = generator
+    # the same objective and gradients to rounding; Adam turns rounding in near-zero gradients
+    # into lr-sized moves, so the cores differ by about lr, the losses far less
+    assert results["tree"].initial_loss == pytest.approx(results["attn"].initial_loss, rel=1e-6)
+    assert results["tree"].best_loss == pytest.approx(results["attn"].best_loss, rel=1e-3)
+    assert results["tree"].best_loss < results["tree"].initial_loss
+    for key, value in fitted["attn"].state_dict().items():
+        assert float((fitted["tree"].state_dict()[key] - value).abs().max()) <= 8 * 1e-2 * 1.5
+    assert torch.equal(fitted["tree"].mixers[0].p, start.mixers[0].p)
+    with torch.no_grad():
+        assert_close_scaled(fitted["tree"](), fitted["tree"].tree())
+        fitted["tree"].mixers[0].p.add_(0.1)
+    assert fitted["tree"].unmixed() is fitted["tree"]
+
+
 @pytest.mark.parametrize("kind", ["linear", "linear-covariance", "conv"])
 def test_the_mean_residual_moves_the_mean_output_onto_the_dense_one(kind):
     """Adding ``mean_residual`` to the bias gives the compressed layer the dense layer's mean

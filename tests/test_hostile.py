@@ -613,3 +613,8 @@ def test_a_wrong_layer_or_ratio_is_reported_before_an_existing_output(checkpoint
     _one_sentence(["compress", checkpoint, *args, "--out", out], fragment, tmp_path)
     _one_sentence(["compress", checkpoint, "--layers", "fc6", "--ratio", "20", "--out", out], "already exists",
                   tmp_path)
+
+
+def test_a_refused_run_prints_its_sentence_and_nothing_before_it(checkpoint, tmp_path):
+    result = adntn_cli("compress", checkpoint, "--layers", "fc9", "--out", tmp_path / "o")
+    assert result.exit_code == 1 and result.stderr.startswith("adntn: error: Unknown layer 'fc9'"), repr(result.stderr)

@@ -47,6 +47,7 @@ class RichProgress(Progress):
     """Rich progress bars and notes on stderr; use as a context manager."""
 
     def __init__(self) -> None:
+        self.started = False  # the bars start with the first task: a run refused before any leaves stderr as is
         self.console = Console(stderr=True)
         self.bars = _RichProgress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -54,13 +55,16 @@ class RichProgress(Progress):
         )
 
     def __enter__(self) -> RichProgress:
-        self.bars.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.bars.stop()
+        if self.started:
+            self.bars.stop()
 
     def task(self, description: str, total: int) -> Advance:
+        if not self.started:
+            self.bars.start()
+            self.started = True
         task_id = self.bars.add_task(description, total=total, loss="")
 
         def advance(done: int, loss: float | None = None) -> None:

@@ -112,6 +112,13 @@ class ATTN(HalvesGenerator):
         self.pairs = [k for k, _ in active]  # the first legs of the pairs that have a disentangler
         self.mixers = nn.ModuleList(Disentangler(dims[k] * dims[k + 1], r) for k, r in active)
 
+    def unmixed(self) -> TTN | ATTN:
+        """The tree (whose cores are this generator's) while every disentangler is the identity
+        (P = 0): then the weight is the tree's, bit for bit, and a fit that keeps the
+        disentanglers need not pay for their correction (VGG-16 fc6 on CIFAR-10 features: 23 s of
+        activation-space fit against the ttn's 3 s, for the same losses)."""
+        return self.tree if all(not bool(mixer.p.any()) for mixer in self.mixers) else self
+
     @classmethod
     def disentangler_sides(cls, spec: GeneratorSpec) -> list[tuple[int, int]]:
         dims = spec.leg_dims

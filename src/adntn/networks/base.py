@@ -488,6 +488,12 @@ class Generator(nn.Module):
             torch.mm(block, flat.T, out=out_t[start:start + block.shape[0]])
         return out_t.T.reshape(*x.shape[:-1], rows)
 
+    def unmixed(self) -> Generator:
+        """The generator that makes the same weight while the disentanglers stay as they are, for a
+        fit that keeps them (``fit(mix=False)``): this one (attn: its tree, while every
+        disentangler is the identity; see ``ATTN.unmixed``)."""
+        return self
+
     def cached(self, name: str, build: Callable[[], object]) -> object:
         """``build()``, kept while the cores are unchanged when no gradient wrt them is wanted.
 

@@ -51,8 +51,11 @@ def fit(generator: Generator, objective: Objective, *, steps: int, lr: float,
     """Run ``steps`` Adam steps on ``objective(generator)``; leave the best cores in place.
 
     The learning rate follows a cosine decay from ``lr`` to ``lr/100``. With ``mix`` False only
-    the tree trains: the disentanglers (aTTN, MERA) stay as they are, e.g. at the identity.
+    the tree trains: the disentanglers (aTTN, MERA) stay as they are, e.g. at the identity, and
+    the objective is taken of ``generator.unmixed()`` (aTTN at the identity: its tree alone).
     """
+    if not mix:
+        generator = generator.unmixed()
     start = time.perf_counter()
     with torch.no_grad():
         initial = float(objective(generator))
