@@ -29,7 +29,8 @@ from adntn.networks.target import target_matmul, target_tmatmul
 
 # The fewest rows or columns a half's block may keep when ``oriented_leg_factors`` moves digits
 # between them: VGG-16's fc7 (4096x4096) is cut into blocks of 256x16 and 16x256 by
-# ``choose_leg_factors`` itself, and its quality rows were measured so.
+# ``choose_leg_factors`` itself, and its quality rows were measured so; on the CIFAR-10 VGG-16-BN
+# blocks 4 digits thin lost agreement with dense (bench/results/quality-digit-orientation.md).
 MIN_BLOCK_SIDE = 16
 
 
