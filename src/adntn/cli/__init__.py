@@ -360,6 +360,7 @@ def _evaluated_model(source: Path, model: str | None, allow_pickle: bool) -> tup
     """(model, metadata, model name, outputs) of a dense checkpoint or a compressed directory (run
     compressed, its generated layers in place)."""
     from adntn.io.archive import read_report
+    from adntn.io.checkpoint import check_runnable
     from adntn.pipeline.load import load
     from adntn.pipeline.source import read_source
 
@@ -367,4 +368,5 @@ def _evaluated_model(source: Path, model: str | None, allow_pickle: bool) -> tup
         described = read_report(source)["source"]
         return load(source), described.get("metadata") or {}, described["model"], described["num_classes"]
     read = read_source(source, model=model, allow_pickle=allow_pickle, mmap=False)
+    check_runnable(read.state, read.name)  # compress checks its own (check_finite); eval runs the file as it is
     return read.dense_model(), read.metadata, read.info.name, read.info.num_classes

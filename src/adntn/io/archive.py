@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from adntn.io.checkpoint import check_runnable
 from adntn.io.files import check_name_fits, json_text, sweep_stale, temporary_name
 from adntn.io.safetensors import safetensors_layout, write_safetensors
 from adntn.errors import AdntnError
@@ -475,8 +476,7 @@ def read_dense(directory: Path) -> dict[str, torch.Tensor]:
 
 def finite_dense(tensor: torch.Tensor, key: str, path: Path) -> torch.Tensor:
     """``tensor`` (``key`` of the dense file ``path``), refused when it holds NaN or Inf values."""
-    if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
-        raise AdntnError(f"{path} holds NaN or Inf values in {key}; the model it describes cannot run.")
+    check_runnable({key: tensor}, str(path))
     return tensor
 
 

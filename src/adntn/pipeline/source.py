@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adntn.errors import AdntnError
-from adntn.io.checkpoint import check_dense_tensors, check_runnable, file_sha256, load_state_dict
+from adntn.io.checkpoint import check_dense_tensors, file_sha256, load_state_dict
 from adntn.models.architectures import LayerInfo, ModelInfo, build_model, detect_model
 
 
@@ -87,7 +87,6 @@ class Source:
     def dense_model(self) -> nn.Module:
         """The dense model in eval mode: the torchvision model rebuilt from the tensors, or a copy of
         the module given (so moving or training it never touches the caller's)."""
-        check_runnable(self.state, self.name)
         if self.info is not None:
             model = build_model(self.info)
             model.load_state_dict(dict(self.state), strict=True)
