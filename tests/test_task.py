@@ -282,18 +282,18 @@ def test_a_budget_with_data_is_split_by_distillation_probes(setup, tmp_path, mon
 
 
 def test_a_model_left_at_chance_or_far_below_dense_is_named_in_a_note():
-    from adntn.pipeline.task import accuracy_warning as chance_warning
+    from adntn.pipeline.task import accuracy_warning
     from adntn.training.distill import FinetuneResult
     from adntn.training.evaluate import Accuracy
 
     result = FinetuneResult(epochs=1, images=50_000, steps=196, seconds=20.0, final_loss=11.8)
     dense = Accuracy(0.878, 0.996, 10_000)
-    note = chance_warning(Accuracy(0.1, 0.5, 10_000), dense, 10, result)
+    note = accuracy_warning(Accuracy(0.1, 0.5, 10_000), dense, 10, result)
     assert note is not None and "chance" in note and "11.8" in note and "--seed" in note
-    assert chance_warning(Accuracy(0.8751, 0.99, 10_000), dense, 10, result) is None
-    assert chance_warning(Accuracy(0.1, 0.5, 10_000), Accuracy(0.1, 0.5, 10_000), 10, result) is None
-    assert chance_warning(Accuracy(0.0011, 0.005, 50_000), Accuracy(0.7, 0.9, 50_000), 1000, result) is not None
+    assert accuracy_warning(Accuracy(0.8751, 0.99, 10_000), dense, 10, result) is None
+    assert accuracy_warning(Accuracy(0.1, 0.5, 10_000), Accuracy(0.1, 0.5, 10_000), 10, result) is None
+    assert accuracy_warning(Accuracy(0.0011, 0.005, 50_000), Accuracy(0.7, 0.9, 50_000), 1000, result) is not None
     short = FinetuneResult(epochs=1, images=2_000, steps=8, seconds=2.0, final_loss=1.9)
-    note = chance_warning(Accuracy(0.1955, 0.70, 2_000), Accuracy(0.886, 0.99, 2_000), 10, short)
+    note = accuracy_warning(Accuracy(0.1955, 0.70, 2_000), Accuracy(0.886, 0.99, 2_000), 10, short)
     assert note is not None and "0.1955" in note and "8 fine-tuning steps" in note and "--epochs" in note
-    assert chance_warning(Accuracy(0.84, 0.99, 2_000), Accuracy(0.886, 0.99, 2_000), 10, short) is None
+    assert accuracy_warning(Accuracy(0.84, 0.99, 2_000), Accuracy(0.886, 0.99, 2_000), 10, short) is None
