@@ -94,6 +94,8 @@ def test_inspect_shows_the_inference_plan(archive):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["layers"]
     assert {row["layer"] for row in rows} == {"classifier.0", "classifier.3", "features.18"}
+    assert {row["alias"] for row in rows} == {"fc6", "fc7", "conv5_2"}
+    assert "fc6 (classifier.0)" in CliRunner().invoke(app, ["inspect", str(directory)]).stdout
     for row in rows:
         assert row["schedule"] == ("blocked" if arch == "mera" else "factorized")  # mera: identity leaves
         assert row["bytes"] < row["dense_bytes"] + 4096 and row["dense_flops_per_sample"] > 0

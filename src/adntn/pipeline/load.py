@@ -76,13 +76,14 @@ def load(directory: str | Path, *, model: nn.Module | None = None, schedule: str
 
 
 def inference_plan(directory: str | Path, batch: int = 1) -> list[dict]:
-    """Per compressed layer of ``directory``, for inference (no gradient) on ``batch`` rows (for
-    a convolution, a row is one output position): the schedule ``auto`` runs, the bytes it holds
+    """Per compressed layer of ``directory`` (module path and alias), for inference (no gradient)
+    on ``batch`` rows (for a convolution, a row is one output position): the schedule ``auto`` runs, the bytes it holds
     (cores + cached operands, or row blocks) against the dense weight's, and its flops per row
     against dense."""
     if batch < 1:
         raise AdntnError(f"--batch must be at least 1, not {batch}.")
     network = load(directory)
+    aliases = {row["name"]: row.get("alias") for row in read_report(directory)["layers"]}
     rows = []
     for name, module in network.named_modules():
         if not isinstance(module, GeneratedLayer):
@@ -93,7 +94,7 @@ def inference_plan(directory: str | Path, batch: int = 1) -> list[dict]:
             chosen = module.resolve_schedule(batch, torch.empty(0))
         used = cost[chosen]
         rows.append({
-            "layer": name, "arch": generator.spec.arch, "schedule": chosen,
+            "layer": name, "alias": aliases.get(name), "arch": generator.spec.arch, "schedule": chosen,
             "bytes": used["bytes"], "dense_bytes": generator.spec.dense_params * 4,
             "flops_per_sample": used["flops"] // batch,
             "dense_flops_per_sample": 2 * generator.spec.dense_params,
