@@ -312,3 +312,11 @@ def test_a_p_value_that_underflowed_is_not_printed_as_zero():
 
     assert p_value(0.0) == "< 1e-300"
     assert p_value(0.2761) == "= 0.28"
+
+
+def test_out_and_output_name_the_same_option_everywhere(checkpoint, tmp_path):
+    directory, dense = tmp_path / "o.adntn", tmp_path / "dense.pt"
+    assert adntn("compress", checkpoint, "--layers", "fc6", "--ratio", "20", "--steps", "1",
+                 "--output", directory).exit_code == 0
+    assert adntn("expand", directory, "--out", dense).exit_code == 0
+    assert directory.is_dir() and dense.is_file()

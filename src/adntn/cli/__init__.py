@@ -182,7 +182,7 @@ def compress(
         "--target-dtype", autocompletion=lambda: tuple(TARGET_DTYPES),
         help=f"{' | '.join(TARGET_DTYPES)}: dtype of the weight copy the weight-space fit reads: float32, or bfloat16 (half the "
              "memory; rounding 2^-9, far below the fit errors at these ratios).")] = "float32",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default CHECKPOINT-STEM.adntn).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "--output", "-o", help="Output directory (default CHECKPOINT-STEM.adntn).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     model: ModelOption = None,
     allow_pickle: PickleOption = False,
@@ -280,7 +280,7 @@ def report(
 @user_errors
 def expand(
     directory: Annotated[Path, typer.Argument(help="A directory written by 'adntn compress'.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Dense state_dict to write (.pt, .pth or .safetensors).")],
+    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="Dense state_dict to write (.pt, .pth or .safetensors).")],
     force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Rebuild a dense state_dict that loads into torchvision unchanged."""
@@ -294,7 +294,7 @@ def expand(
 @user_errors
 def export(
     directory: Annotated[Path, typer.Argument(help="A directory written by 'adntn compress'.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write (.onnx).")],
+    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="ONNX file to write (.onnx).")],
     input_size: Annotated[Optional[int], typer.Option(
         "--input-size", help="Image side, 32 (AlexNet: 63) to 2048 (default: the checkpoint's input_size "
                              "metadata, else 224).")] = None,
