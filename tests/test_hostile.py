@@ -618,3 +618,14 @@ def test_a_wrong_layer_or_ratio_is_reported_before_an_existing_output(checkpoint
 def test_a_refused_run_prints_its_sentence_and_nothing_before_it(checkpoint, tmp_path):
     result = adntn_cli("compress", checkpoint, "--layers", "fc9", "--out", tmp_path / "o")
     assert result.exit_code == 1 and result.stderr.startswith("adntn: error: Unknown layer 'fc9'"), repr(result.stderr)
+
+
+def test_a_log_shows_each_finished_fit_before_the_note_that_follows_it(checkpoint, tmp_path):
+    """Without a terminal (a log file, CI), the progress is one line per finished task, in order."""
+    result = adntn_cli("compress", checkpoint, "--layers", "fc6", "--ratio", "200", "--steps", "3",
+                       "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    fit = next(i for i, line in enumerate(lines) if line.startswith("fit fc6 (ttn) 3/3 loss"))
+    note = next(i for i, line in enumerate(lines) if line.startswith("note:"))
+    assert fit < note

@@ -8,6 +8,7 @@ Library functions take a :class:`Progress` and call ``progress.task(description,
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,6 +50,9 @@ class RichProgress(Progress):
     def __init__(self) -> None:
         self.started = False  # the bars start with the first task: a run refused before any leaves stderr as is
         self.console = Console(stderr=True)
+        # a terminal redraws the bars; a log (no terminal) gets one line per finished task, in
+        # order with the notes (rich would print every bar only when the run ends)
+        self.live = self.console.is_terminal
         self.bars = _RichProgress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=self.console, transient=False,
@@ -62,6 +66,8 @@ class RichProgress(Progress):
             self.bars.stop()
 
     def task(self, description: str, total: int) -> Advance:
+        if not self.live:
+            return self._logged_task(description, total)
         if not self.started:
             self.bars.start()
             self.started = True
@@ -69,6 +75,20 @@ class RichProgress(Progress):
 
         def advance(done: int, loss: float | None = None) -> None:
             self.bars.update(task_id, completed=done, loss="" if loss is None else f"loss {loss:.4g}")
+
+        return advance
+
+    def _logged_task(self, description: str, total: int) -> Advance:
+        """``advance`` that prints one line when the task reaches ``total``."""
+        start, logged = time.perf_counter(), False
+
+        def advance(done: int, loss: float | None = None) -> None:
+            nonlocal logged
+            if done >= total and not logged:
+                logged = True
+                elapsed = datetime.timedelta(seconds=int(time.perf_counter() - start))
+                shown = "" if loss is None else f" loss {loss:.4g}"
+                self.console.print(f"[bold]{description}[/] {done}/{total}{shown} {elapsed}", highlight=False)
 
         return advance
 
