@@ -151,7 +151,8 @@ def _inspect_directory(directory: Path, batch: int, as_json: bool) -> None:
     for column in ("layer", "arch", "schedule", "bytes held", "dense bytes", "flops/sample", "dense flops/sample"):
         table.add_column(column, justify="left" if column in ("layer", "arch", "schedule") else "right")
     for row in rows:
-        table.add_row(f"{row['alias']} ({row['layer']})" if row["alias"] else row["layer"], row["arch"], row["schedule"], f"{row['bytes']:,}", f"{row['dense_bytes']:,}",
+        name = f"{row['alias']} ({row['layer']})" if row["alias"] else row["layer"]
+        table.add_row(name, row["arch"], row["schedule"], f"{row['bytes']:,}", f"{row['dense_bytes']:,}",
                       f"{row['flops_per_sample']:,}", f"{row['dense_flops_per_sample']:,}")
     _console().print(table)
 

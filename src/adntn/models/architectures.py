@@ -214,8 +214,8 @@ def _check_dtypes(layout: _Layout, state: dict[str, torch.Tensor]) -> None:
     for key in sorted(state, key=_report_order):
         dtype = state[key].dtype
         if not key.endswith(f".{BATCH_NORM_OPTIONAL}") and (dtype.is_complex or not dtype.is_floating_point):
-            raise AdntnError(f"The checkpoint's {key} holds {str(dtype).removeprefix('torch.')} values, but "
-                             f"torchvision's {layout.name} takes real floating-point tensors there.")
+            raise AdntnError(f"{key} holds {str(dtype).removeprefix('torch.')} values, but torchvision's "
+                             f"{layout.name} takes real floating-point tensors there.")
 
 
 def _report_order(key: str) -> tuple[bool, list[int | str]]:

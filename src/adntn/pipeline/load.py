@@ -64,7 +64,12 @@ def load(directory: str | Path, *, model: nn.Module | None = None, schedule: str
     the ``factorized`` and ``blocked`` schedules; ``auto`` picks per forward from the batch's flop
     count (see ``models.layers``); ``factorized`` runs mera layers ``blocked``. Uncompressed layers
     hold the stored tensors. Moved to ``device`` when given."""
-    directory = Path(directory)
+    return _load_with_report(Path(directory), model, schedule, device)[0]
+
+
+def _load_with_report(directory: Path, model: nn.Module | None, schedule: str,
+                      device: str | None) -> tuple[nn.Module, dict]:
+    """``load``'s model and the report.json it was built from (read once)."""
     report, layers, layout, info = read_archive(directory)
     if model is not None:
         info = None
@@ -72,18 +77,18 @@ def load(directory: str | Path, *, model: nn.Module | None = None, schedule: str
         raise AdntnError(f"{directory} holds no torchvision AlexNet or VGG; pass the module it was compressed "
                          "from as model=... to load it.")
     loaded = set_schedule(assemble_model(read_dense(directory), layers, info=info, template=model), schedule)
-    return loaded.to(resolve_device(device)) if device is not None else loaded
+    return (loaded.to(resolve_device(device)) if device is not None else loaded), report
 
 
 def inference_plan(directory: str | Path, batch: int = 1) -> list[dict]:
     """Per compressed layer of ``directory`` (module path and alias), for inference (no gradient)
-    on ``batch`` rows (for a convolution, a row is one output position): the schedule ``auto`` runs, the bytes it holds
-    (cores + cached operands, or row blocks) against the dense weight's, and its flops per row
-    against dense."""
+    on ``batch`` rows (for a convolution, a row is one output position): the schedule ``auto``
+    runs, the bytes it holds (cores + cached operands, or row blocks) against the dense weight's,
+    and its flops per row against dense."""
     if batch < 1:
         raise AdntnError(f"--batch must be at least 1, not {batch}.")
-    network = load(directory)
-    aliases = {row["name"]: row.get("alias") for row in read_report(directory)["layers"]}
+    network, report = _load_with_report(Path(directory), None, "auto", None)
+    aliases = {row["name"]: row.get("alias") for row in report["layers"]}
     rows = []
     for name, module in network.named_modules():
         if not isinstance(module, GeneratedLayer):
