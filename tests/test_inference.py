@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from adntn.memory import memory_policy
 from adntn.models.layers import GeneratedConv2d, GeneratedLinear, inference_cost
 from adntn.networks import build
-from adntn.networks.budget import spec_for_bond_dim, spec_for_ratio
+from adntn.networks.budget import default_legs, spec_for_bond_dim, spec_for_ratio
 from adntn.core.tensorize import choose_leg_factors
 from adntn.networks.base import Generator
 from adntn.networks.halves import MIN_BLOCK_SIDE, halves_macs, oriented_leg_factors
@@ -358,9 +358,84 @@ def test_vgg16_fc6_digits_are_oriented_for_the_halves_product() -> None:
     assert halves_macs(out_dims, in_dims, 4) * 4 <= halves_macs(*choose_leg_factors(4096, 25088, 8), 4)
     for shape in ((4096, 4096), (4096, 512)):
         assert oriented_leg_factors(*shape, 8) == choose_leg_factors(*shape, 8)
-    for arch in ("ttn", "attn"):
-        assert spec_for_ratio(arch, (4096, 25088), 2000, "tanh").out_dims == out_dims
+    assert spec_for_ratio("ttn", (4096, 25088), 2000, "tanh").out_dims == out_dims
     assert spec_for_ratio("tt", (4096, 25088), 2000, "tanh").out_dims == choose_leg_factors(4096, 25088, 8)[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 3000), cols=st.integers(1, 3000), legs=st.sampled_from([2, 4, 8]),
+       bond=st.integers(1, 6), rank=st.integers(0, 2))
+def test_attn_placement_keeps_the_tree_and_costs_less(rows, cols, legs, bond, rank) -> None:
+    """``ATTN.placed`` keeps every leg's dim, the padded shape and the parameters; where it moves
+    digits, the factorized forward costs at least PLACEMENT_GAIN less, its cost model
+    (``forward_macs``) is the built layer's ``linear_macs``, and no half's block gets thinner
+    than the floor."""
+    from adntn.networks import attn
+    from adntn.networks.ttn import tree_bonds
+
+    base = attn.ATTN.make_spec((rows, cols), (bond,) * attn.ATTN.levels(legs), "tanh", legs)
+    base = replace(base, mix_ranks=(rank,) * len(base.disentangler_ranks))
+    spec = attn.ATTN.placed(base)
+    assert spec.leg_dims == base.leg_dims and spec.core_params == base.core_params
+    assert (math.prod(spec.out_dims), math.prod(spec.in_dims)) == (math.prod(base.out_dims), math.prod(base.in_dims))
+    if spec == base:
+        return
+    chi, m = tree_bonds(base)[-1][1], legs // 2
+    assert rank > 0 and legs > 2
+
+    def cost(s):
+        return sum(attn.forward_macs(s, chi, rank, n) // n for n in attn.PLACEMENT_BATCHES)
+
+    assert cost(spec) <= (1 - attn.PLACEMENT_GAIN) * cost(base)
+
+    def side(s):
+        return min(math.prod(s.out_dims[:m]), math.prod(s.in_dims[:m]), math.prod(s.out_dims[m:]), math.prod(s.in_dims[m:]))
+
+    assert side(spec) >= min(MIN_BLOCK_SIDE, side(base))
+    net = build(spec)
+    for batch in (1, 7):
+        assert net.linear_macs(batch) == attn.forward_macs(spec, chi, rank, batch)
+
+
+@pytest.mark.parametrize("shape, legs", [((64, 64), 4), ((48, 160), 8), ((60, 90), 4)])
+def test_factorized_equals_dense_on_placed_digits(shape, legs) -> None:
+    """aTTN specs whose digits ``placed`` moved: the factorized map and its gradients are the dense
+    layer's."""
+    from adntn.networks.attn import ATTN
+
+    base = ATTN.make_spec(shape, (3,) * ATTN.levels(legs), "tanh", legs)
+    spec = ATTN.placed(base)
+    assert (spec.out_dims, spec.in_dims) != (base.out_dims, base.in_dims)
+    torch.manual_seed(0)
+    net = build(spec)
+    perturb_mixers(net)
+    x = torch.randn(5, shape[1], requires_grad=True)
+    with torch.no_grad():
+        assert_close_scaled(net.linear(x), x @ net().T)
+    grads = torch.autograd.grad(net.linear(x).square().sum(), [x, *net.parameters()])
+    dense = torch.autograd.grad((x @ net().T).square().sum(), [x, *net.parameters()])
+    assert_close_scaled(grads, dense)
+
+
+def test_vgg16_attn_digits_are_placed_for_the_middle_correction() -> None:
+    """fc7 and fc6 at 2,000x and fc6 at 50,000x (a middle disentangler each): the factorized
+    forward's multiply-adds fall by at least a third at batch 32 and rise at no batch (fc6 at
+    2,000x, batch 256: 16.7 M a row against 15.1 M); fc7 at 50,000x (no middle disentangler)
+    keeps the halves' digits."""
+    from adntn.networks import attn
+
+    for shape, ratio in (((4096, 4096), 2000), ((4096, 25088), 2000), ((4096, 25088), 50000)):
+        spec = spec_for_ratio("attn", shape, ratio, "tanh")
+        out_dims, in_dims = oriented_leg_factors(*shape, spec.n_legs)
+        halves_only = build(replace(spec, out_dims=out_dims, in_dims=in_dims))
+        net = build(spec)
+        assert 3 * net.linear_macs(32) <= 2 * halves_only.linear_macs(32), (shape, ratio)
+        for batch in (1, 256):
+            assert net.linear_macs(batch) <= halves_only.linear_macs(batch), (shape, ratio, batch)
+        chi, rank = net._digit_sizes()[4], net.middle.p.shape[1]
+        assert attn.forward_macs(spec, chi, rank, 256) == net.linear_macs(256)  # the fold's rule included
+    spec = spec_for_ratio("attn", (4096, 4096), 50000, "tanh")
+    assert spec.out_dims == oriented_leg_factors(4096, 4096, spec.n_legs)[0]
 
 
 @pytest.mark.parametrize("arch", ["ttn", "attn"])
@@ -472,7 +547,8 @@ def test_attn_middle_correction_reads_the_main_operands(shape, order, fold, monk
 
     monkeypatch.setattr(attn, "FOLD_SHARE", float("inf") if fold else 0.0)
     torch.manual_seed(0)
-    net = build(spec_for_bond_dim("attn", shape, 2, "tanh"))
+    n_legs = default_legs(*shape, "attn")
+    net = build(attn.ATTN.make_spec(shape, (2,) * attn.ATTN.levels(n_legs), "tanh", n_legs))  # digits not ``placed``
     perturb_mixers(net)
     assert (net.linear_order, net._middle_fold()) == (order, fold)
     x = torch.randn(6, shape[1], requires_grad=True)

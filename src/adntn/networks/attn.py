@@ -17,10 +17,17 @@ matrix directly the same way: the TTN's regrouped GEMM (``halves.halves_product`
 rank r, P[:, r] (x) C[:, r, :] added in place as a broadcast product over the weight's row and
 column digits (``_AddMiddle``; no N-sized permutation). ``from_weight`` is the TTN's hierarchical
 SVD with every U_k = I (P = 0), so its initial error equals the TTN's.
+
+Applied to an input (``correct_linear``), the correction maps the middle pair's column digits to
+its row digits through P, rank by rank, and the other legs' through the halves: it is cheapest when
+the middle pair carries row digits only, or column digits only. ``placed`` moves the digits between
+the legs for the halves' product and the correction together (VGG-16's fc7 at 2,027x: 4.7 M
+multiply-adds a row at batch 32 become 2.7 M; fc6 at 2,000x: 25.8 M become 15.2 M).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import replace
@@ -31,9 +38,9 @@ from torch import nn
 from adntn.core.contract import einsum_macs, gemm_einsum
 from adntn.core.spec import GeneratorSpec
 from adntn.networks.base import Disentangler, contraction, pairwise_einsum
-from adntn.networks.halves import BilinearForm, HalvesGenerator, digits_first
+from adntn.networks.halves import MIN_BLOCK_SIDE, BilinearForm, HalvesGenerator, digits_first, halves_macs, halves_order
 from adntn.networks.target import BatchedTargetProduct, is_narrow
-from adntn.networks.ttn import TTN
+from adntn.networks.ttn import TTN, tree_bonds
 
 
 def boundary_pairs(n_legs: int) -> range:
@@ -97,7 +104,82 @@ L_VIEW = {"left": "xsbat", "right": "atbxs"}
 M_VIEW = {"left": "bqgpy", "right": "qgpyb"}
 L_FOLDED, M_FOLDED = "xapqbr", "ygstbr"
 Q_VIEW = "stpqr"
-FOLD_SHARE = 0.01  # see ATTN._middle_fold
+FOLD_SHARE = 0.01  # see middle_fold
+#: a placement of the digits other than the halves' own (``oriented_leg_factors``) is taken only
+#: where it saves at least this share of the factorized forward's multiply-adds (``placed``)
+PLACEMENT_GAIN = 0.05
+PLACEMENT_BATCHES = (1, 256)  # the batches whose multiply-adds a row ``placed`` adds up
+
+Digits = tuple[int, int, int, int, int, int, int, int]
+
+
+def middle_digits(out_dims: tuple[int, ...], in_dims: tuple[int, ...]) -> Digits:
+    """(ox, ix, ou, iu, ov, iv, oy, iy): row and column digit products of legs 1..K/2-2 (x),
+    the middle pair u = K/2-1, v = K/2, and legs K/2+1..K (y)."""
+    half = len(out_dims) // 2
+    return (math.prod(out_dims[:half - 1]), math.prod(in_dims[:half - 1]), out_dims[half - 1], in_dims[half - 1],
+            out_dims[half], in_dims[half], math.prod(out_dims[half + 1:]), math.prod(in_dims[half + 1:]))
+
+
+def middle_fold(digits: Digits, chi: int, rank: int, params: int, dense_params: int) -> str | None:
+    """Which half Q is folded into for the middle correction: "left" (L Q: o_x i_x d_v b r values)
+    or "right" (M Q: o_y i_y d_u b r), the smaller; the other half is read from the main GEMM
+    operand that already holds it. None (Q stays apart, contracted at each forward) when the folded
+    half would take the layer's inference memory (``params`` cores, the halves' operands and the
+    fold) above ``FOLD_SHARE`` of the dense weight's values: folding buys 1.1-1.7x on the
+    correction at batch 1-32 and nothing at 256 (measured on VGG-16's fc6 and fc7)."""
+    ox, ix, ou, iu, ov, iv, oy, iy = digits
+    side = "left" if ox * ix * ov * iv <= oy * iy * ou * iu else "right"
+    folded = chi * rank * min(ox * ix * ov * iv, oy * iy * ou * iu)
+    inference = params + chi * (ox * ou * ix * iu + ov * oy * iv * iy) + folded
+    return side if inference <= FOLD_SHARE * dense_params else None
+
+
+def middle_shapes(digits: Digits, chi: int, rank: int, order: str, fold: str | None,
+                  batch: int) -> tuple[str, list[tuple[int, ...]]]:
+    """The middle correction's equation and operand shapes for ``batch`` rows in the halves'
+    ``order`` with Q folded as ``fold`` says (``ATTN.linear_operands`` builds these operands)."""
+    ox, ix, ou, iu, ov, iv, oy, iy = digits
+    views = {"left": {"l": (ox, ou, chi, ix, iu), "m": (chi, iv, iy, ov, oy)},
+             "right": {"l": (ix, iu, chi, ox, ou), "m": (iv, iy, ov, oy, chi)}}[order]
+    head = [(batch, ix, iu, iv, iy), (ou, iu, ov, iv, rank)]
+    if fold == "left":
+        return (f"nacdg,ucwdr,{L_FOLDED},{M_VIEW[order]}->{MIDDLE_OUT}",
+                head + [(ox, ix, ov, iv, chi, rank), views["m"]])
+    if fold == "right":
+        return (f"nacdg,ucwdr,{L_VIEW[order]},{M_FOLDED}->{MIDDLE_OUT}",
+                head + [views["l"], (oy, iy, ou, iu, chi, rank)])
+    return (f"nacdg,ucwdr,{L_VIEW[order]},{Q_VIEW},{M_VIEW[order]}->{MIDDLE_OUT}",
+            head + [views["l"], (ou, iu, ov, iv, rank), views["m"]])
+
+
+def forward_macs(spec: GeneratorSpec, chi: int, rank: int, batch: int) -> int:
+    """Multiply-adds of the factorized forward (halves' product plus middle correction of
+    ``rank``, none at 0) for ``batch`` rows, from the spec's digits and the root bond ``chi``."""
+    half = spec.n_legs // 2
+    out_dims, in_dims = spec.out_dims, spec.in_dims
+    x, i, y, j = (math.prod(out_dims[:half]), math.prod(in_dims[:half]),
+                  math.prod(out_dims[half:]), math.prod(in_dims[half:]))
+    total = batch * chi * halves_macs(out_dims, in_dims, half)
+    if rank:
+        digits = middle_digits(out_dims, in_dims)
+        fold = middle_fold(digits, chi, rank, spec.core_params, spec.dense_params)
+        equation, shapes = middle_shapes(digits, chi, rank, halves_order(x, i, y, j), fold, batch)
+        total += einsum_macs(equation, tuple(shapes))
+    return total
+
+
+def _group_digits(dims: tuple[int, ...], start: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+    """For each row product a group of legs of ``dims`` can carry: the per-leg row digits nearest
+    ``start`` (fewest prime moves, in log terms) that make it."""
+    best: dict[int, tuple[float, tuple[int, ...]]] = {}
+    for digits in itertools.product(*([d for d in range(1, dim + 1) if dim % d == 0] for dim in dims)):
+        moved = sum(abs(math.log(a / b)) for a, b in zip(digits, start))
+        product = math.prod(digits)
+        if product not in best or moved < best[product][0]:
+            best[product] = (moved, digits)
+    return {product: digits for product, (_, digits) in best.items()}
+
 
 
 class ATTN(HalvesGenerator):
@@ -118,6 +200,57 @@ class ATTN(HalvesGenerator):
         disentanglers need not pay for their correction (VGG-16's fc6 at 2,000x: an activation-space
         step 1.4-1.6 s against 2.3-2.4 s; bench/results/attn-unmixed.md)."""
         return self.tree if all(not bool(mixer.p.any()) for mixer in self.mixers) else self
+
+    @classmethod
+    def placed(cls, spec: GeneratorSpec) -> GeneratorSpec:
+        """``spec`` with the digits moved between its legs where that makes the factorized forward,
+        the halves' product and the middle correction together, at least ``PLACEMENT_GAIN``
+        cheaper (multiply-adds a row, summed over ``PLACEMENT_BATCHES``).
+
+        The correction's cost falls as the middle pair carries fewer row (or fewer column)
+        digits, which ``oriented_leg_factors`` (placing for the halves alone) does not see. The
+        candidates are every split of the row digits between the outer groups of legs and the
+        middle pair, costed by ``forward_macs`` (no tensor is built). Every leg keeps its
+        dim, so the tree, its parameters and bonds stay; the halves' blocks keep each side at
+        least ``MIN_BLOCK_SIDE`` (or the spec's own smallest side, if thinner), and within the
+        outer groups of legs the row digits stay as near the spec's as they can. On VGG-16's fc7
+        at 2,027x: 4.7 M multiply-adds a row at batch 32 become 2.7 M."""
+        dims, half = spec.leg_dims, spec.n_legs // 2
+        ranks = spec.disentangler_ranks
+        middle = list(boundary_pairs(spec.n_legs)).index(half - 1) if spec.n_legs > 2 else None
+        rank = 0 if middle is None else ranks[middle]
+        if rank == 0:
+            return spec
+        chi = tree_bonds(spec)[-1][1]
+
+        def cost(candidate: GeneratorSpec) -> int:
+            return sum(forward_macs(candidate, chi, rank, batch) // batch for batch in PLACEMENT_BATCHES)
+
+        def sides(out_dims: tuple[int, ...], in_dims: tuple[int, ...]) -> int:
+            return min(math.prod(out_dims[:half]), math.prod(in_dims[:half]),
+                       math.prod(out_dims[half:]), math.prod(in_dims[half:]))
+
+        floor = min(MIN_BLOCK_SIDE, sides(spec.out_dims, spec.in_dims))
+        rows = math.prod(spec.out_dims)
+        left = _group_digits(dims[:half - 1], spec.out_dims[:half - 1])
+        right = _group_digits(dims[half + 1:], spec.out_dims[half + 1:])
+        base_cost = cost(spec)
+        best, best_cost = spec, base_cost
+        for ox, left_digits in left.items():
+            for ou in (d for d in range(1, dims[half - 1] + 1) if dims[half - 1] % d == 0):
+                for ov in (d for d in range(1, dims[half] + 1) if dims[half] % d == 0):
+                    oy, rest = divmod(rows, ox * ou * ov)
+                    if rest or oy not in right:
+                        continue
+                    out_dims = (*left_digits, ou, ov, *right[oy])
+                    in_dims = tuple(d // o for d, o in zip(dims, out_dims))
+                    if sides(out_dims, in_dims) < floor:
+                        continue
+                    candidate = replace(spec, out_dims=out_dims, in_dims=in_dims)
+                    candidate_cost = cost(candidate)
+                    if candidate_cost < best_cost:
+                        best, best_cost = candidate, candidate_cost
+        return best if best_cost <= (1 - PLACEMENT_GAIN) * base_cost else spec
 
     @classmethod
     def disentangler_sides(cls, spec: GeneratorSpec) -> list[tuple[int, int]]:
@@ -231,26 +364,15 @@ class ATTN(HalvesGenerator):
 
     # ------------------------------------------------------------------ inference without W
 
-    def _middle_digits(self) -> tuple[int, ...]:
-        """(ox, ix, ou, iu, ov, iv, oy, iy): row and column digit products of legs 1..K/2-2 (x),
-        the middle pair u = K/2-1, v = K/2, and legs K/2+1..K (y)."""
-        rows, cols, half = self.spec.out_dims, self.spec.in_dims, self.split
-        return (math.prod(rows[:half - 1]), math.prod(cols[:half - 1]), rows[half - 1], cols[half - 1],
-                rows[half], cols[half], math.prod(rows[half + 1:]), math.prod(cols[half + 1:]))
+    def _middle_digits(self) -> Digits:
+        """The spec's ``middle_digits``."""
+        return middle_digits(self.spec.out_dims, self.spec.in_dims)
 
     def _middle_fold(self) -> str | None:
-        """Which half Q is folded into for the correction: "left" (L Q: o_x i_x d_v b r values
-        per rank) or "right" (M Q: o_y i_y d_u b r), the smaller; the other half is read from
-        the main GEMM operand that already holds it. None (Q stays apart, contracted at each
-        forward) when the folded half would take the layer's inference memory, cores included,
-        above ``FOLD_SHARE`` of the dense weight's bytes: folding buys 1.1-1.7x on the
-        correction at batch 1-32 and nothing at 256 (measured on VGG-16's fc6 and fc7)."""
-        ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
-        side = "left" if ox * ix * ov * iv <= oy * iy * ou * iu else "right"
-        x, i, y, j, chi = self._digit_sizes()
-        folded = chi * self.middle.p.shape[1] * min(ox * ix * ov * iv, oy * iy * ou * iu)
-        inference = sum(p.numel() for p in self.parameters()) + chi * (x * i + y * j) + folded
-        return side if inference <= FOLD_SHARE * self.spec.dense_params else None
+        """Which half Q is folded into for the correction (``middle_fold``)."""
+        chi = self._digit_sizes()[4]
+        params = sum(p.numel() for p in self.parameters())
+        return middle_fold(self._middle_digits(), chi, self.middle.p.shape[1], params, self.spec.dense_params)
 
     def _half_views(self, ops: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """L and M as views of the main GEMM operands (no copy): in ``linear_order`` "left",
@@ -315,22 +437,9 @@ class ATTN(HalvesGenerator):
         return out + gemm_einsum(equation, *operands).reshape(out.shape)
 
     def _middle_shapes(self, batch: int) -> tuple[str, list[tuple[int, ...]]]:
-        """The correction's equation and operand shapes for ``batch`` rows (``linear_operands``)."""
-        ox, ix, ou, iu, ov, iv, oy, iy = self._middle_digits()
+        """The correction's equation and operand shapes for ``batch`` rows (``middle_shapes``)."""
         chi, rank = self._digit_sizes()[4], self.middle.p.shape[1]
-        order = self.linear_order
-        views = {"left": {"l": (ox, ou, chi, ix, iu), "m": (chi, iv, iy, ov, oy)},
-                 "right": {"l": (ix, iu, chi, ox, ou), "m": (iv, iy, ov, oy, chi)}}[order]
-        head = [(batch, ix, iu, iv, iy), (ou, iu, ov, iv, rank)]
-        fold = self._middle_fold()
-        if fold == "left":
-            return (f"nacdg,ucwdr,{L_FOLDED},{M_VIEW[order]}->{MIDDLE_OUT}",
-                    head + [(ox, ix, ov, iv, chi, rank), views["m"]])
-        if fold == "right":
-            return (f"nacdg,ucwdr,{L_VIEW[order]},{M_FOLDED}->{MIDDLE_OUT}",
-                    head + [views["l"], (oy, iy, ou, iu, chi, rank)])
-        return (f"nacdg,ucwdr,{L_VIEW[order]},{Q_VIEW},{M_VIEW[order]}->{MIDDLE_OUT}",
-                head + [views["l"], (ou, iu, ov, iv, rank), views["m"]])
+        return middle_shapes(self._middle_digits(), chi, rank, self.linear_order, self._middle_fold(), batch)
 
     def _middle_linear_macs(self, batch: int) -> int:
         if self.middle is None:

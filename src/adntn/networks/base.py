@@ -384,6 +384,12 @@ class Generator(nn.Module):
                              mix_ranks=None if mix_ranks is None else tuple(mix_ranks))
 
     @classmethod
+    def placed(cls, spec: GeneratorSpec) -> GeneratorSpec:
+        """``spec`` once its bonds and ranks are chosen, with the digits its legs carry placed for
+        its forward (same leg dims, so the same tree and parameters); here as it is."""
+        return spec
+
+    @classmethod
     def disentangler_sides(cls, spec: GeneratorSpec) -> list[tuple[int, int]]:
         """The two legs (dims) each disentangler ``spec`` can have mixes, in ``mix_ranks`` order
         (none here)."""

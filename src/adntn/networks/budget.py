@@ -6,7 +6,8 @@ many parameters as the structure allows under that bound: bond dims per level ta
 chi or chi+1 (larger near the leaves), which interpolates between uniform bonds, and the leg count
 is searched when the default one cannot meet the budget or lands far below it. Everything
 arch-specific comes from the arch's registered class (``levels``, ``leg_counts``,
-``default_leg_count``, ``make_spec``, ``param_count``).
+``default_leg_count``, ``make_spec``, ``param_count``, and ``placed``, which places the chosen
+spec's digits for its forward).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def spec_for_bond_dim(arch: str, shape: tuple[int, ...], bond_dim: int, activati
         raise AdntnError(f"The bond dimension must be at least 1, not {bond_dim}.")
     cls = generator_class(arch)
     n_legs = cls.default_leg_count(*_matrix_sides(shape))
-    return cls.make_spec(tuple(shape), (bond_dim,) * cls.levels(n_legs), activation, n_legs)
+    return cls.placed(cls.make_spec(tuple(shape), (bond_dim,) * cls.levels(n_legs), activation, n_legs))
 
 
 def _candidates(arch: str, shape: tuple[int, ...], activation: str, n_legs: int,
@@ -177,7 +178,8 @@ def spec_for_budget(arch: str, shape: tuple[int, ...], budget: int, activation: 
             f"{label} ({'x'.join(map(str, shape))}) cannot {reach} with --arch {arch}: its smallest "
             f"generator has {smallest.core_params:,} {noun} ({_shown_ratio(smallest.ratio)})."
         )
+    cls = generator_class(arch)
     if not mixed:
-        return tree
-    spec = generator_class(arch).make_spec(tuple(shape), tree.bond_dims, activation, tree.n_legs)
-    return add_disentanglers(spec, budget)
+        return cls.placed(tree)
+    spec = cls.make_spec(tuple(shape), tree.bond_dims, activation, tree.n_legs)
+    return cls.placed(add_disentanglers(spec, budget))

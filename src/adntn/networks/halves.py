@@ -41,6 +41,13 @@ def halves_macs(out_dims: tuple[int, ...], in_dims: tuple[int, ...], m: int) -> 
     return min(x * j * (i + y), i * y * (j + x))
 
 
+def halves_order(x: int, i: int, y: int, j: int) -> str:
+    """The order of the halves' product with fewer multiply-adds for blocks (x, i) | (y, j):
+    "left" (contract the coarse input digits i first, x j (i + y) a row per unit of bond) or
+    "right" (the fine ones j, i y (j + x)); both scale with the batch, so it holds for every batch."""
+    return "left" if x * j * (i + y) <= i * y * (j + x) else "right"
+
+
 def oriented_leg_factors(rows: int, cols: int, n_legs: int,
                          min_side: int = MIN_BLOCK_SIDE) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``choose_leg_factors``, then a prime p moved between halves as a row digit one way and a column
@@ -259,11 +266,9 @@ class HalvesGenerator(Generator):
 
     @property
     def linear_order(self) -> str:
-        """"left" (contract the coarse input digits i first) or "right" (the fine ones, j): the
-        order of fewer multiply-adds, n x b j (i + y) against n i y b (j + x); both scale with
-        the batch n, so the choice holds for every batch."""
-        x, i, y, j, chi = self._digit_sizes()
-        return "left" if x * chi * j * (i + y) <= i * y * chi * (j + x) else "right"
+        """"left" or "right": the halves' product in the order of fewer multiply-adds (``halves_order``)."""
+        x, i, y, j, _ = self._digit_sizes()
+        return halves_order(x, i, y, j)
 
     def linear_operands(self) -> dict[str, torch.Tensor]:
         """The GEMM operands of ``linear`` (``halves_operands``); subclasses add their correction's."""
