@@ -55,7 +55,7 @@ def test_gemm_einsum_equals_torch_einsum_with_its_gradients(case) -> None:
     # cancellation, e.g. a full contraction to a scalar, carries the rounding of its terms)
     magnitudes = [t.detach().abs().requires_grad_() for t in operands]
     bound = torch.einsum(equation, *magnitudes)
-    assert_close_scaled(actual, expected, scale=float(bound.max()) if bound.numel() else 0.0)
+    assert_close_scaled(actual, expected, scale=float(bound.detach().max()) if bound.numel() else 0.0)
     upstream = torch.randn(expected.shape, dtype=torch.float64)
     expected_grads = torch.autograd.grad(expected, leaves, upstream)
     actual_grads = torch.autograd.grad(gemm_einsum(equation, *leaves), leaves, upstream)
@@ -93,3 +93,29 @@ def test_an_operand_that_lies_as_a_matrix_is_not_copied() -> None:
         assert contract._as_matrix(a, left_plan).data_ptr() == a.data_ptr()
         assert contract._as_matrix(right, right_plan).data_ptr() == right.data_ptr()
         torch.testing.assert_close(gemm_einsum("mk,nk->mn", a, right), a @ b.T)
+
+
+@settings(max_examples=80, deadline=None)
+@given(einsums())
+def test_einsum_copies_counts_what_gemm_einsum_copies(case) -> None:
+    """``einsum_copies`` (planned on meta tensors) equals the values a run on contiguous operands
+    copies: operands read as a matrix through a copy, and a result that is not contiguous in the
+    output's order."""
+    equation, operands = case
+    operands = [t.contiguous() for t in operands]
+    copied = []
+    real = contract._as_matrix
+
+    def spy(tensor, plan):
+        matrix = real(tensor, plan)
+        if not tensor.is_meta and matrix.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
+            copied.append(tensor.numel())
+        return matrix
+
+    contract._as_matrix = spy
+    try:
+        result = gemm_einsum(equation, *operands)
+    finally:
+        contract._as_matrix = real
+    expected = sum(copied) + (0 if result.is_contiguous() else result.numel())
+    assert contract.einsum_copies(equation, tuple(tuple(t.shape) for t in operands)) == expected

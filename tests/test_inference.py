@@ -367,9 +367,9 @@ def test_vgg16_fc6_digits_are_oriented_for_the_halves_product() -> None:
        bond=st.integers(1, 6), rank=st.integers(0, 2))
 def test_attn_placement_keeps_the_tree_and_costs_less(rows, cols, legs, bond, rank) -> None:
     """``ATTN.placed`` keeps every leg's dim, the padded shape and the parameters; where it moves
-    digits, the factorized forward costs at least PLACEMENT_GAIN less, its cost model
-    (``forward_macs``) is the built layer's ``linear_macs``, and no half's block gets thinner
-    than the floor."""
+    digits, the factorized forward costs at least PLACEMENT_GAIN less (``forward_cost``), its
+    multiply-adds (``forward_macs``) are the built layer's ``linear_macs``, and no half's block
+    gets thinner than the floor."""
     from adntn.networks import attn
     from adntn.networks.ttn import tree_bonds
 
@@ -382,11 +382,7 @@ def test_attn_placement_keeps_the_tree_and_costs_less(rows, cols, legs, bond, ra
         return
     chi, m = tree_bonds(base)[-1][1], legs // 2
     assert rank > 0 and legs > 2
-
-    def cost(s):
-        return sum(attn.forward_macs(s, chi, rank, n) // n for n in attn.PLACEMENT_BATCHES)
-
-    assert cost(spec) <= (1 - attn.PLACEMENT_GAIN) * cost(base)
+    assert attn.forward_cost(spec, chi, rank) <= (1 - attn.PLACEMENT_GAIN) * attn.forward_cost(base, chi, rank)
 
     def side(s):
         return min(math.prod(s.out_dims[:m]), math.prod(s.in_dims[:m]), math.prod(s.out_dims[m:]), math.prod(s.in_dims[m:]))
@@ -418,21 +414,23 @@ def test_factorized_equals_dense_on_placed_digits(shape, legs) -> None:
 
 
 def test_vgg16_attn_digits_are_placed_for_the_middle_correction() -> None:
-    """fc7 and fc6 at 2,000x and fc6 at 50,000x (a middle disentangler each): the factorized
-    forward's multiply-adds fall by at least a third at batch 32 and rise at no batch (fc6 at
-    2,000x, batch 256: 16.7 M a row against 15.1 M); fc7 at 50,000x (no middle disentangler)
-    keeps the halves' digits."""
+    """fc7 and fc6 at 2,000x and fc6 at 50,000x (a middle disentangler each), against the halves'
+    own digits: ``forward_cost`` falls by half or more, the multiply-adds rise at no batch, and at
+    batch 1 the forward copies at least 10x fewer values (fc6 at 2,000x: 11 K against 683 K, a
+    whole half of the weight's factors); fc7 at 50,000x (no middle disentangler) keeps the
+    halves' digits."""
     from adntn.networks import attn
 
     for shape, ratio in (((4096, 4096), 2000), ((4096, 25088), 2000), ((4096, 25088), 50000)):
         spec = spec_for_ratio("attn", shape, ratio, "tanh")
         out_dims, in_dims = oriented_leg_factors(*shape, spec.n_legs)
-        halves_only = build(replace(spec, out_dims=out_dims, in_dims=in_dims))
+        halves_only = replace(spec, out_dims=out_dims, in_dims=in_dims)
         net = build(spec)
-        assert 3 * net.linear_macs(32) <= 2 * halves_only.linear_macs(32), (shape, ratio)
-        for batch in (1, 256):
-            assert net.linear_macs(batch) <= halves_only.linear_macs(batch), (shape, ratio, batch)
         chi, rank = net._digit_sizes()[4], net.middle.p.shape[1]
+        assert 2 * attn.forward_cost(spec, chi, rank) <= attn.forward_cost(halves_only, chi, rank), (shape, ratio)
+        for batch in (1, 32, 256):
+            assert attn.forward_macs(spec, chi, rank, batch) <= attn.forward_macs(halves_only, chi, rank, batch)
+        assert 10 * attn.forward_copies(spec, chi, rank, 1) <= attn.forward_copies(halves_only, chi, rank, 1)
         assert attn.forward_macs(spec, chi, rank, 256) == net.linear_macs(256)  # the fold's rule included
     spec = spec_for_ratio("attn", (4096, 4096), 50000, "tanh")
     assert spec.out_dims == oriented_leg_factors(4096, 4096, spec.n_legs)[0]

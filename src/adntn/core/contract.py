@@ -153,6 +153,41 @@ def einsum_macs(equation: str, shapes: tuple[tuple[int, ...], ...]) -> int:
 
 
 @functools.lru_cache(maxsize=256)
+def einsum_copies(equation: str, shapes: tuple[tuple[int, ...], ...]) -> int:
+    """Values ``gemm_einsum`` copies when every operand of ``shapes`` is contiguous: the operands
+    (given or made by an earlier step) that no view reads as the matrix their GEMM wants, and the
+    result if it cannot be read flat in the output's order (a ``reshape`` of it copies)."""
+    layouts = tuple((shape, torch.empty(shape, device="meta").stride()) for shape in shapes)
+    inputs, _ = equation.split("->")
+    tensors = [(torch.empty_strided(shape, strides, device="meta"), term)
+               for (shape, strides), term in zip(layouts, inputs.split(","))]
+    copied = 0
+    for step in _plan(equation, layouts):
+        picked = [tensors.pop(k) for k in sorted(step[0], reverse=True)]
+        gemm = step[2]
+        if gemm is not None:
+            swap, left_plan, right_plan, _, _ = gemm
+            (left, _), (right, _) = picked[::-1] if swap else picked
+            copied += sum(_copied(tensor, plan) for tensor, plan in ((left, left_plan), (right, right_plan)))
+        tensors.append(_run(step, picked))
+    (tensor, term), = tensors
+    output = equation.split("->")[1]
+    if not tensor.permute(tuple(term.index(name) for name in output)).is_contiguous():
+        copied += tensor.numel()
+    return copied
+
+
+def _copied(tensor: torch.Tensor, plan: Matrix) -> int:
+    """``tensor.numel()`` if reading it as ``plan``'s matrix takes a copy, else 0."""
+    axes, shape, _ = plan
+    try:
+        tensor.permute(axes).view(shape)
+    except RuntimeError:
+        return tensor.numel()
+    return 0
+
+
+@functools.lru_cache(maxsize=256)
 def _plan(equation: str, layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]) -> tuple[Step, ...]:
     """The steps for operands of these (shape, strides): opt_einsum's pairwise order
     (``path_search``), each pair's GEMM decided on meta tensors that carry the layouts through the

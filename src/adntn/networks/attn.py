@@ -21,8 +21,9 @@ SVD with every U_k = I (P = 0), so its initial error equals the TTN's.
 Applied to an input (``correct_linear``), the correction maps the middle pair's column digits to
 its row digits through P, rank by rank, and the other legs' through the halves: it is cheapest when
 the middle pair carries row digits only, or column digits only. ``placed`` moves the digits between
-the legs for the halves' product and the correction together (VGG-16's fc7 at 2,027x: 4.7 M
-multiply-adds a row at batch 32 become 2.7 M; fc6 at 2,000x: 25.8 M become 15.2 M).
+the legs for the halves' product and the correction together, counting the values the forward
+copies as well as its multiply-adds (VGG-16's fc7 at 2,027x: 4.7 M multiply-adds a row at batch 32
+become 2.7 M; fc6 at 2,000x no longer copies a half at every forward).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from adntn.core.contract import einsum_macs, gemm_einsum
+from adntn.core.contract import einsum_copies, einsum_macs, gemm_einsum
 from adntn.core.spec import GeneratorSpec
 from adntn.networks.base import Disentangler, contraction, pairwise_einsum
 from adntn.networks.halves import MIN_BLOCK_SIDE, BilinearForm, HalvesGenerator, digits_first, halves_macs, halves_order
@@ -106,9 +107,13 @@ L_FOLDED, M_FOLDED = "xapqbr", "ygstbr"
 Q_VIEW = "stpqr"
 FOLD_SHARE = 0.01  # see middle_fold
 #: a placement of the digits other than the halves' own (``oriented_leg_factors``) is taken only
-#: where it saves at least this share of the factorized forward's multiply-adds (``placed``)
+#: where it saves at least this share of the factorized forward's ``forward_cost`` (``placed``)
 PLACEMENT_GAIN = 0.05
-PLACEMENT_BATCHES = (1, 256)  # the batches whose multiply-adds a row ``placed`` adds up
+PLACEMENT_BATCHES = (1, 256)  # the batches whose cost a row ``placed`` adds up
+#: multiply-adds one value copied by the forward counts as in ``forward_cost``: fitted on VGG-16's
+#: fc6 at 2,000x over placements that trade copies for multiply-adds (Intel Xeon, 2 threads), a
+#: copied value took 0.66-0.96 ns and a multiply-add 0.006-0.018 ns, more at batch 256 than at 1
+COPY_COST = 64
 
 Digits = tuple[int, int, int, int, int, int, int, int]
 
@@ -169,6 +174,31 @@ def forward_macs(spec: GeneratorSpec, chi: int, rank: int, batch: int) -> int:
     return total
 
 
+def forward_copies(spec: GeneratorSpec, chi: int, rank: int, batch: int) -> int:
+    """Values the factorized forward copies for ``batch`` rows besides its GEMMs' reads: in the
+    halves' "right" order the intermediate U (n i y b) and the output (n x y), and what the middle
+    correction's einsum copies (``einsum_copies``: its operands are contiguous)."""
+    half = spec.n_legs // 2
+    out_dims, in_dims = spec.out_dims, spec.in_dims
+    x, i, y, j = (math.prod(out_dims[:half]), math.prod(in_dims[:half]),
+                  math.prod(out_dims[half:]), math.prod(in_dims[half:]))
+    order = halves_order(x, i, y, j)
+    total = batch * (i * y * chi + x * y) if order == "right" else 0
+    if rank:
+        digits = middle_digits(out_dims, in_dims)
+        fold = middle_fold(digits, chi, rank, spec.core_params, spec.dense_params)
+        equation, shapes = middle_shapes(digits, chi, rank, order, fold, batch)
+        total += einsum_copies(equation, tuple(shapes))
+    return total
+
+
+def forward_cost(spec: GeneratorSpec, chi: int, rank: int) -> int:
+    """What ``placed`` minimises: multiply-adds plus ``COPY_COST`` per copied value, a row, summed
+    over ``PLACEMENT_BATCHES``."""
+    return sum((forward_macs(spec, chi, rank, batch) + COPY_COST * forward_copies(spec, chi, rank, batch)) // batch
+               for batch in PLACEMENT_BATCHES)
+
+
 def _group_digits(dims: tuple[int, ...], start: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
     """For each row product a group of legs of ``dims`` can carry: the per-leg row digits nearest
     ``start`` (fewest prime moves, in log terms) that make it."""
@@ -205,16 +235,19 @@ class ATTN(HalvesGenerator):
     def placed(cls, spec: GeneratorSpec) -> GeneratorSpec:
         """``spec`` with the digits moved between its legs where that makes the factorized forward,
         the halves' product and the middle correction together, at least ``PLACEMENT_GAIN``
-        cheaper (multiply-adds a row, summed over ``PLACEMENT_BATCHES``).
+        cheaper (``forward_cost``: multiply-adds and copied values).
 
         The correction's cost falls as the middle pair carries fewer row (or fewer column)
-        digits, which ``oriented_leg_factors`` (placing for the halves alone) does not see. The
-        candidates are every split of the row digits between the outer groups of legs and the
-        middle pair, costed by ``forward_macs`` (no tensor is built). Every leg keeps its
-        dim, so the tree, its parameters and bonds stay; the halves' blocks keep each side at
-        least ``MIN_BLOCK_SIDE`` (or the spec's own smallest side, if thinner), and within the
-        outer groups of legs the row digits stay as near the spec's as they can. On VGG-16's fc7
-        at 2,027x: 4.7 M multiply-adds a row at batch 32 become 2.7 M."""
+        digits, which ``oriented_leg_factors`` (placing for the halves alone) does not see; and
+        its GEMMs read the cached halves without a copy only where the middle legs' digits do not
+        split a half's contracted axes. The candidates are every split of the row digits between
+        the outer groups of legs and the middle pair, costed on shapes alone (no tensor is
+        built). Every leg keeps its dim, so the tree, its parameters and bonds stay; the halves'
+        blocks keep each side at least ``MIN_BLOCK_SIDE`` (or the spec's own smallest side, if
+        thinner), and within the outer groups of legs the row digits stay as near the spec's as
+        they can. On VGG-16's fc6 at 2,000x the forward at batch 1 copied a whole half of the
+        weight's factors (683 K values) and now copies 11 K; on fc7 at 2,027x 4.7 M multiply-adds a
+        row at batch 32 become 2.7 M."""
         dims, half = spec.leg_dims, spec.n_legs // 2
         ranks = spec.disentangler_ranks
         middle = list(boundary_pairs(spec.n_legs)).index(half - 1) if spec.n_legs > 2 else None
@@ -222,9 +255,6 @@ class ATTN(HalvesGenerator):
         if rank == 0:
             return spec
         chi = tree_bonds(spec)[-1][1]
-
-        def cost(candidate: GeneratorSpec) -> int:
-            return sum(forward_macs(candidate, chi, rank, batch) // batch for batch in PLACEMENT_BATCHES)
 
         def sides(out_dims: tuple[int, ...], in_dims: tuple[int, ...]) -> int:
             return min(math.prod(out_dims[:half]), math.prod(in_dims[:half]),
@@ -234,7 +264,7 @@ class ATTN(HalvesGenerator):
         rows = math.prod(spec.out_dims)
         left = _group_digits(dims[:half - 1], spec.out_dims[:half - 1])
         right = _group_digits(dims[half + 1:], spec.out_dims[half + 1:])
-        base_cost = cost(spec)
+        base_cost = forward_cost(spec, chi, rank)
         best, best_cost = spec, base_cost
         for ox, left_digits in left.items():
             for ou in (d for d in range(1, dims[half - 1] + 1) if dims[half - 1] % d == 0):
@@ -247,7 +277,7 @@ class ATTN(HalvesGenerator):
                     if sides(out_dims, in_dims) < floor:
                         continue
                     candidate = replace(spec, out_dims=out_dims, in_dims=in_dims)
-                    candidate_cost = cost(candidate)
+                    candidate_cost = forward_cost(candidate, chi, rank)
                     if candidate_cost < best_cost:
                         best, best_cost = candidate, candidate_cost
         return best if best_cost <= (1 - PLACEMENT_GAIN) * base_cost else spec
@@ -402,10 +432,10 @@ class ATTN(HalvesGenerator):
         order = self.linear_order
         fold = self._middle_fold()
         if fold == "left":
-            folded = torch.einsum(f"{L_VIEW[order]},{Q_VIEW}->{L_FOLDED}", half_l, q)
+            folded = torch.einsum(f"{L_VIEW[order]},{Q_VIEW}->{L_FOLDED}", half_l, q).contiguous()
             equation, operands = f"nacdg,ucwdr,{L_FOLDED},{M_VIEW[order]}->{MIDDLE_OUT}", (folded, half_m)
         elif fold == "right":
-            folded = torch.einsum(f"{M_VIEW[order]},{Q_VIEW}->{M_FOLDED}", half_m, q)
+            folded = torch.einsum(f"{M_VIEW[order]},{Q_VIEW}->{M_FOLDED}", half_m, q).contiguous()
             equation, operands = f"nacdg,ucwdr,{L_VIEW[order]},{M_FOLDED}->{MIDDLE_OUT}", (half_l, folded)
         else:
             equation = f"nacdg,ucwdr,{L_VIEW[order]},{Q_VIEW},{M_VIEW[order]}->{MIDDLE_OUT}"
