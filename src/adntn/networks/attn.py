@@ -158,38 +158,38 @@ def middle_shapes(digits: Digits, chi: int, rank: int, order: str, fold: str | N
             head + [views["l"], (ou, iu, ov, iv, rank), views["m"]])
 
 
+def _forward_plan(spec: GeneratorSpec, chi: int, rank: int, batch: int
+                  ) -> tuple[str, tuple[int, int, int, int], tuple[str, tuple[tuple[int, ...], ...]] | None]:
+    """The halves' order, their blocks (x, i, y, j) and the middle correction's equation and
+    shapes (None at rank 0) of the factorized forward on ``batch`` rows, from the spec alone."""
+    half = spec.n_legs // 2
+    out_dims, in_dims = spec.out_dims, spec.in_dims
+    blocks = (math.prod(out_dims[:half]), math.prod(in_dims[:half]),
+              math.prod(out_dims[half:]), math.prod(in_dims[half:]))
+    order = halves_order(*blocks)
+    if not rank:
+        return order, blocks, None
+    digits = middle_digits(out_dims, in_dims)
+    fold = middle_fold(digits, chi, rank, spec.core_params, spec.dense_params)
+    equation, shapes = middle_shapes(digits, chi, rank, order, fold, batch)
+    return order, blocks, (equation, tuple(shapes))
+
+
 def forward_macs(spec: GeneratorSpec, chi: int, rank: int, batch: int) -> int:
     """Multiply-adds of the factorized forward (halves' product plus middle correction of
     ``rank``, none at 0) for ``batch`` rows, from the spec's digits and the root bond ``chi``."""
-    half = spec.n_legs // 2
-    out_dims, in_dims = spec.out_dims, spec.in_dims
-    x, i, y, j = (math.prod(out_dims[:half]), math.prod(in_dims[:half]),
-                  math.prod(out_dims[half:]), math.prod(in_dims[half:]))
-    total = batch * chi * halves_macs(out_dims, in_dims, half)
-    if rank:
-        digits = middle_digits(out_dims, in_dims)
-        fold = middle_fold(digits, chi, rank, spec.core_params, spec.dense_params)
-        equation, shapes = middle_shapes(digits, chi, rank, halves_order(x, i, y, j), fold, batch)
-        total += einsum_macs(equation, tuple(shapes))
-    return total
+    _, _, middle = _forward_plan(spec, chi, rank, batch)
+    main = batch * chi * halves_macs(spec.out_dims, spec.in_dims, spec.n_legs // 2)
+    return main + (0 if middle is None else einsum_macs(*middle))
 
 
 def forward_copies(spec: GeneratorSpec, chi: int, rank: int, batch: int) -> int:
     """Values the factorized forward copies for ``batch`` rows besides its GEMMs' reads: in the
     halves' "right" order the intermediate U (n i y b) and the output (n x y), and what the middle
     correction's einsum copies (``einsum_copies``: its operands are contiguous)."""
-    half = spec.n_legs // 2
-    out_dims, in_dims = spec.out_dims, spec.in_dims
-    x, i, y, j = (math.prod(out_dims[:half]), math.prod(in_dims[:half]),
-                  math.prod(out_dims[half:]), math.prod(in_dims[half:]))
-    order = halves_order(x, i, y, j)
-    total = batch * (i * y * chi + x * y) if order == "right" else 0
-    if rank:
-        digits = middle_digits(out_dims, in_dims)
-        fold = middle_fold(digits, chi, rank, spec.core_params, spec.dense_params)
-        equation, shapes = middle_shapes(digits, chi, rank, order, fold, batch)
-        total += einsum_copies(equation, tuple(shapes))
-    return total
+    order, (x, i, y, _), middle = _forward_plan(spec, chi, rank, batch)
+    main = batch * (i * y * chi + x * y) if order == "right" else 0
+    return main + (0 if middle is None else einsum_copies(*middle))
 
 
 def forward_cost(spec: GeneratorSpec, chi: int, rank: int) -> int:
