@@ -89,7 +89,7 @@ def test_an_operand_that_lies_as_a_matrix_is_not_copied() -> None:
     a, b = torch.randn(5, 7), torch.randn(3, 7)
     for right in (b, b.T.contiguous().T):
         plan = contract._plan("mk,nk->mn", ((tuple(a.shape), a.stride()), (tuple(right.shape), right.stride())))
-        (_, _, (_, left_plan, right_plan, _, _)), = plan
+        (_, _, (_, left_plan, right_plan, _, _)), = plan.steps
         assert contract._as_matrix(a, left_plan).data_ptr() == a.data_ptr()
         assert contract._as_matrix(right, right_plan).data_ptr() == right.data_ptr()
         torch.testing.assert_close(gemm_einsum("mk,nk->mn", a, right), a @ b.T)

@@ -47,7 +47,7 @@ def schedules(net: Generator) -> list[str]:
 def product_scale(x: torch.Tensor, weight: torch.Tensor) -> float:
     """The largest sum of |terms| of x W^T: the magnitude its rounding follows (an output that is
     small because its terms cancel carries their rounding)."""
-    return float((x.abs().reshape(-1, weight.shape[1]) @ weight.abs().T).max())
+    return float((x.detach().abs().reshape(-1, weight.shape[1]) @ weight.detach().abs().T).max())
 
 
 def no_forward(monkeypatch, net: Generator) -> None:

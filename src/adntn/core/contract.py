@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import opt_einsum
+from opt_einsum.contract import PathInfo
 import torch
 
 
@@ -145,36 +147,24 @@ def path_search(operands: int) -> str | opt_einsum.paths.PathOptimizer:
 
 
 @functools.lru_cache(maxsize=256)
+def _path(equation: str, shapes: tuple[tuple[int, ...], ...]) -> PathInfo:
+    """opt_einsum's ``path_search`` path for operands of ``shapes`` (it depends on the shapes
+    alone, so ``einsum_macs`` and every layout's ``_plan`` share it)."""
+    return opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path_search(len(shapes)))[1]
+
+
 def einsum_macs(equation: str, shapes: tuple[tuple[int, ...], ...]) -> int:
     """Multiply-adds of ``equation`` on operands of ``shapes`` along ``path_search``'s path (the
     one ``gemm_einsum`` takes)."""
-    info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path_search(len(shapes)))[1]
-    return int(info.opt_cost) // 2
+    return int(_path(equation, shapes).opt_cost) // 2
 
 
-@functools.lru_cache(maxsize=256)
 def einsum_copies(equation: str, shapes: tuple[tuple[int, ...], ...]) -> int:
     """Values ``gemm_einsum`` copies when every operand of ``shapes`` is contiguous: the operands
     (given or made by an earlier step) that no view reads as the matrix their GEMM wants, and the
     result if it cannot be read flat in the output's order (a ``reshape`` of it copies)."""
     layouts = tuple((shape, torch.empty(shape, device="meta").stride()) for shape in shapes)
-    inputs, _ = equation.split("->")
-    tensors = [(torch.empty_strided(shape, strides, device="meta"), term)
-               for (shape, strides), term in zip(layouts, inputs.split(","))]
-    copied = 0
-    for step in _plan(equation, layouts):
-        picked = [tensors.pop(k) for k in sorted(step[0], reverse=True)]
-        gemm = step[2]
-        if gemm is not None:
-            swap, left_plan, right_plan, _, _ = gemm
-            (left, _), (right, _) = picked[::-1] if swap else picked
-            copied += sum(_copied(tensor, plan) for tensor, plan in ((left, left_plan), (right, right_plan)))
-        tensors.append(_run(step, picked))
-    (tensor, term), = tensors
-    output = equation.split("->")[1]
-    if not tensor.permute(tuple(term.index(name) for name in output)).is_contiguous():
-        copied += tensor.numel()
-    return copied
+    return _plan(equation, layouts).copied
 
 
 def _copied(tensor: torch.Tensor, plan: Matrix) -> int:
@@ -187,25 +177,40 @@ def _copied(tensor: torch.Tensor, plan: Matrix) -> int:
     return 0
 
 
+class Plan(NamedTuple):
+    """``gemm_einsum``'s steps for one equation and operand layouts, and the values they copy
+    (``einsum_copies``)."""
+
+    steps: tuple[Step, ...]
+    copied: int
+
+
 @functools.lru_cache(maxsize=256)
-def _plan(equation: str, layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]) -> tuple[Step, ...]:
+def _plan(equation: str, layouts: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]) -> Plan:
     """The steps for operands of these (shape, strides): opt_einsum's pairwise order
     (``path_search``), each pair's GEMM decided on meta tensors that carry the layouts through the
-    steps."""
-    inputs, _ = equation.split("->")
-    shapes = [shape for shape, _ in layouts]
-    _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path_search(len(shapes)))
+    steps, which also count the values copied."""
+    inputs, output = equation.split("->")
+    info = _path(equation, tuple(shape for shape, _ in layouts))
     tensors = [(torch.empty_strided(shape, strides, device="meta"), term)
                for (shape, strides), term in zip(layouts, inputs.split(","))]
     steps: list[Step] = []
+    copied = 0
     for positions, _, step_equation, *_ in info.contraction_list:
         picked = [tensors.pop(k) for k in sorted(positions, reverse=True)]
         result = step_equation.split("->")[1]
         gemm = _pair_plan(*picked[0], *picked[1], result) if len(picked) == 2 else None
+        if gemm is not None:
+            swap, left_plan, right_plan, _, _ = gemm
+            (left, _), (right, _) = picked[::-1] if swap else picked
+            copied += _copied(left, left_plan) + _copied(right, right_plan)
         step: Step = (tuple(positions), result, gemm)
         tensors.append(_run(step, picked))
         steps.append(step)
-    return tuple(steps)
+    (tensor, term), = tensors
+    if not tensor.permute(tuple(term.index(name) for name in output)).is_contiguous():
+        copied += tensor.numel()
+    return Plan(tuple(steps), copied)
 
 
 def gemm_einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
@@ -215,7 +220,7 @@ def gemm_einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
     The result may be a permuted view."""
     inputs, output = equation.split("->")
     tensors = list(zip(operands, inputs.split(",")))
-    for step in _plan(equation, tuple((tuple(t.shape), t.stride()) for t in operands)):
+    for step in _plan(equation, tuple((tuple(t.shape), t.stride()) for t in operands)).steps:
         picked = [tensors.pop(k) for k in sorted(step[0], reverse=True)]
         tensors.append(_run(step, picked))
     (tensor, term), = tensors
